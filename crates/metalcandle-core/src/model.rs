@@ -1,0 +1,331 @@
+//! The decoder: embeddings -> blocks (pre-norm attention and MLP, residual) -> final norm -> LM head.
+//! One implementation for every architecture; the spec says what differs.
+
+use crate::error::{Error, Result};
+use crate::nn::attention::QkvProj;
+use crate::nn::embedding::sinusoidal;
+use crate::nn::mask::attention_mask;
+use crate::nn::rope::RotaryTables;
+use crate::nn::{Attention, Embedding, LayerCache, Linear, Mlp, Norm};
+use crate::ops;
+use crate::spec::{MlpKind, ModelSpec, NormKind, Positions};
+use crate::weights::names::{self, ParamKind};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub attn_norm: Norm,
+    pub attn: Attention,
+    pub mlp_norm: Norm,
+    pub mlp: Mlp,
+}
+
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    pub spec: ModelSpec,
+    /// The `config.json` the model was built from, written back on save.
+    pub config: serde_json::Value,
+    pub embed: Embedding,
+    /// Learned positions only.
+    pub pos_embed: Option<Embedding>,
+    pub blocks: Vec<Block>,
+    pub final_norm: Norm,
+    /// None when tied to the token embedding.
+    pub lm_head: Option<Linear>,
+    rope: Option<Vec<RotaryTables>>,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// The keys and values of every layer, and how many tokens they hold.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    pub layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    pub fn seq_len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.kv.as_ref())
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// Keeps the batch rows `rows` in that order (beam search).
+    pub fn select_rows(&mut self, rows: &[u32]) -> Result<()> {
+        for l in self.layers.iter_mut() {
+            if let Some((k, v)) = &l.kv {
+                let idx = Tensor::new(rows, k.device())?;
+                l.kv = Some((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ForwardOptions<'a> {
+    /// [B, past + T] row-major, 1 = token, 0 = padding.
+    pub attention_mask: Option<&'a [i64]>,
+    /// [B, T] row-major; defaults to past..past+T for every row.
+    pub position_ids: Option<&'a [i64]>,
+    pub output_hidden_states: bool,
+}
+
+pub struct ForwardOutput {
+    /// Input of the LM head [B, T, hidden].
+    pub last_hidden: Tensor,
+    /// Embedding output, each block's output, and the final-normed last block output.
+    pub hidden_states: Vec<Tensor>,
+}
+
+impl Decoder {
+    /// Builds a model from tensors named as in the checkpoint (see `weights::names`), already
+    /// in the model's layout ([out, in] linears).
+    pub fn from_tensors(spec: ModelSpec, config: serde_json::Value, mut t: HashMap<String, Tensor>, device: &Device) -> Result<Self> {
+        let dtype = t.values().next().map(|x| x.dtype()).unwrap_or(DType::F32);
+        let mut take = |name: &str| -> Result<Tensor> { t.remove(name).ok_or_else(|| Error::Weights(format!("missing tensor `{name}`"))) };
+        let n = names::Naming::of(&spec);
+        let linear = |take: &mut dyn FnMut(&str) -> Result<Tensor>, module: String, bias: bool, conv1d: bool| -> Result<Linear> {
+            Ok(Linear {
+                weight: take(&format!("{module}.weight"))?,
+                bias: if bias { Some(take(&format!("{module}.bias"))?) } else { None },
+                name: module,
+                conv1d,
+            })
+        };
+        let norm = |take: &mut dyn FnMut(&str) -> Result<Tensor>, module: String, spec: crate::spec::NormSpec| -> Result<Norm> {
+            Ok(Norm {
+                weight: take(&format!("{module}.weight"))?,
+                bias: if spec.kind == NormKind::LayerNorm { Some(take(&format!("{module}.bias"))?) } else { None },
+                name: module,
+                spec,
+            })
+        };
+        let embed = Embedding { name: n.embed(), weight: take(&format!("{}.weight", n.embed()))? };
+        let pos_embed = match spec.positions {
+            Positions::Learned => Some(Embedding { name: n.pos_embed(), weight: take(&format!("{}.weight", n.pos_embed()))? }),
+            _ => None,
+        };
+        let mut blocks = Vec::with_capacity(spec.layers.len());
+        for (i, ls) in spec.layers.iter().enumerate() {
+            let a = &ls.attention;
+            let conv = n.conv1d();
+            let qkv = if a.fused_qkv {
+                QkvProj::Fused(linear(&mut take, n.linear(i, ParamKind::Qkv), a.qkv_bias, conv)?)
+            } else {
+                QkvProj::Separate {
+                    q: linear(&mut take, n.linear(i, ParamKind::Q), a.qkv_bias, conv)?,
+                    k: linear(&mut take, n.linear(i, ParamKind::K), a.qkv_bias, conv)?,
+                    v: linear(&mut take, n.linear(i, ParamKind::V), a.qkv_bias, conv)?,
+                }
+            };
+            let o = linear(&mut take, n.linear(i, ParamKind::O), a.o_bias, conv)?;
+            let m = &ls.mlp;
+            let gate = match m.kind {
+                MlpKind::Gated => Some(linear(&mut take, n.linear(i, ParamKind::Gate), m.bias, conv)?),
+                MlpKind::Plain => None,
+            };
+            blocks.push(Block {
+                attn_norm: norm(&mut take, n.attn_norm(i), ls.norm)?,
+                attn: Attention { spec: *a, qkv, o },
+                mlp_norm: norm(&mut take, n.mlp_norm(i), ls.norm)?,
+                mlp: Mlp {
+                    spec: *m,
+                    gate,
+                    up: linear(&mut take, n.linear(i, ParamKind::Up), m.bias, conv)?,
+                    down: linear(&mut take, n.linear(i, ParamKind::Down), m.bias, conv)?,
+                },
+            });
+        }
+        let final_norm = norm(&mut take, n.final_norm(), spec.final_norm)?;
+        let lm_head = if spec.tie_word_embeddings { None } else { Some(linear(&mut take, "lm_head".into(), false, false)?) };
+        let rope = match &spec.positions {
+            Positions::Rope { theta, scaling } => Some(spec.layers.iter().map(|l| RotaryTables::new(l.attention.head_dim, *theta, scaling)).collect()),
+            _ => None,
+        };
+        Ok(Self { spec, config, embed, pos_embed, blocks, final_norm, lm_head, rope, device: device.clone(), dtype })
+    }
+
+    /// A randomly initialised model of the given spec (`config` is what `save` will write).
+    pub fn random(spec: ModelSpec, config: serde_json::Value, seed: u64, device: &Device) -> Result<Self> {
+        let tensors = crate::weights::init_tensors(&spec, seed, 0.02, device)?;
+        Self::from_tensors(spec, config, tensors, device)
+    }
+
+    /// Every parameter with its checkpoint name, in a stable order.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![];
+        self.visit(&mut |name, t| out.push((name.to_string(), t.clone())));
+        out
+    }
+
+    fn visit(&self, f: &mut dyn FnMut(&str, &Tensor)) {
+        let mut this = self.clone();
+        this.visit_mut(&mut |name, t| f(name, t));
+    }
+
+    /// Visits every parameter tensor mutably (to make it trainable, or to replace it).
+    pub fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
+        f(&format!("{}.weight", self.embed.name), &mut self.embed.weight);
+        if let Some(p) = &mut self.pos_embed {
+            f(&format!("{}.weight", p.name), &mut p.weight);
+        }
+        let norm = |n: &mut Norm, f: &mut dyn FnMut(&str, &mut Tensor)| {
+            f(&format!("{}.weight", n.name), &mut n.weight);
+            if let Some(b) = &mut n.bias {
+                f(&format!("{}.bias", n.name), b);
+            }
+        };
+        for b in self.blocks.iter_mut() {
+            norm(&mut b.attn_norm, f);
+            for l in b.attn.linears_mut() {
+                visit_linear(l, f);
+            }
+            norm(&mut b.mlp_norm, f);
+            for l in b.mlp.linears_mut() {
+                visit_linear(l, f);
+            }
+        }
+        norm(&mut self.final_norm, f);
+        if let Some(l) = &mut self.lm_head {
+            visit_linear(l, f);
+        }
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out: Vec<&mut Linear> = vec![];
+        for b in self.blocks.iter_mut() {
+            out.extend(b.attn.linears_mut());
+            out.extend(b.mlp.linears_mut());
+        }
+        out
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.named_parameters().iter().map(|(_, t)| t.elem_count()).sum()
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache { layers: vec![LayerCache::default(); self.blocks.len()] }
+    }
+
+    fn check_inputs(&self, ids: &Tensor, past: usize, opts: &ForwardOptions) -> Result<(usize, usize)> {
+        let (b, t) = ids.dims2().map_err(|_| Error::Input(format!("input_ids must be 2-D [batch, seq], got shape {:?}", ids.dims())))?;
+        if b == 0 || t == 0 {
+            return Err(Error::Input(format!("input_ids is empty (shape [{b}, {t}])")));
+        }
+        if let Some(m) = opts.attention_mask {
+            if m.len() != b * (past + t) {
+                return Err(Error::Input(format!(
+                    "attention_mask has {} entries, expected batch x (cached + new tokens) = {b} x {}",
+                    m.len(),
+                    past + t
+                )));
+            }
+        }
+        if let Some(p) = opts.position_ids {
+            if p.len() != b * t {
+                return Err(Error::Input(format!("position_ids has {} entries, expected {b} x {t}", p.len())));
+            }
+            if let Some(bad) = p.iter().find(|&&x| x < 0) {
+                return Err(Error::Input(format!("position_ids must be >= 0, got {bad}")));
+            }
+        }
+        if self.pos_embed.is_some() {
+            let max_pos = opts.position_ids.map(|p| *p.iter().max().unwrap() as usize).unwrap_or(past + t - 1);
+            if max_pos >= self.spec.max_position_embeddings {
+                return Err(Error::Input(format!(
+                    "position {max_pos} is beyond the model's {} learned positions",
+                    self.spec.max_position_embeddings
+                )));
+            }
+        }
+        Ok((b, t))
+    }
+
+    /// Runs the decoder up to the LM head's input. `ids` is u32 [B, T].
+    pub fn forward_hidden(&self, ids: &Tensor, opts: &ForwardOptions, mut cache: Option<&mut KvCache>) -> Result<ForwardOutput> {
+        let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
+        let (b, t) = self.check_inputs(ids, past, opts)?;
+        let positions: Vec<i64> = match opts.position_ids {
+            Some(p) => p.to_vec(),
+            None => (0..b).flat_map(|_| (past..past + t).map(|p| p as i64)).collect(),
+        };
+        let mut x = self.embed.forward(ids)?;
+        match (&self.spec.positions, &self.pos_embed) {
+            (Positions::Learned, Some(pe)) => {
+                let pos = Tensor::from_vec(positions.iter().map(|&p| p as u32).collect::<Vec<_>>(), (b, t), &self.device)?;
+                x = (x + pe.forward(&pos)?)?;
+            }
+            (Positions::Sinusoidal, _) => {
+                x = (x + sinusoidal(&positions, (b, t), self.spec.hidden_size, self.dtype, &self.device)?)?;
+            }
+            _ => {}
+        }
+        let mut hidden = vec![];
+        if opts.output_hidden_states {
+            hidden.push(x.clone());
+        }
+        let mut masks: HashMap<Option<usize>, Tensor> = HashMap::new();
+        let mut tables: HashMap<usize, (Tensor, Tensor)> = HashMap::new();
+        for (i, block) in self.blocks.iter().enumerate() {
+            let window = block.attn.spec.sliding_window;
+            if !masks.contains_key(&window) {
+                masks.insert(window, attention_mask(b, t, past, window, opts.attention_mask, self.dtype, &self.device)?);
+            }
+            let rope = match &self.rope {
+                Some(r) => {
+                    let hd = block.attn.spec.head_dim;
+                    if !tables.contains_key(&hd) {
+                        tables.insert(hd, r[i].cos_sin(&positions, (b, t), self.dtype, &self.device)?);
+                    }
+                    tables.get(&hd)
+                }
+                None => None,
+            };
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let h = block.attn.forward(&block.attn_norm.forward(&x)?, rope, &masks[&window], layer_cache)?;
+            x = (x + h)?;
+            let h = block.mlp.forward(&block.mlp_norm.forward(&x)?)?;
+            x = (x + h)?;
+            if opts.output_hidden_states && i + 1 < self.blocks.len() {
+                hidden.push(x.clone());
+            }
+        }
+        let last_hidden = self.final_norm.forward(&x)?;
+        if opts.output_hidden_states {
+            hidden.push(last_hidden.clone());
+        }
+        Ok(ForwardOutput { last_hidden, hidden_states: hidden })
+    }
+
+    /// The LM head: [.., hidden] -> [.., vocab].
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(match &self.lm_head {
+            Some(head) => head.forward(hidden)?,
+            None => ops::frozen_linear(hidden, &self.embed.weight)?,
+        })
+    }
+
+    pub fn forward(&self, ids: &Tensor, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<(Tensor, Vec<Tensor>)> {
+        let out = self.forward_hidden(ids, opts, cache)?;
+        Ok((self.logits(&out.last_hidden)?, out.hidden_states))
+    }
+
+    /// Logits of the last position only [B, vocab]: what a decode step needs.
+    pub fn forward_last(&self, ids: &Tensor, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let out = self.forward_hidden(ids, opts, cache)?;
+        let t = out.last_hidden.dim(1)?;
+        Ok(self.logits(&out.last_hidden.narrow(1, t - 1, 1)?)?.squeeze(1)?)
+    }
+}
+
+fn visit_linear(l: &mut Linear, f: &mut dyn FnMut(&str, &mut Tensor)) {
+    f(&format!("{}.weight", l.name), &mut l.weight);
+    if let Some(b) = &mut l.bias {
+        f(&format!("{}.bias", l.name), b);
+    }
+}

@@ -1,0 +1,127 @@
+//! Mean cross-entropy over rows whose label is not `IGNORE_INDEX`, from logits, with backward
+//! `(softmax - onehot) / n_valid`.
+
+use super::{by_dtype, cpu_tensor, dispatch_float, for_each_row, slice, with_slices, Elem};
+use num_traits::Float;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType, D};
+
+pub const IGNORE_INDEX: i64 = -100;
+
+struct CrossEntropy {
+    labels: Vec<i64>,
+}
+
+impl CrossEntropy {
+    fn n_valid(&self) -> usize {
+        self.labels.iter().filter(|&&l| l != IGNORE_INDEX).count()
+    }
+}
+
+/// log-sum-exp of a row.
+fn lse<T: Elem>(row: &[T]) -> T {
+    let max = row.iter().fold(T::neg_infinity(), |m, v| Float::max(m, *v));
+    max + row.iter().map(|v| (*v - max).exp()).sum::<T>().ln()
+}
+
+fn forward<T: Elem>(x: &[T], labels: &[i64], v: usize, n_valid: usize) -> T {
+    let mut row_loss = vec![T::zero(); labels.len()];
+    for_each_row(&mut row_loss, 1, |i, o| {
+        if labels[i] != IGNORE_INDEX {
+            let row = &x[i * v..(i + 1) * v];
+            o[0] = lse(row) - row[labels[i] as usize];
+        }
+    });
+    row_loss.iter().copied().sum::<T>() / T::from(n_valid.max(1)).unwrap()
+}
+
+fn backward<T: Elem>(x: &[T], labels: &[i64], v: usize, scale: f64) -> Vec<T> {
+    let mut dx = vec![T::zero(); x.len()];
+    let scale = T::from(scale).unwrap();
+    for_each_row(&mut dx, v, |i, o| {
+        let label = labels[i];
+        if label == IGNORE_INDEX {
+            return;
+        }
+        let row = &x[i * v..(i + 1) * v];
+        let l = lse(row);
+        for j in 0..v {
+            o[j] = (row[j] - l).exp() * scale;
+        }
+        o[label as usize] = o[label as usize] - scale;
+    });
+    dx
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let v = l.dims()[1];
+        dispatch_float!(s, "cross-entropy", |s: T| {
+            let loss = forward::<T>(slice(s, l)?, &self.labels, v, self.n_valid());
+            Ok((T::to_cpu_storage_owned(vec![loss]), Shape::from(())))
+        })
+    }
+
+    fn bwd(&self, x: &Tensor, _loss: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let v = x.dim(D::Minus1)?;
+        let scale = g.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? / self.n_valid().max(1) as f64;
+        let dx = by_dtype!(x.dtype(), "cross-entropy", |T| with_slices::<T, _>(&[x], |s| {
+            cpu_tensor(backward(s[0], &self.labels, v, scale), x.shape())
+        })?);
+        Ok(Some(dx))
+    }
+}
+
+/// Composed expression (differentiable on every device).
+pub fn cross_entropy_composed(logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
+    let keep: Vec<u32> = (0..labels.len() as u32).filter(|&i| labels[i as usize] != IGNORE_INDEX).collect();
+    let targets: Vec<u32> = keep.iter().map(|&i| labels[i as usize] as u32).collect();
+    let dev = logits.device();
+    let rows = logits.index_select(&Tensor::new(keep.as_slice(), dev)?, 0)?;
+    let logp = candle_nn::ops::log_softmax(&rows, D::Minus1)?;
+    let picked = logp.gather(&Tensor::new(targets.as_slice(), dev)?.unsqueeze(1)?, 1)?;
+    picked.neg()?.mean_all()
+}
+
+/// Mean cross-entropy of `logits` [N, V] against `labels` (N ids, `IGNORE_INDEX` skipped).
+pub fn cross_entropy(logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    if labels.len() != n {
+        candle_core::bail!("cross-entropy: {} labels for {n} rows of logits", labels.len());
+    }
+    if let Some(bad) = labels.iter().find(|&&l| l != IGNORE_INDEX && (l < 0 || l as usize >= v)) {
+        candle_core::bail!("cross-entropy: label {bad} is outside the vocabulary [0, {v})");
+    }
+    if super::use_cpu_kernel(logits) {
+        return logits.contiguous()?.apply_op1(CrossEntropy { labels: labels.to_vec() });
+    }
+    cross_entropy_composed(logits, labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gradcheck::{check_grads, rand_tensor};
+
+    #[test]
+    fn matches_composed_expression_and_ignores_labels() {
+        let x = (rand_tensor(&[5, 7], 1) * 4.0).unwrap();
+        let labels = [3, IGNORE_INDEX, 0, 6, IGNORE_INDEX];
+        let a = cross_entropy(&x, &labels).unwrap().to_scalar::<f64>().unwrap();
+        let b = cross_entropy_composed(&x, &labels).unwrap().to_scalar::<f64>().unwrap();
+        assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        // Uniform logits: loss is ln(V) whatever the labels.
+        let u = Tensor::zeros((2, 7), candle_core::DType::F64, &candle_core::Device::Cpu).unwrap();
+        let l = cross_entropy(&u, &[1, 2]).unwrap().to_scalar::<f64>().unwrap();
+        assert!((l - 7f64.ln()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let labels = vec![2, IGNORE_INDEX, 0, 4];
+        check_grads(&[(rand_tensor(&[4, 5], 2) * 2.0).unwrap()], |a| cross_entropy(&a[0], &labels), 1e-6);
+    }
+}

@@ -1,0 +1,133 @@
+//! Differentiable kernels. candle's fused kernels (rms_norm, softmax_last_dim, layer_norm,
+//! rope) carry no backward and its matmul backward also differentiates frozen weights, so
+//! training needs ops of our own: each file holds one op's CPU forward and backward and its
+//! finite-difference test. Off the CPU the public functions fall back to candle's fused
+//! kernel when nothing needs a gradient, or to the composed (differentiable) expression.
+
+pub mod cross_entropy;
+pub mod frozen_matmul;
+pub mod activation;
+pub mod layer_norm;
+pub mod rms_norm;
+pub mod rope;
+pub mod softmax;
+pub mod swiglu;
+
+#[cfg(test)]
+pub(crate) mod gradcheck;
+
+pub use cross_entropy::cross_entropy;
+pub use frozen_matmul::frozen_linear;
+pub use activation::activation;
+pub use layer_norm::layer_norm;
+pub use rms_norm::rms_norm;
+pub use rope::rope;
+pub use softmax::softmax_last_dim;
+pub use swiglu::swiglu;
+
+use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor, WithDType};
+use num_traits::Float;
+
+/// The element types our CPU kernels are written for.
+pub(crate) trait Elem: Float + WithDType + Default + Send + Sync + std::iter::Sum {}
+impl Elem for f32 {}
+impl Elem for f64 {}
+
+/// The contiguous slice a storage/layout pair describes.
+pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let data = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("kernel input must be contiguous, got strides {:?}", l.stride()),
+    }
+}
+
+/// Runs `f` on the contiguous CPU data of each tensor (all contiguous, on the CPU, of type T).
+pub(crate) fn with_slices<T: WithDType, R>(ts: &[&Tensor], f: impl FnOnce(&[&[T]]) -> Result<R>) -> Result<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (storage, layout) in guards.iter() {
+        match &**storage {
+            Storage::Cpu(s) => slices.push(slice::<T>(s, layout)?),
+            _ => candle_core::bail!("expected a CPU tensor"),
+        }
+    }
+    f(&slices)
+}
+
+/// A new untracked CPU tensor holding `data`.
+pub(crate) fn cpu_tensor<T: WithDType>(data: Vec<T>, shape: impl Into<Shape>) -> Result<Tensor> {
+    Tensor::from_vec(data, shape, &candle_core::Device::Cpu)
+}
+
+/// Rows below which threading costs more than it saves.
+pub(crate) const PAR_MIN_ELEMS: usize = 1 << 14;
+
+/// Applies `f(row_index, out_row)` to each `width`-long row of `out`, in parallel when large.
+pub(crate) fn for_each_row<T: Send>(out: &mut [T], width: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+    use rayon::prelude::*;
+    if out.len() >= PAR_MIN_ELEMS {
+        out.par_chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
+    } else {
+        out.chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
+    }
+}
+
+/// Whether the op runs on our CPU kernels: CPU tensors in f32/f64.
+pub(crate) fn use_cpu_kernel(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+}
+
+pub(crate) fn needs_grad(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op())
+}
+
+/// Dispatches a CPU storage to a kernel generic over the element type.
+macro_rules! dispatch_float {
+    ($s:expr, $name:literal, |$v:ident : $t:ident| $body:expr) => {
+        match $s {
+            candle_core::CpuStorage::F32(_) => {
+                type $t = f32;
+                let $v = $s;
+                $body
+            }
+            candle_core::CpuStorage::F64(_) => {
+                type $t = f64;
+                let $v = $s;
+                $body
+            }
+            other => candle_core::bail!("{}: unsupported dtype {:?}", $name, candle_core::backend::BackendStorage::dtype(other)),
+        }
+    };
+}
+pub(crate) use dispatch_float;
+
+/// Runs a kernel body with `$t` bound to the element type of a float dtype.
+macro_rules! by_dtype {
+    ($dtype:expr, $name:literal, |$t:ident| $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            candle_core::DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            other => candle_core::bail!("{}: unsupported dtype {:?}", $name, other),
+        }
+    };
+}
+pub(crate) use by_dtype;
+
+/// `out[i] = f(i)` for i < n, in parallel blocks when large.
+pub(crate) fn par_map<T: Send + Copy + Default>(n: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
+    let mut out = vec![T::default(); n];
+    let block = 4096;
+    for_each_row(&mut out, block, |bi, o| {
+        for (j, v) in o.iter_mut().enumerate() {
+            *v = f(bi * block + j);
+        }
+    });
+    out
+}

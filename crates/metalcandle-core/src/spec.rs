@@ -1,0 +1,654 @@
+//! `ModelSpec`: a hardware-agnostic description of a decoder-only transformer, built from a
+//! Hugging Face `config.json` (qwen2, llama, mistral, gpt2) or written by hand for a model
+//! trained from scratch (`custom-transformer`). Architecture differences live here and in
+//! the weight names, not in separate model implementations.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Architecture {
+    Qwen2,
+    Llama,
+    Mistral,
+    Gpt2,
+    CustomTransformer,
+}
+
+impl Architecture {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Architecture::Qwen2 => "qwen2",
+            Architecture::Llama => "llama",
+            Architecture::Mistral => "mistral",
+            Architecture::Gpt2 => "gpt2",
+            Architecture::CustomTransformer => "custom-transformer",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NormKind {
+    RmsNorm,
+    LayerNorm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct NormSpec {
+    pub kind: NormKind,
+    pub eps: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    Silu,
+    /// tanh approximation (`gelu_new`, `gelu_pytorch_tanh`)
+    GeluTanh,
+    /// exact erf form (`gelu`)
+    Gelu,
+    Relu,
+}
+
+impl Activation {
+    pub fn from_hf(name: &str, context: &str, key: &str) -> Result<Self> {
+        Ok(match name {
+            "silu" | "swish" => Activation::Silu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "gelu" => Activation::Gelu,
+            "relu" => Activation::Relu,
+            other => {
+                return Err(Error::config(
+                    context,
+                    key,
+                    format!("unsupported activation `{other}` (expected silu, gelu, gelu_new, gelu_pytorch_tanh or relu)"),
+                ))
+            }
+        })
+    }
+}
+
+/// Gated MLPs (`down(act(gate(x)) * up(x))`, SwiGLU when act is SiLU) or plain two-layer MLPs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MlpKind {
+    Gated,
+    Plain,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MlpSpec {
+    pub kind: MlpKind,
+    pub intermediate_size: usize,
+    pub activation: Activation,
+    pub bias: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    Default,
+    Linear {
+        factor: f64,
+    },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Positions {
+    Rope { theta: f64, scaling: RopeScaling },
+    Learned,
+    Sinusoidal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AttentionSpec {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    /// Query i sees keys j with i - window < j <= i (the window counts the query itself).
+    pub sliding_window: Option<usize>,
+    /// GPT-2 packs q|k|v into one projection (`c_attn`).
+    pub fused_qkv: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerSpec {
+    pub attention: AttentionSpec,
+    pub mlp: MlpSpec,
+    pub norm: NormSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub architecture: Architecture,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub max_position_embeddings: usize,
+    pub positions: Positions,
+    pub layers: Vec<LayerSpec>,
+    pub final_norm: NormSpec,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl ModelSpec {
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Builds the spec from a parsed Hugging Face `config.json`. `context` names the file in errors.
+    pub fn from_hf_config(cfg: &Value, context: &str) -> Result<Self> {
+        let c = Cfg { v: cfg, context };
+        let model_type = c.req_str("model_type")?;
+        match model_type {
+            "qwen2" => llama_family(&c, Architecture::Qwen2),
+            "llama" => llama_family(&c, Architecture::Llama),
+            "mistral" => llama_family(&c, Architecture::Mistral),
+            "gpt2" => gpt2(&c),
+            "custom-transformer" => {
+                let custom: CustomSpec = serde_json::from_value(cfg.clone()).map_err(|e| {
+                    Error::config(context, "custom-transformer", format!("invalid spec: {e}"))
+                })?;
+                custom.to_spec(context)
+            }
+            other => Err(Error::config(
+                context,
+                "model_type",
+                format!("unsupported architecture `{other}` (supported: qwen2, llama, mistral, gpt2, custom-transformer)"),
+            )),
+        }
+    }
+
+    /// Checks the internal consistency that every constructor must guarantee.
+    pub fn validate(&self, context: &str) -> Result<()> {
+        if self.vocab_size == 0 {
+            return Err(Error::config(context, "vocab_size", "must be > 0"));
+        }
+        if self.layers.is_empty() {
+            return Err(Error::config(context, "num_hidden_layers", "must be > 0"));
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let a = &l.attention;
+            if a.num_heads == 0 || a.num_kv_heads == 0 || a.num_heads % a.num_kv_heads != 0 {
+                return Err(Error::config(
+                    context,
+                    "num_key_value_heads",
+                    format!(
+                        "layer {i}: num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
+                        a.num_heads, a.num_kv_heads
+                    ),
+                ));
+            }
+            if matches!(self.positions, Positions::Rope { .. }) && a.head_dim % 2 != 0 {
+                return Err(Error::config(context, "head_dim", format!("layer {i}: rotary embeddings need an even head_dim, got {}", a.head_dim)));
+            }
+            if a.fused_qkv && a.num_heads != a.num_kv_heads {
+                return Err(Error::config(context, "num_key_value_heads", "a fused q|k|v projection needs as many kv heads as heads"));
+            }
+            if a.sliding_window == Some(0) {
+                return Err(Error::config(context, "sliding_window", "must be > 0"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Typed access to a JSON config with errors that name the key.
+struct Cfg<'a> {
+    v: &'a Value,
+    context: &'a str,
+}
+
+impl<'a> Cfg<'a> {
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.v.get(key).filter(|v| !v.is_null())
+    }
+    fn err(&self, key: &str, msg: impl Into<String>) -> Error {
+        Error::config(self.context, key, msg)
+    }
+    fn req_str(&self, key: &str) -> Result<&'a str> {
+        match self.get(key) {
+            Some(Value::String(s)) => Ok(s),
+            Some(other) => Err(self.err(key, format!("expected a string, got {other}"))),
+            None => Err(self.err(key, "missing")),
+        }
+    }
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|x| Some(x as usize))
+                .ok_or_else(|| self.err(key, format!("expected a non-negative integer, got {v}"))),
+        }
+    }
+    fn req_usize(&self, key: &str) -> Result<usize> {
+        self.opt_usize(key)?.ok_or_else(|| self.err(key, "missing"))
+    }
+    fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("expected a number, got {v}"))),
+        }
+    }
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.err(key, format!("expected true or false, got {v}"))),
+        }
+    }
+    fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
+        match self.get(key) {
+            None => Ok(vec![]),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .map(|x| vec![x as u32])
+                .ok_or_else(|| self.err(key, "expected a token id")),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| x.as_u64().map(|x| x as u32).ok_or_else(|| self.err(key, "expected token ids")))
+                .collect(),
+            Some(v) => Err(self.err(key, format!("expected a token id or a list of them, got {v}"))),
+        }
+    }
+}
+
+fn rope_from_hf(c: &Cfg) -> Result<Positions> {
+    // transformers 5 nests RoPE settings in `rope_parameters`; older configs use
+    // top-level `rope_theta` and `rope_scaling`.
+    let params = c.get("rope_parameters").or_else(|| c.get("rope_scaling"));
+    let theta = match params.and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64()) {
+        Some(t) => t,
+        None => c.opt_f64("rope_theta")?.unwrap_or(10000.0),
+    };
+    let scaling = match params {
+        None => RopeScaling::Default,
+        Some(p) => {
+            let key = if c.get("rope_parameters").is_some() { "rope_parameters" } else { "rope_scaling" };
+            let kind = p
+                .get("rope_type")
+                .or_else(|| p.get("type"))
+                .and_then(|t| t.as_str())
+                .unwrap_or("default");
+            let num = |k: &str| -> Result<f64> {
+                p.get(k)
+                    .and_then(|v| v.as_f64())
+                    .ok_or_else(|| c.err(&format!("{key}.{k}"), "missing or not a number"))
+            };
+            match kind {
+                "default" => RopeScaling::Default,
+                "linear" => RopeScaling::Linear { factor: num("factor")? },
+                "llama3" => RopeScaling::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: num("low_freq_factor")?,
+                    high_freq_factor: num("high_freq_factor")?,
+                    original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+                },
+                other => {
+                    return Err(c.err(
+                        &format!("{key}.rope_type"),
+                        format!("unsupported RoPE scaling `{other}` (supported: default, linear, llama3)"),
+                    ))
+                }
+            }
+        }
+    };
+    if theta <= 0.0 {
+        return Err(c.err("rope_theta", "must be > 0"));
+    }
+    Ok(Positions::Rope { theta, scaling })
+}
+
+fn llama_family(c: &Cfg, arch: Architecture) -> Result<ModelSpec> {
+    let hidden = c.req_usize("hidden_size")?;
+    let n_layers = c.req_usize("num_hidden_layers")?;
+    let n_heads = c.req_usize("num_attention_heads")?;
+    let n_kv = c.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
+    if n_heads == 0 {
+        return Err(c.err("num_attention_heads", "must be > 0"));
+    }
+    let head_dim = match c.opt_usize("head_dim")? {
+        Some(d) => d,
+        None => {
+            if hidden % n_heads != 0 {
+                return Err(c.err(
+                    "head_dim",
+                    format!("missing, and hidden_size ({hidden}) is not divisible by num_attention_heads ({n_heads})"),
+                ));
+            }
+            hidden / n_heads
+        }
+    };
+    let eps = c.opt_f64("rms_norm_eps")?.unwrap_or(1e-6);
+    let act = Activation::from_hf(c.get("hidden_act").and_then(|v| v.as_str()).unwrap_or("silu"), c.context, "hidden_act")?;
+    let qkv_bias = match arch {
+        Architecture::Qwen2 => true,
+        _ => c.opt_bool("attention_bias")?.unwrap_or(false),
+    };
+    let o_bias = arch != Architecture::Qwen2 && qkv_bias;
+    let mlp_bias = c.opt_bool("mlp_bias")?.unwrap_or(false);
+
+    let window = c.opt_usize("sliding_window")?;
+    let windowed: Vec<bool> = match arch {
+        Architecture::Mistral => vec![window.is_some(); n_layers],
+        Architecture::Qwen2 => {
+            let use_sw = c.opt_bool("use_sliding_window")?.unwrap_or(false);
+            match c.get("layer_types").and_then(|v| v.as_array()) {
+                Some(types) => {
+                    if types.len() != n_layers {
+                        return Err(c.err(
+                            "layer_types",
+                            format!("has {} entries but num_hidden_layers is {n_layers}", types.len()),
+                        ));
+                    }
+                    types.iter().map(|t| t.as_str() == Some("sliding_attention") && use_sw).collect()
+                }
+                None => {
+                    let max_window_layers = c.opt_usize("max_window_layers")?.unwrap_or(n_layers);
+                    (0..n_layers).map(|i| use_sw && i >= max_window_layers).collect()
+                }
+            }
+        }
+        _ => vec![false; n_layers],
+    };
+    if windowed.iter().any(|&w| w) && window.is_none() {
+        return Err(c.err("sliding_window", "sliding attention is enabled but `sliding_window` is missing"));
+    }
+
+    let intermediate_size = c.req_usize("intermediate_size")?;
+    let layers = windowed
+        .iter()
+        .map(|&w| LayerSpec {
+            attention: AttentionSpec {
+                num_heads: n_heads,
+                num_kv_heads: n_kv,
+                head_dim,
+                qkv_bias,
+                o_bias,
+                sliding_window: if w { window } else { None },
+                fused_qkv: false,
+            },
+            mlp: MlpSpec {
+                kind: MlpKind::Gated,
+                intermediate_size,
+                activation: act,
+                bias: mlp_bias,
+            },
+            norm: NormSpec { kind: NormKind::RmsNorm, eps },
+        })
+        .collect();
+
+    let spec = ModelSpec {
+        architecture: arch,
+        vocab_size: c.req_usize("vocab_size")?,
+        hidden_size: hidden,
+        max_position_embeddings: c.opt_usize("max_position_embeddings")?.unwrap_or(4096),
+        positions: rope_from_hf(c)?,
+        layers,
+        final_norm: NormSpec { kind: NormKind::RmsNorm, eps },
+        tie_word_embeddings: c.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+        bos_token_id: c.token_ids("bos_token_id")?.first().copied(),
+        eos_token_ids: c.token_ids("eos_token_id")?,
+    };
+    spec.validate(c.context)?;
+    Ok(spec)
+}
+
+fn gpt2(c: &Cfg) -> Result<ModelSpec> {
+    let hidden = c.req_usize("n_embd")?;
+    let n_heads = c.req_usize("n_head")?;
+    if n_heads == 0 || hidden % n_heads != 0 {
+        return Err(c.err("n_head", format!("n_embd ({hidden}) must be divisible by n_head ({n_heads})")));
+    }
+    let eps = c.opt_f64("layer_norm_epsilon")?.unwrap_or(1e-5);
+    let act = Activation::from_hf(
+        c.get("activation_function").and_then(|v| v.as_str()).unwrap_or("gelu_new"),
+        c.context,
+        "activation_function",
+    )?;
+    if c.opt_bool("scale_attn_by_inverse_layer_idx")? == Some(true) {
+        return Err(c.err("scale_attn_by_inverse_layer_idx", "true is not supported"));
+    }
+    let layer = LayerSpec {
+        attention: AttentionSpec {
+            num_heads: n_heads,
+            num_kv_heads: n_heads,
+            head_dim: hidden / n_heads,
+            qkv_bias: true,
+            o_bias: true,
+            sliding_window: None,
+            fused_qkv: true,
+        },
+        mlp: MlpSpec {
+            kind: MlpKind::Plain,
+            intermediate_size: c.opt_usize("n_inner")?.unwrap_or(4 * hidden),
+            activation: act,
+            bias: true,
+        },
+        norm: NormSpec { kind: NormKind::LayerNorm, eps },
+    };
+    let spec = ModelSpec {
+        architecture: Architecture::Gpt2,
+        vocab_size: c.req_usize("vocab_size")?,
+        hidden_size: hidden,
+        max_position_embeddings: c.req_usize("n_positions")?,
+        positions: Positions::Learned,
+        layers: vec![layer; c.req_usize("n_layer")?],
+        final_norm: NormSpec { kind: NormKind::LayerNorm, eps },
+        tie_word_embeddings: c.opt_bool("tie_word_embeddings")?.unwrap_or(true),
+        bos_token_id: c.token_ids("bos_token_id")?.first().copied(),
+        eos_token_ids: c.token_ids("eos_token_id")?,
+    };
+    spec.validate(c.context)?;
+    Ok(spec)
+}
+
+/// The hand-written spec of a model trained from scratch, as stored in its `config.json`
+/// (`"model_type": "custom-transformer"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomSpec {
+    #[serde(default = "custom_model_type")]
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    #[serde(default)]
+    pub n_kv_heads: Option<usize>,
+    pub d_ff: usize,
+    pub max_seq_len: usize,
+    /// "layernorm" or "rmsnorm"
+    #[serde(default = "default_norm")]
+    pub norm: String,
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+    /// "gelu" (exact), "gelu_tanh", "swiglu", "relu"
+    #[serde(default = "default_mlp")]
+    pub mlp: String,
+    /// "learned", "sinusoidal" or "rope"
+    #[serde(default = "default_positions")]
+    pub positions: String,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_true")]
+    pub tie_embeddings: bool,
+    #[serde(default = "default_true")]
+    pub bias: bool,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+}
+
+fn custom_model_type() -> String {
+    "custom-transformer".into()
+}
+fn default_norm() -> String {
+    "layernorm".into()
+}
+fn default_norm_eps() -> f64 {
+    1e-5
+}
+fn default_mlp() -> String {
+    "gelu".into()
+}
+fn default_positions() -> String {
+    "learned".into()
+}
+fn default_rope_theta() -> f64 {
+    10000.0
+}
+fn default_true() -> bool {
+    true
+}
+
+impl CustomSpec {
+    pub fn to_spec(&self, context: &str) -> Result<ModelSpec> {
+        let err = |k: &str, m: String| Error::config(context, k, m);
+        if self.n_heads == 0 || self.d_model % self.n_heads != 0 {
+            return Err(err("n_heads", format!("d_model ({}) must be divisible by n_heads ({})", self.d_model, self.n_heads)));
+        }
+        let norm = match self.norm.as_str() {
+            "layernorm" => NormKind::LayerNorm,
+            "rmsnorm" => NormKind::RmsNorm,
+            o => return Err(err("norm", format!("expected \"layernorm\" or \"rmsnorm\", got \"{o}\""))),
+        };
+        let (kind, activation) = match self.mlp.as_str() {
+            "gelu" => (MlpKind::Plain, Activation::Gelu),
+            "gelu_tanh" => (MlpKind::Plain, Activation::GeluTanh),
+            "relu" => (MlpKind::Plain, Activation::Relu),
+            "swiglu" => (MlpKind::Gated, Activation::Silu),
+            o => return Err(err("mlp", format!("expected \"gelu\", \"gelu_tanh\", \"relu\" or \"swiglu\", got \"{o}\""))),
+        };
+        let positions = match self.positions.as_str() {
+            "learned" => Positions::Learned,
+            "sinusoidal" => Positions::Sinusoidal,
+            "rope" => Positions::Rope { theta: self.rope_theta, scaling: RopeScaling::Default },
+            o => return Err(err("positions", format!("expected \"learned\", \"sinusoidal\" or \"rope\", got \"{o}\""))),
+        };
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(err("dropout", format!("must be in [0, 1), got {}", self.dropout)));
+        }
+        let n_kv = self.n_kv_heads.unwrap_or(self.n_heads);
+        let layer = LayerSpec {
+            attention: AttentionSpec {
+                num_heads: self.n_heads,
+                num_kv_heads: n_kv,
+                head_dim: self.d_model / self.n_heads,
+                qkv_bias: self.bias,
+                o_bias: self.bias,
+                sliding_window: None,
+                fused_qkv: false,
+            },
+            mlp: MlpSpec { kind, intermediate_size: self.d_ff, activation, bias: self.bias },
+            norm: NormSpec { kind: norm, eps: self.norm_eps },
+        };
+        let spec = ModelSpec {
+            architecture: Architecture::CustomTransformer,
+            vocab_size: self.vocab_size,
+            hidden_size: self.d_model,
+            max_position_embeddings: self.max_seq_len,
+            positions,
+            layers: vec![layer; self.n_layers],
+            final_norm: NormSpec { kind: norm, eps: self.norm_eps },
+            tie_word_embeddings: self.tie_embeddings,
+            bos_token_id: self.bos_token_id,
+            eos_token_ids: self.eos_token_id.into_iter().collect(),
+        };
+        spec.validate(context)?;
+        Ok(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn qwen_cfg() -> Value {
+        json!({"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "intermediate_size": 160, "vocab_size": 400, "rms_norm_eps": 1e-6,
+               "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "tie_word_embeddings": true,
+               "sliding_window": 4096, "use_sliding_window": false, "max_window_layers": 1})
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_and_no_window_unless_enabled() {
+        let s = ModelSpec::from_hf_config(&qwen_cfg(), "config.json").unwrap();
+        assert!(s.layers[0].attention.qkv_bias && !s.layers[0].attention.o_bias);
+        assert!(s.layers.iter().all(|l| l.attention.sliding_window.is_none()));
+        assert_eq!(s.positions, Positions::Rope { theta: 1e6, scaling: RopeScaling::Default });
+        let mut c = qwen_cfg();
+        c["use_sliding_window"] = json!(true);
+        let s = ModelSpec::from_hf_config(&c, "config.json").unwrap();
+        // Layers from max_window_layers on use the window.
+        assert_eq!(s.layers[0].attention.sliding_window, None);
+        assert_eq!(s.layers[1].attention.sliding_window, Some(4096));
+    }
+
+    #[test]
+    fn missing_and_bad_keys_are_named() {
+        let mut c = qwen_cfg();
+        c.as_object_mut().unwrap().remove("hidden_size");
+        let e = ModelSpec::from_hf_config(&c, "x/config.json").unwrap_err().to_string();
+        assert!(e.contains("x/config.json") && e.contains("hidden_size") && e.contains("missing"), "{e}");
+        let mut c = qwen_cfg();
+        c["num_key_value_heads"] = json!(3);
+        let e = ModelSpec::from_hf_config(&c, "config.json").unwrap_err().to_string();
+        assert!(e.contains("num_key_value_heads"), "{e}");
+        let e = ModelSpec::from_hf_config(&json!({"model_type": "bert"}), "config.json").unwrap_err().to_string();
+        assert!(e.contains("model_type") && e.contains("bert"), "{e}");
+    }
+
+    #[test]
+    fn custom_spec_round_trips_through_json() {
+        let custom = CustomSpec {
+            model_type: custom_model_type(),
+            vocab_size: 100,
+            d_model: 32,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: None,
+            d_ff: 64,
+            max_seq_len: 64,
+            norm: "layernorm".into(),
+            norm_eps: 1e-5,
+            mlp: "gelu".into(),
+            positions: "sinusoidal".into(),
+            rope_theta: 1e4,
+            tie_embeddings: true,
+            bias: true,
+            dropout: 0.0,
+            bos_token_id: None,
+            eos_token_id: None,
+        };
+        let v = serde_json::to_value(&custom).unwrap();
+        let s = ModelSpec::from_hf_config(&v, "config.json").unwrap();
+        assert_eq!(s.positions, Positions::Sinusoidal);
+        assert_eq!(s.layers[0].mlp.activation, Activation::Gelu);
+        let mut bad = v.clone();
+        bad["norm"] = json!("batchnorm");
+        let e = ModelSpec::from_hf_config(&bad, "config.json").unwrap_err().to_string();
+        assert!(e.contains("`norm`"), "{e}");
+    }
+}

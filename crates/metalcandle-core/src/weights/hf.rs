@@ -1,0 +1,140 @@
+//! Hugging Face checkpoint folders: `config.json` plus `model.safetensors` or a sharded
+//! `model.safetensors.index.json`, read memory-mapped by tensor name.
+
+use super::names::{is_ignorable, param_specs};
+use crate::error::{Error, Result};
+use crate::model::Decoder;
+use crate::spec::ModelSpec;
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+pub fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Msg(format!("{}: invalid JSON: {e}", path.display())))
+}
+
+/// The safetensors files of a folder: the shards an index names, or `model.safetensors`.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let v = read_json(&index)?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::config(index.display().to_string(), "weight_map", "missing or not an object"))?;
+        let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    Err(Error::NotFound(dir.join("model.safetensors")))
+}
+
+/// Loads a checkpoint folder. Every problem with the tensors (missing, unexpected, wrong
+/// shape) is reported at once, by name.
+pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<Decoder> {
+    if !dir.is_dir() {
+        return Err(Error::NotFound(dir.to_path_buf()));
+    }
+    let cfg_path = dir.join("config.json");
+    let config = read_json(&cfg_path)?;
+    let spec = ModelSpec::from_hf_config(&config, &cfg_path.display().to_string())?;
+    let files = safetensors_files(dir)?;
+    for f in &files {
+        if !f.exists() {
+            return Err(Error::NotFound(f.clone()));
+        }
+    }
+    // SAFETY: the files are memory-mapped read-only; candle copies what it loads.
+    let st = unsafe { MmapedSafetensors::multi(&files) }
+        .map_err(|e| Error::Weights(format!("{}: not a readable safetensors checkpoint: {e}", files[0].display())))?;
+    let in_file: BTreeSet<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+    load_named(spec, config, &in_file, |name| st.load(name, device), device, &files[0].display().to_string())
+}
+
+/// Takes each expected tensor through `fetch`, converts it to the model's layout and f32,
+/// and collects every problem before failing.
+pub fn load_named(
+    spec: ModelSpec,
+    config: Value,
+    in_file: &BTreeSet<String>,
+    fetch: impl Fn(&str) -> candle_core::Result<Tensor>,
+    device: &Device,
+    context: &str,
+) -> Result<Decoder> {
+    // Original GPT-2 exports have no `transformer.` prefix.
+    let strip = spec.architecture == crate::spec::Architecture::Gpt2 && !in_file.iter().any(|n| n.starts_with("transformer."));
+    let file_name = |name: &str| -> String {
+        if strip {
+            name.strip_prefix("transformer.").unwrap_or(name).to_string()
+        } else {
+            name.to_string()
+        }
+    };
+    let mut problems = vec![];
+    let mut tensors = HashMap::new();
+    let mut used = BTreeSet::new();
+    for p in param_specs(&spec) {
+        let fname = file_name(&p.name);
+        if !in_file.contains(&fname) {
+            problems.push(format!("missing tensor `{fname}` (expected shape {:?})", p.shape));
+            continue;
+        }
+        used.insert(fname.clone());
+        let t = match fetch(&fname) {
+            Ok(t) => t,
+            Err(e) => {
+                problems.push(format!("tensor `{fname}` could not be read: {e}"));
+                continue;
+            }
+        };
+        let stored: Vec<usize> = if p.conv1d { vec![p.shape[1], p.shape[0]] } else { p.shape.clone() };
+        if t.dims() != stored.as_slice() {
+            problems.push(format!("tensor `{fname}` has shape {:?}, the config implies {:?}", t.dims(), stored));
+            continue;
+        }
+        let t = if p.conv1d { t.t()?.contiguous()? } else { t };
+        let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
+        tensors.insert(p.name, t.to_device(device)?);
+    }
+    for name in in_file.difference(&used) {
+        if !is_ignorable(name, &spec) {
+            problems.push(format!("unexpected tensor `{name}`"));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::Weights(format!("{context}: {} problem(s) with the checkpoint's tensors:\n  {}", problems.len(), problems.join("\n  "))));
+    }
+    Decoder::from_tensors(spec, config, tensors, device)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so a crash never leaves a
+/// half-written file under the final name.
+pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
+    write(&tmp)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Saves `config.json` and `model.safetensors` in the checkpoint's own names and layouts.
+pub fn save_hf_folder(model: &Decoder, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let specs: HashMap<String, bool> = param_specs(&model.spec).into_iter().map(|p| (p.name, p.conv1d)).collect();
+    let mut out: HashMap<String, Tensor> = HashMap::new();
+    for (name, t) in model.named_parameters() {
+        let t = t.detach().to_device(&Device::Cpu)?;
+        let t = if specs.get(&name).copied().unwrap_or(false) { t.t()?.contiguous()? } else { t.contiguous()? };
+        out.insert(name, t);
+    }
+    write_atomic(&dir.join("model.safetensors"), |tmp| {
+        candle_core::safetensors::save(&out, tmp).map_err(Error::from)
+    })?;
+    let text = serde_json::to_string_pretty(&model.config).map_err(|e| Error::Msg(e.to_string()))?;
+    write_atomic(&dir.join("config.json"), |tmp| std::fs::write(tmp, text).map_err(|e| Error::io(tmp, e)))
+}

@@ -1,0 +1,15 @@
+//! The Python surface of metalcandle: conversion between numpy and tensors, errors as Python
+//! exceptions, and the GIL released while Rust computes. No model logic lives here.
+
+mod convert;
+mod model;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<model::PyModel>()?;
+    m.add_class::<model::PyKvCache>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! `_core.Model` and `_core.KvCache`.
+
+use crate::convert::{ids_tensor, read_i64_2d, to_numpy, to_py_err};
+use candle_core::{Device, Tensor};
+use metalcandle_core::model::ForwardOptions;
+use metalcandle_core::weights::{load_hf_folder, save_hf_folder};
+use metalcandle_core::{Decoder, KvCache, ModelSpec};
+use numpy::{PyArrayDyn, PyReadonlyArray2};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use std::path::PathBuf;
+
+#[pyclass(name = "Model", module = "metalcandle._core")]
+pub struct PyModel {
+    pub inner: Decoder,
+}
+
+#[pyclass(name = "KvCache", module = "metalcandle._core")]
+pub struct PyKvCache {
+    pub inner: KvCache,
+}
+
+#[pymethods]
+impl PyKvCache {
+    /// Number of tokens the cache holds.
+    #[getter]
+    fn seq_len(&self) -> usize {
+        self.inner.seq_len()
+    }
+
+    /// Keeps batch rows `rows`, in that order (beam search reorders and grows beams this way).
+    fn select_rows(&mut self, py: Python<'_>, rows: Vec<u32>) -> PyResult<()> {
+        let cache = &mut self.inner;
+        py.detach(|| cache.select_rows(&rows)).map_err(to_py_err)
+    }
+}
+
+fn device(name: &str) -> PyResult<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0).map_err(|e| PyValueError::new_err(format!("device \"cuda\" is not available: {e}"))),
+        "metal" => Device::new_metal(0).map_err(|e| PyValueError::new_err(format!("device \"metal\" is not available: {e}"))),
+        other => Err(PyValueError::new_err(format!("unknown device \"{other}\" (expected \"cpu\", \"cuda\" or \"metal\")"))),
+    }
+}
+
+struct Inputs {
+    ids: Tensor,
+    mask: Option<Vec<i64>>,
+    positions: Option<Vec<i64>>,
+}
+
+impl PyModel {
+    fn inputs(
+        &self,
+        input_ids: PyReadonlyArray2<'_, i64>,
+        attention_mask: Option<PyReadonlyArray2<'_, i64>>,
+        position_ids: Option<PyReadonlyArray2<'_, i64>>,
+    ) -> PyResult<Inputs> {
+        let (ids, shape) = read_i64_2d(&input_ids);
+        let ids = ids_tensor(&ids, shape, self.inner.spec.vocab_size, &self.inner.device)?;
+        let mask = attention_mask.map(|m| read_i64_2d(&m).0);
+        let positions = position_ids.map(|p| read_i64_2d(&p).0);
+        Ok(Inputs { ids, mask, positions })
+    }
+}
+
+#[pymethods]
+impl PyModel {
+    /// Loads a Hugging Face checkpoint folder.
+    #[staticmethod]
+    #[pyo3(signature = (path, device = "cpu"))]
+    fn load(py: Python<'_>, path: PathBuf, device: &str) -> PyResult<Self> {
+        let dev = self::device(device)?;
+        let inner = py.detach(|| load_hf_folder(&path, &dev)).map_err(to_py_err)?;
+        Ok(Self { inner })
+    }
+
+    /// A randomly initialised model from a `config.json` text (any supported `model_type`).
+    #[staticmethod]
+    #[pyo3(signature = (config_json, seed = 0, device = "cpu"))]
+    fn from_config(config_json: &str, seed: u64, device: &str) -> PyResult<Self> {
+        let dev = self::device(device)?;
+        let config: serde_json::Value = serde_json::from_str(config_json).map_err(|e| PyValueError::new_err(format!("config: invalid JSON: {e}")))?;
+        let spec = ModelSpec::from_hf_config(&config, "config").map_err(to_py_err)?;
+        let inner = Decoder::random(spec, config, seed, &dev).map_err(to_py_err)?;
+        Ok(Self { inner })
+    }
+
+    #[getter]
+    fn architecture(&self) -> &'static str {
+        self.inner.spec.architecture.as_str()
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.inner.spec.vocab_size
+    }
+
+    #[getter]
+    fn num_layers(&self) -> usize {
+        self.inner.spec.num_layers()
+    }
+
+    #[getter]
+    fn max_position_embeddings(&self) -> usize {
+        self.inner.spec.max_position_embeddings
+    }
+
+    /// The model's config.json as text.
+    fn config_json(&self) -> String {
+        self.inner.config.to_string()
+    }
+
+    /// The resolved ModelSpec as JSON text.
+    fn spec_json(&self) -> String {
+        serde_json::to_string(&self.inner.spec).unwrap_or_default()
+    }
+
+    fn num_parameters(&self) -> usize {
+        self.inner.num_parameters()
+    }
+
+    fn parameter_names(&self) -> Vec<String> {
+        self.inner.named_parameters().into_iter().map(|(n, _)| n).collect()
+    }
+
+    /// One parameter as a numpy array, in the model's layout.
+    fn get_parameter<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let t = self
+            .inner
+            .named_parameters()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
+            .ok_or_else(|| PyValueError::new_err(format!("no parameter named `{name}`")))?;
+        to_numpy(py, &t)
+    }
+
+    fn new_cache(&self) -> PyKvCache {
+        PyKvCache { inner: self.inner.new_cache() }
+    }
+
+    /// Full forward: logits [B, T, V] and, when asked, hidden states [L+1, B, T, H].
+    #[pyo3(signature = (input_ids, attention_mask = None, position_ids = None, output_hidden_states = false))]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        input_ids: PyReadonlyArray2<'py, i64>,
+        attention_mask: Option<PyReadonlyArray2<'py, i64>>,
+        position_ids: Option<PyReadonlyArray2<'py, i64>>,
+        output_hidden_states: bool,
+    ) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Option<Bound<'py, PyArrayDyn<f32>>>)> {
+        let inp = self.inputs(input_ids, attention_mask, position_ids)?;
+        let model = &self.inner;
+        let (logits, hidden) = py
+            .detach(|| {
+                let opts = ForwardOptions { attention_mask: inp.mask.as_deref(), position_ids: inp.positions.as_deref(), output_hidden_states };
+                let (logits, hidden) = model.forward(&inp.ids, &opts, None)?;
+                let hidden = if output_hidden_states { Some(Tensor::stack(&hidden, 0)?) } else { None };
+                Ok::<_, metalcandle_core::Error>((logits, hidden))
+            })
+            .map_err(to_py_err)?;
+        let hidden = hidden.map(|h| to_numpy(py, &h)).transpose()?;
+        Ok((to_numpy(py, &logits)?, hidden))
+    }
+
+    /// Runs new tokens through the cache and returns the last position's logits [B, V].
+    #[pyo3(signature = (input_ids, cache, attention_mask = None, position_ids = None))]
+    fn forward_cached<'py>(
+        &self,
+        py: Python<'py>,
+        input_ids: PyReadonlyArray2<'py, i64>,
+        cache: &mut PyKvCache,
+        attention_mask: Option<PyReadonlyArray2<'py, i64>>,
+        position_ids: Option<PyReadonlyArray2<'py, i64>>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let inp = self.inputs(input_ids, attention_mask, position_ids)?;
+        let (model, cache) = (&self.inner, &mut cache.inner);
+        let logits = py
+            .detach(|| {
+                let opts = ForwardOptions { attention_mask: inp.mask.as_deref(), position_ids: inp.positions.as_deref(), output_hidden_states: false };
+                model.forward_last(&inp.ids, &opts, Some(cache))
+            })
+            .map_err(to_py_err)?;
+        to_numpy(py, &logits)
+    }
+
+    /// Writes config.json and model.safetensors (Hugging Face names and layouts).
+    fn save_pretrained(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let model = &self.inner;
+        py.detach(|| save_hf_folder(model, &path)).map_err(to_py_err)
+    }
+}
+

@@ -1,0 +1,53 @@
+"""The decoder reproduces transformers on every fixture checkpoint (tolerances from the fixtures' README)."""
+
+import numpy as np
+import pytest
+from conftest import ATOL_FORWARD, MODELS
+
+import metalcandle as mc
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def case(request, fixtures):
+    folder = fixtures / request.param
+    return mc.load_model(folder), np.load(folder / "golden.npz")
+
+
+def test_logits_and_hidden_states(case):
+    model, g = case
+    logits, hidden = model.forward(g["input_ids"], output_hidden_states=True)
+    assert logits.shape == g["logits"].shape and logits.dtype == np.float32
+    np.testing.assert_allclose(logits, g["logits"], atol=ATOL_FORWARD, rtol=0)
+    assert hidden.shape == g["hidden_states"].shape
+    np.testing.assert_allclose(hidden, g["hidden_states"], atol=ATOL_FORWARD, rtol=0)
+
+
+def test_left_padded_batch_at_unmasked_positions(case):
+    model, g = case
+    logits = model.forward(g["pad_input_ids"], attention_mask=g["pad_attention_mask"], position_ids=g["pad_position_ids"])
+    keep = g["pad_attention_mask"].astype(bool)
+    np.testing.assert_allclose(logits[keep], g["pad_logits"][keep], atol=ATOL_FORWARD, rtol=0)
+
+
+def test_greedy_generation_token_for_token(case):
+    model, g = case
+    out = model.generate(g["gen_prompt"], max_new_tokens=16)
+    np.testing.assert_array_equal(out, g["gen_output"])
+
+
+def test_kv_cache_step_logits(case):
+    model, g = case
+    cache = model._core.new_cache()
+    step = g["gen_prompt"]
+    for s in range(g["gen_logits"].shape[0]):
+        logits = model._core.forward_cached(np.ascontiguousarray(step), cache)
+        np.testing.assert_allclose(logits, g["gen_logits"][s], atol=ATOL_FORWARD, rtol=0)
+        step = g["gen_output"][:, 8 + s : 9 + s]
+    assert cache.seq_len == g["gen_output"].shape[1] - 1
+
+
+def test_architecture_config_and_parameter_count(case, fixtures):
+    model, _ = case
+    expected = {"qwen2": 112_192, "llama": 151_872, "gpt2": 133_888, "mistral": 137_536}
+    assert model.num_parameters() == expected[model.architecture]
+    assert model.config["model_type"] == model.architecture
