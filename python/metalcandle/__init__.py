@@ -1,6 +1,22 @@
 """metalcandle: train and fine-tune small decoder-only transformers on a Rust core."""
 
 from metalcandle._core import __version__
+from metalcandle.chat import InteractivePrompt
+from metalcandle.generate import generate_text, stream_text
 from metalcandle.model import Model, load_model
+from metalcandle.optim import AdamW
+from metalcandle.sampling import next_token_probs
+from metalcandle.tokenizers import CharTokenizer, Tokenizer, load_tokenizer, train_bpe
+from metalcandle.trainer import StepStats, Trainer
 
-__all__ = ["Model", "load_model", "__version__"]
+__all__ = ["AdamW", "Model", "StepStats", "Trainer", "load_model", "__version__"]
+__all__ += [
+    "CharTokenizer",
+    "InteractivePrompt",
+    "Tokenizer",
+    "generate_text",
+    "load_tokenizer",
+    "next_token_probs",
+    "stream_text",
+    "train_bpe",
+]

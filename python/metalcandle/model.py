@@ -81,6 +81,54 @@ class Model:
 
         return generate(self, prompt_ids, max_new_tokens=max_new_tokens, **kwargs)
 
+    # LoRA ---------------------------------------------------------------------------------
+
+    def add_lora(
+        self,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        target_modules=("q_proj", "v_proj"),
+        seed: int = 0,
+        use_rslora: bool = False,
+        layers_to_transform=None,
+    ) -> int:
+        """Attaches LoRA adapters with PEFT's initialisation (A kaiming-uniform, B zero) to the
+        linears named in `target_modules` (or "all-linear"); returns how many were adapted."""
+        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        layers = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
+        return self._core.add_lora(int(r), float(alpha), float(dropout), targets, int(seed), bool(use_rslora), layers)
+
+    def load_adapter(self, path: str | os.PathLike) -> int:
+        """Attaches an adapter saved by PEFT or by `save_adapter`."""
+        return self._core.load_adapter(os.fspath(path))
+
+    def save_adapter(self, path: str | os.PathLike) -> None:
+        """Writes adapter_config.json + adapter_model.safetensors in PEFT's format."""
+        self._core.save_adapter(os.fspath(path))
+
+    def merge_adapter(self) -> None:
+        self._core.merge_adapter()
+
+    def unmerge_adapter(self) -> None:
+        self._core.unmerge_adapter()
+
+    def remove_adapter(self) -> None:
+        self._core.remove_adapter()
+
+    @property
+    def has_adapter(self) -> bool:
+        return self._core.has_adapter
+
+    @property
+    def lora_config(self) -> dict | None:
+        text = self._core.lora_config_json()
+        return None if text is None else json.loads(text)
+
+    def trainable_parameters(self) -> dict[str, np.ndarray]:
+        """What a training step updates: the adapter matrices, or every parameter."""
+        return dict(self._core.trainable_parameters())
+
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Writes config.json and model.safetensors that `transformers` loads."""
         self._core.save_pretrained(os.fspath(path))

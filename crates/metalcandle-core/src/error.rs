@@ -37,7 +37,11 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn config(context: impl Into<String>, key: impl Into<String>, msg: impl Into<String>) -> Self {
+    pub fn config(
+        context: impl Into<String>,
+        key: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Self {
         Error::Config {
             context: context.into(),
             key: key.into(),

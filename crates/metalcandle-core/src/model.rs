@@ -34,6 +34,8 @@ pub struct Decoder {
     /// None when tied to the token embedding.
     pub lm_head: Option<Linear>,
     rope: Option<Vec<RotaryTables>>,
+    /// Set while LoRA adapters are attached.
+    pub lora_config: Option<crate::lora::LoraConfig>,
     pub device: Device,
     pub dtype: DType,
 }
@@ -84,29 +86,60 @@ pub struct ForwardOutput {
 impl Decoder {
     /// Builds a model from tensors named as in the checkpoint (see `weights::names`), already
     /// in the model's layout ([out, in] linears).
-    pub fn from_tensors(spec: ModelSpec, config: serde_json::Value, mut t: HashMap<String, Tensor>, device: &Device) -> Result<Self> {
+    pub fn from_tensors(
+        spec: ModelSpec,
+        config: serde_json::Value,
+        mut t: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
         let dtype = t.values().next().map(|x| x.dtype()).unwrap_or(DType::F32);
-        let mut take = |name: &str| -> Result<Tensor> { t.remove(name).ok_or_else(|| Error::Weights(format!("missing tensor `{name}`"))) };
+        let mut take = |name: &str| -> Result<Tensor> {
+            t.remove(name)
+                .ok_or_else(|| Error::Weights(format!("missing tensor `{name}`")))
+        };
         let n = names::Naming::of(&spec);
-        let linear = |take: &mut dyn FnMut(&str) -> Result<Tensor>, module: String, bias: bool, conv1d: bool| -> Result<Linear> {
+        let linear = |take: &mut dyn FnMut(&str) -> Result<Tensor>,
+                      module: String,
+                      bias: bool,
+                      conv1d: bool|
+         -> Result<Linear> {
             Ok(Linear {
                 weight: take(&format!("{module}.weight"))?,
-                bias: if bias { Some(take(&format!("{module}.bias"))?) } else { None },
+                bias: if bias {
+                    Some(take(&format!("{module}.bias"))?)
+                } else {
+                    None
+                },
                 name: module,
                 conv1d,
+                lora: None,
+                training: false,
             })
         };
-        let norm = |take: &mut dyn FnMut(&str) -> Result<Tensor>, module: String, spec: crate::spec::NormSpec| -> Result<Norm> {
+        let norm = |take: &mut dyn FnMut(&str) -> Result<Tensor>,
+                    module: String,
+                    spec: crate::spec::NormSpec|
+         -> Result<Norm> {
             Ok(Norm {
                 weight: take(&format!("{module}.weight"))?,
-                bias: if spec.kind == NormKind::LayerNorm { Some(take(&format!("{module}.bias"))?) } else { None },
+                bias: if spec.kind == NormKind::LayerNorm {
+                    Some(take(&format!("{module}.bias"))?)
+                } else {
+                    None
+                },
                 name: module,
                 spec,
             })
         };
-        let embed = Embedding { name: n.embed(), weight: take(&format!("{}.weight", n.embed()))? };
+        let embed = Embedding {
+            name: n.embed(),
+            weight: take(&format!("{}.weight", n.embed()))?,
+        };
         let pos_embed = match spec.positions {
-            Positions::Learned => Some(Embedding { name: n.pos_embed(), weight: take(&format!("{}.weight", n.pos_embed()))? }),
+            Positions::Learned => Some(Embedding {
+                name: n.pos_embed(),
+                weight: take(&format!("{}.weight", n.pos_embed()))?,
+            }),
             _ => None,
         };
         let mut blocks = Vec::with_capacity(spec.layers.len());
@@ -114,7 +147,12 @@ impl Decoder {
             let a = &ls.attention;
             let conv = n.conv1d();
             let qkv = if a.fused_qkv {
-                QkvProj::Fused(linear(&mut take, n.linear(i, ParamKind::Qkv), a.qkv_bias, conv)?)
+                QkvProj::Fused(linear(
+                    &mut take,
+                    n.linear(i, ParamKind::Qkv),
+                    a.qkv_bias,
+                    conv,
+                )?)
             } else {
                 QkvProj::Separate {
                     q: linear(&mut take, n.linear(i, ParamKind::Q), a.qkv_bias, conv)?,
@@ -125,7 +163,12 @@ impl Decoder {
             let o = linear(&mut take, n.linear(i, ParamKind::O), a.o_bias, conv)?;
             let m = &ls.mlp;
             let gate = match m.kind {
-                MlpKind::Gated => Some(linear(&mut take, n.linear(i, ParamKind::Gate), m.bias, conv)?),
+                MlpKind::Gated => Some(linear(
+                    &mut take,
+                    n.linear(i, ParamKind::Gate),
+                    m.bias,
+                    conv,
+                )?),
                 MlpKind::Plain => None,
             };
             blocks.push(Block {
@@ -141,16 +184,42 @@ impl Decoder {
             });
         }
         let final_norm = norm(&mut take, n.final_norm(), spec.final_norm)?;
-        let lm_head = if spec.tie_word_embeddings { None } else { Some(linear(&mut take, "lm_head".into(), false, false)?) };
+        let lm_head = if spec.tie_word_embeddings {
+            None
+        } else {
+            Some(linear(&mut take, "lm_head".into(), false, false)?)
+        };
         let rope = match &spec.positions {
-            Positions::Rope { theta, scaling } => Some(spec.layers.iter().map(|l| RotaryTables::new(l.attention.head_dim, *theta, scaling)).collect()),
+            Positions::Rope { theta, scaling } => Some(
+                spec.layers
+                    .iter()
+                    .map(|l| RotaryTables::new(l.attention.head_dim, *theta, scaling))
+                    .collect(),
+            ),
             _ => None,
         };
-        Ok(Self { spec, config, embed, pos_embed, blocks, final_norm, lm_head, rope, device: device.clone(), dtype })
+        Ok(Self {
+            spec,
+            config,
+            embed,
+            pos_embed,
+            blocks,
+            final_norm,
+            lm_head,
+            rope,
+            lora_config: None,
+            device: device.clone(),
+            dtype,
+        })
     }
 
     /// A randomly initialised model of the given spec (`config` is what `save` will write).
-    pub fn random(spec: ModelSpec, config: serde_json::Value, seed: u64, device: &Device) -> Result<Self> {
+    pub fn random(
+        spec: ModelSpec,
+        config: serde_json::Value,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         let tensors = crate::weights::init_tensors(&spec, seed, 0.02, device)?;
         Self::from_tensors(spec, config, tensors, device)
     }
@@ -169,7 +238,10 @@ impl Decoder {
 
     /// Visits every parameter tensor mutably (to make it trainable, or to replace it).
     pub fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
-        f(&format!("{}.weight", self.embed.name), &mut self.embed.weight);
+        f(
+            &format!("{}.weight", self.embed.name),
+            &mut self.embed.weight,
+        );
         if let Some(p) = &mut self.pos_embed {
             f(&format!("{}.weight", p.name), &mut p.weight);
         }
@@ -205,17 +277,34 @@ impl Decoder {
     }
 
     pub fn num_parameters(&self) -> usize {
-        self.named_parameters().iter().map(|(_, t)| t.elem_count()).sum()
+        self.named_parameters()
+            .iter()
+            .map(|(_, t)| t.elem_count())
+            .sum()
     }
 
     pub fn new_cache(&self) -> KvCache {
-        KvCache { layers: vec![LayerCache::default(); self.blocks.len()] }
+        KvCache {
+            layers: vec![LayerCache::default(); self.blocks.len()],
+        }
     }
 
-    fn check_inputs(&self, ids: &Tensor, past: usize, opts: &ForwardOptions) -> Result<(usize, usize)> {
-        let (b, t) = ids.dims2().map_err(|_| Error::Input(format!("input_ids must be 2-D [batch, seq], got shape {:?}", ids.dims())))?;
+    fn check_inputs(
+        &self,
+        ids: &Tensor,
+        past: usize,
+        opts: &ForwardOptions,
+    ) -> Result<(usize, usize)> {
+        let (b, t) = ids.dims2().map_err(|_| {
+            Error::Input(format!(
+                "input_ids must be 2-D [batch, seq], got shape {:?}",
+                ids.dims()
+            ))
+        })?;
         if b == 0 || t == 0 {
-            return Err(Error::Input(format!("input_ids is empty (shape [{b}, {t}])")));
+            return Err(Error::Input(format!(
+                "input_ids is empty (shape [{b}, {t}])"
+            )));
         }
         if let Some(m) = opts.attention_mask {
             if m.len() != b * (past + t) {
@@ -228,14 +317,22 @@ impl Decoder {
         }
         if let Some(p) = opts.position_ids {
             if p.len() != b * t {
-                return Err(Error::Input(format!("position_ids has {} entries, expected {b} x {t}", p.len())));
+                return Err(Error::Input(format!(
+                    "position_ids has {} entries, expected {b} x {t}",
+                    p.len()
+                )));
             }
             if let Some(bad) = p.iter().find(|&&x| x < 0) {
-                return Err(Error::Input(format!("position_ids must be >= 0, got {bad}")));
+                return Err(Error::Input(format!(
+                    "position_ids must be >= 0, got {bad}"
+                )));
             }
         }
         if self.pos_embed.is_some() {
-            let max_pos = opts.position_ids.map(|p| *p.iter().max().unwrap() as usize).unwrap_or(past + t - 1);
+            let max_pos = opts
+                .position_ids
+                .map(|p| *p.iter().max().unwrap() as usize)
+                .unwrap_or(past + t - 1);
             if max_pos >= self.spec.max_position_embeddings {
                 return Err(Error::Input(format!(
                     "position {max_pos} is beyond the model's {} learned positions",
@@ -247,21 +344,38 @@ impl Decoder {
     }
 
     /// Runs the decoder up to the LM head's input. `ids` is u32 [B, T].
-    pub fn forward_hidden(&self, ids: &Tensor, opts: &ForwardOptions, mut cache: Option<&mut KvCache>) -> Result<ForwardOutput> {
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        opts: &ForwardOptions,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<ForwardOutput> {
         let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
         let (b, t) = self.check_inputs(ids, past, opts)?;
         let positions: Vec<i64> = match opts.position_ids {
             Some(p) => p.to_vec(),
-            None => (0..b).flat_map(|_| (past..past + t).map(|p| p as i64)).collect(),
+            None => (0..b)
+                .flat_map(|_| (past..past + t).map(|p| p as i64))
+                .collect(),
         };
         let mut x = self.embed.forward(ids)?;
         match (&self.spec.positions, &self.pos_embed) {
             (Positions::Learned, Some(pe)) => {
-                let pos = Tensor::from_vec(positions.iter().map(|&p| p as u32).collect::<Vec<_>>(), (b, t), &self.device)?;
+                let pos = Tensor::from_vec(
+                    positions.iter().map(|&p| p as u32).collect::<Vec<_>>(),
+                    (b, t),
+                    &self.device,
+                )?;
                 x = (x + pe.forward(&pos)?)?;
             }
             (Positions::Sinusoidal, _) => {
-                x = (x + sinusoidal(&positions, (b, t), self.spec.hidden_size, self.dtype, &self.device)?)?;
+                x = (x + sinusoidal(
+                    &positions,
+                    (b, t),
+                    self.spec.hidden_size,
+                    self.dtype,
+                    &self.device,
+                )?)?;
             }
             _ => {}
         }
@@ -273,21 +387,34 @@ impl Decoder {
         let mut tables: HashMap<usize, (Tensor, Tensor)> = HashMap::new();
         for (i, block) in self.blocks.iter().enumerate() {
             let window = block.attn.spec.sliding_window;
-            if !masks.contains_key(&window) {
-                masks.insert(window, attention_mask(b, t, past, window, opts.attention_mask, self.dtype, &self.device)?);
+            if let std::collections::hash_map::Entry::Vacant(e) = masks.entry(window) {
+                e.insert(attention_mask(
+                    b,
+                    t,
+                    past,
+                    window,
+                    opts.attention_mask,
+                    self.dtype,
+                    &self.device,
+                )?);
             }
             let rope = match &self.rope {
                 Some(r) => {
                     let hd = block.attn.spec.head_dim;
-                    if !tables.contains_key(&hd) {
-                        tables.insert(hd, r[i].cos_sin(&positions, (b, t), self.dtype, &self.device)?);
+                    if let std::collections::hash_map::Entry::Vacant(e) = tables.entry(hd) {
+                        e.insert(r[i].cos_sin(&positions, (b, t), self.dtype, &self.device)?);
                     }
                     tables.get(&hd)
                 }
                 None => None,
             };
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = block.attn.forward(&block.attn_norm.forward(&x)?, rope, &masks[&window], layer_cache)?;
+            let h = block.attn.forward(
+                &block.attn_norm.forward(&x)?,
+                rope,
+                &masks[&window],
+                layer_cache,
+            )?;
             x = (x + h)?;
             let h = block.mlp.forward(&block.mlp_norm.forward(&x)?)?;
             x = (x + h)?;
@@ -299,7 +426,10 @@ impl Decoder {
         if opts.output_hidden_states {
             hidden.push(last_hidden.clone());
         }
-        Ok(ForwardOutput { last_hidden, hidden_states: hidden })
+        Ok(ForwardOutput {
+            last_hidden,
+            hidden_states: hidden,
+        })
     }
 
     /// The LM head: [.., hidden] -> [.., vocab].
@@ -310,16 +440,28 @@ impl Decoder {
         })
     }
 
-    pub fn forward(&self, ids: &Tensor, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<(Tensor, Vec<Tensor>)> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        opts: &ForwardOptions,
+        cache: Option<&mut KvCache>,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let out = self.forward_hidden(ids, opts, cache)?;
         Ok((self.logits(&out.last_hidden)?, out.hidden_states))
     }
 
     /// Logits of the last position only [B, vocab]: what a decode step needs.
-    pub fn forward_last(&self, ids: &Tensor, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward_last(
+        &self,
+        ids: &Tensor,
+        opts: &ForwardOptions,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let out = self.forward_hidden(ids, opts, cache)?;
         let t = out.last_hidden.dim(1)?;
-        Ok(self.logits(&out.last_hidden.narrow(1, t - 1, 1)?)?.squeeze(1)?)
+        Ok(self
+            .logits(&out.last_hidden.narrow(1, t - 1, 1)?)?
+            .squeeze(1)?)
     }
 }
 
@@ -327,5 +469,25 @@ fn visit_linear(l: &mut Linear, f: &mut dyn FnMut(&str, &mut Tensor)) {
     f(&format!("{}.weight", l.name), &mut l.weight);
     if let Some(b) = &mut l.bias {
         f(&format!("{}.bias", l.name), b);
+    }
+}
+
+impl Decoder {
+    /// Visits the LoRA matrices, named `{module}.lora_A.weight` / `{module}.lora_B.weight`.
+    pub fn visit_adapter_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
+        for l in self.linears_mut() {
+            let name = l.name.clone();
+            if let Some(lora) = &mut l.lora {
+                f(&format!("{name}.lora_A.weight"), &mut lora.a);
+                f(&format!("{name}.lora_B.weight"), &mut lora.b);
+            }
+        }
+    }
+
+    /// LoRA dropout (and any other train-only behaviour) on or off.
+    pub fn set_training(&mut self, training: bool) {
+        for l in self.linears_mut() {
+            l.training = training;
+        }
     }
 }

@@ -193,10 +193,21 @@ impl ModelSpec {
                 ));
             }
             if matches!(self.positions, Positions::Rope { .. }) && a.head_dim % 2 != 0 {
-                return Err(Error::config(context, "head_dim", format!("layer {i}: rotary embeddings need an even head_dim, got {}", a.head_dim)));
+                return Err(Error::config(
+                    context,
+                    "head_dim",
+                    format!(
+                        "layer {i}: rotary embeddings need an even head_dim, got {}",
+                        a.head_dim
+                    ),
+                ));
             }
             if a.fused_qkv && a.num_heads != a.num_kv_heads {
-                return Err(Error::config(context, "num_key_value_heads", "a fused q|k|v projection needs as many kv heads as heads"));
+                return Err(Error::config(
+                    context,
+                    "num_key_value_heads",
+                    "a fused q|k|v projection needs as many kv heads as heads",
+                ));
             }
             if a.sliding_window == Some(0) {
                 return Err(Error::config(context, "sliding_window", "must be > 0"));
@@ -263,9 +274,16 @@ impl<'a> Cfg<'a> {
                 .ok_or_else(|| self.err(key, "expected a token id")),
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|x| x.as_u64().map(|x| x as u32).ok_or_else(|| self.err(key, "expected token ids")))
+                .map(|x| {
+                    x.as_u64()
+                        .map(|x| x as u32)
+                        .ok_or_else(|| self.err(key, "expected token ids"))
+                })
                 .collect(),
-            Some(v) => Err(self.err(key, format!("expected a token id or a list of them, got {v}"))),
+            Some(v) => Err(self.err(
+                key,
+                format!("expected a token id or a list of them, got {v}"),
+            )),
         }
     }
 }
@@ -274,14 +292,21 @@ fn rope_from_hf(c: &Cfg) -> Result<Positions> {
     // transformers 5 nests RoPE settings in `rope_parameters`; older configs use
     // top-level `rope_theta` and `rope_scaling`.
     let params = c.get("rope_parameters").or_else(|| c.get("rope_scaling"));
-    let theta = match params.and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64()) {
+    let theta = match params
+        .and_then(|p| p.get("rope_theta"))
+        .and_then(|t| t.as_f64())
+    {
         Some(t) => t,
         None => c.opt_f64("rope_theta")?.unwrap_or(10000.0),
     };
     let scaling = match params {
         None => RopeScaling::Default,
         Some(p) => {
-            let key = if c.get("rope_parameters").is_some() { "rope_parameters" } else { "rope_scaling" };
+            let key = if c.get("rope_parameters").is_some() {
+                "rope_parameters"
+            } else {
+                "rope_scaling"
+            };
             let kind = p
                 .get("rope_type")
                 .or_else(|| p.get("type"))
@@ -294,19 +319,22 @@ fn rope_from_hf(c: &Cfg) -> Result<Positions> {
             };
             match kind {
                 "default" => RopeScaling::Default,
-                "linear" => RopeScaling::Linear { factor: num("factor")? },
+                "linear" => RopeScaling::Linear {
+                    factor: num("factor")?,
+                },
                 "llama3" => RopeScaling::Llama3 {
                     factor: num("factor")?,
                     low_freq_factor: num("low_freq_factor")?,
                     high_freq_factor: num("high_freq_factor")?,
-                    original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+                    original_max_position_embeddings: num("original_max_position_embeddings")?
+                        as usize,
                 },
-                other => {
-                    return Err(c.err(
-                        &format!("{key}.rope_type"),
-                        format!("unsupported RoPE scaling `{other}` (supported: default, linear, llama3)"),
-                    ))
-                }
+                other => return Err(c.err(
+                    &format!("{key}.rope_type"),
+                    format!(
+                        "unsupported RoPE scaling `{other}` (supported: default, linear, llama3)"
+                    ),
+                )),
             }
         }
     };
@@ -337,7 +365,13 @@ fn llama_family(c: &Cfg, arch: Architecture) -> Result<ModelSpec> {
         }
     };
     let eps = c.opt_f64("rms_norm_eps")?.unwrap_or(1e-6);
-    let act = Activation::from_hf(c.get("hidden_act").and_then(|v| v.as_str()).unwrap_or("silu"), c.context, "hidden_act")?;
+    let act = Activation::from_hf(
+        c.get("hidden_act")
+            .and_then(|v| v.as_str())
+            .unwrap_or("silu"),
+        c.context,
+        "hidden_act",
+    )?;
     let qkv_bias = match arch {
         Architecture::Qwen2 => true,
         _ => c.opt_bool("attention_bias")?.unwrap_or(false),
@@ -355,21 +389,32 @@ fn llama_family(c: &Cfg, arch: Architecture) -> Result<ModelSpec> {
                     if types.len() != n_layers {
                         return Err(c.err(
                             "layer_types",
-                            format!("has {} entries but num_hidden_layers is {n_layers}", types.len()),
+                            format!(
+                                "has {} entries but num_hidden_layers is {n_layers}",
+                                types.len()
+                            ),
                         ));
                     }
-                    types.iter().map(|t| t.as_str() == Some("sliding_attention") && use_sw).collect()
+                    types
+                        .iter()
+                        .map(|t| t.as_str() == Some("sliding_attention") && use_sw)
+                        .collect()
                 }
                 None => {
                     let max_window_layers = c.opt_usize("max_window_layers")?.unwrap_or(n_layers);
-                    (0..n_layers).map(|i| use_sw && i >= max_window_layers).collect()
+                    (0..n_layers)
+                        .map(|i| use_sw && i >= max_window_layers)
+                        .collect()
                 }
             }
         }
         _ => vec![false; n_layers],
     };
     if windowed.iter().any(|&w| w) && window.is_none() {
-        return Err(c.err("sliding_window", "sliding attention is enabled but `sliding_window` is missing"));
+        return Err(c.err(
+            "sliding_window",
+            "sliding attention is enabled but `sliding_window` is missing",
+        ));
     }
 
     let intermediate_size = c.req_usize("intermediate_size")?;
@@ -391,7 +436,10 @@ fn llama_family(c: &Cfg, arch: Architecture) -> Result<ModelSpec> {
                 activation: act,
                 bias: mlp_bias,
             },
-            norm: NormSpec { kind: NormKind::RmsNorm, eps },
+            norm: NormSpec {
+                kind: NormKind::RmsNorm,
+                eps,
+            },
         })
         .collect();
 
@@ -402,7 +450,10 @@ fn llama_family(c: &Cfg, arch: Architecture) -> Result<ModelSpec> {
         max_position_embeddings: c.opt_usize("max_position_embeddings")?.unwrap_or(4096),
         positions: rope_from_hf(c)?,
         layers,
-        final_norm: NormSpec { kind: NormKind::RmsNorm, eps },
+        final_norm: NormSpec {
+            kind: NormKind::RmsNorm,
+            eps,
+        },
         tie_word_embeddings: c.opt_bool("tie_word_embeddings")?.unwrap_or(false),
         bos_token_id: c.token_ids("bos_token_id")?.first().copied(),
         eos_token_ids: c.token_ids("eos_token_id")?,
@@ -415,11 +466,16 @@ fn gpt2(c: &Cfg) -> Result<ModelSpec> {
     let hidden = c.req_usize("n_embd")?;
     let n_heads = c.req_usize("n_head")?;
     if n_heads == 0 || hidden % n_heads != 0 {
-        return Err(c.err("n_head", format!("n_embd ({hidden}) must be divisible by n_head ({n_heads})")));
+        return Err(c.err(
+            "n_head",
+            format!("n_embd ({hidden}) must be divisible by n_head ({n_heads})"),
+        ));
     }
     let eps = c.opt_f64("layer_norm_epsilon")?.unwrap_or(1e-5);
     let act = Activation::from_hf(
-        c.get("activation_function").and_then(|v| v.as_str()).unwrap_or("gelu_new"),
+        c.get("activation_function")
+            .and_then(|v| v.as_str())
+            .unwrap_or("gelu_new"),
         c.context,
         "activation_function",
     )?;
@@ -442,7 +498,10 @@ fn gpt2(c: &Cfg) -> Result<ModelSpec> {
             activation: act,
             bias: true,
         },
-        norm: NormSpec { kind: NormKind::LayerNorm, eps },
+        norm: NormSpec {
+            kind: NormKind::LayerNorm,
+            eps,
+        },
     };
     let spec = ModelSpec {
         architecture: Architecture::Gpt2,
@@ -451,7 +510,10 @@ fn gpt2(c: &Cfg) -> Result<ModelSpec> {
         max_position_embeddings: c.req_usize("n_positions")?,
         positions: Positions::Learned,
         layers: vec![layer; c.req_usize("n_layer")?],
-        final_norm: NormSpec { kind: NormKind::LayerNorm, eps },
+        final_norm: NormSpec {
+            kind: NormKind::LayerNorm,
+            eps,
+        },
         tie_word_embeddings: c.opt_bool("tie_word_embeddings")?.unwrap_or(true),
         bos_token_id: c.token_ids("bos_token_id")?.first().copied(),
         eos_token_ids: c.token_ids("eos_token_id")?,
@@ -526,28 +588,57 @@ impl CustomSpec {
     pub fn to_spec(&self, context: &str) -> Result<ModelSpec> {
         let err = |k: &str, m: String| Error::config(context, k, m);
         if self.n_heads == 0 || self.d_model % self.n_heads != 0 {
-            return Err(err("n_heads", format!("d_model ({}) must be divisible by n_heads ({})", self.d_model, self.n_heads)));
+            return Err(err(
+                "n_heads",
+                format!(
+                    "d_model ({}) must be divisible by n_heads ({})",
+                    self.d_model, self.n_heads
+                ),
+            ));
         }
         let norm = match self.norm.as_str() {
             "layernorm" => NormKind::LayerNorm,
             "rmsnorm" => NormKind::RmsNorm,
-            o => return Err(err("norm", format!("expected \"layernorm\" or \"rmsnorm\", got \"{o}\""))),
+            o => {
+                return Err(err(
+                    "norm",
+                    format!("expected \"layernorm\" or \"rmsnorm\", got \"{o}\""),
+                ))
+            }
         };
         let (kind, activation) = match self.mlp.as_str() {
             "gelu" => (MlpKind::Plain, Activation::Gelu),
             "gelu_tanh" => (MlpKind::Plain, Activation::GeluTanh),
             "relu" => (MlpKind::Plain, Activation::Relu),
             "swiglu" => (MlpKind::Gated, Activation::Silu),
-            o => return Err(err("mlp", format!("expected \"gelu\", \"gelu_tanh\", \"relu\" or \"swiglu\", got \"{o}\""))),
+            o => {
+                return Err(err(
+                    "mlp",
+                    format!(
+                        "expected \"gelu\", \"gelu_tanh\", \"relu\" or \"swiglu\", got \"{o}\""
+                    ),
+                ))
+            }
         };
         let positions = match self.positions.as_str() {
             "learned" => Positions::Learned,
             "sinusoidal" => Positions::Sinusoidal,
-            "rope" => Positions::Rope { theta: self.rope_theta, scaling: RopeScaling::Default },
-            o => return Err(err("positions", format!("expected \"learned\", \"sinusoidal\" or \"rope\", got \"{o}\""))),
+            "rope" => Positions::Rope {
+                theta: self.rope_theta,
+                scaling: RopeScaling::Default,
+            },
+            o => {
+                return Err(err(
+                    "positions",
+                    format!("expected \"learned\", \"sinusoidal\" or \"rope\", got \"{o}\""),
+                ))
+            }
         };
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(err("dropout", format!("must be in [0, 1), got {}", self.dropout)));
+            return Err(err(
+                "dropout",
+                format!("must be in [0, 1), got {}", self.dropout),
+            ));
         }
         let n_kv = self.n_kv_heads.unwrap_or(self.n_heads);
         let layer = LayerSpec {
@@ -560,8 +651,16 @@ impl CustomSpec {
                 sliding_window: None,
                 fused_qkv: false,
             },
-            mlp: MlpSpec { kind, intermediate_size: self.d_ff, activation, bias: self.bias },
-            norm: NormSpec { kind: norm, eps: self.norm_eps },
+            mlp: MlpSpec {
+                kind,
+                intermediate_size: self.d_ff,
+                activation,
+                bias: self.bias,
+            },
+            norm: NormSpec {
+                kind: norm,
+                eps: self.norm_eps,
+            },
         };
         let spec = ModelSpec {
             architecture: Architecture::CustomTransformer,
@@ -570,7 +669,10 @@ impl CustomSpec {
             max_position_embeddings: self.max_seq_len,
             positions,
             layers: vec![layer; self.n_layers],
-            final_norm: NormSpec { kind: norm, eps: self.norm_eps },
+            final_norm: NormSpec {
+                kind: norm,
+                eps: self.norm_eps,
+            },
             tie_word_embeddings: self.tie_embeddings,
             bos_token_id: self.bos_token_id,
             eos_token_ids: self.eos_token_id.into_iter().collect(),
@@ -596,8 +698,17 @@ mod tests {
     fn qwen2_has_qkv_bias_and_no_window_unless_enabled() {
         let s = ModelSpec::from_hf_config(&qwen_cfg(), "config.json").unwrap();
         assert!(s.layers[0].attention.qkv_bias && !s.layers[0].attention.o_bias);
-        assert!(s.layers.iter().all(|l| l.attention.sliding_window.is_none()));
-        assert_eq!(s.positions, Positions::Rope { theta: 1e6, scaling: RopeScaling::Default });
+        assert!(s
+            .layers
+            .iter()
+            .all(|l| l.attention.sliding_window.is_none()));
+        assert_eq!(
+            s.positions,
+            Positions::Rope {
+                theta: 1e6,
+                scaling: RopeScaling::Default
+            }
+        );
         let mut c = qwen_cfg();
         c["use_sliding_window"] = json!(true);
         let s = ModelSpec::from_hf_config(&c, "config.json").unwrap();
@@ -610,13 +721,22 @@ mod tests {
     fn missing_and_bad_keys_are_named() {
         let mut c = qwen_cfg();
         c.as_object_mut().unwrap().remove("hidden_size");
-        let e = ModelSpec::from_hf_config(&c, "x/config.json").unwrap_err().to_string();
-        assert!(e.contains("x/config.json") && e.contains("hidden_size") && e.contains("missing"), "{e}");
+        let e = ModelSpec::from_hf_config(&c, "x/config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("x/config.json") && e.contains("hidden_size") && e.contains("missing"),
+            "{e}"
+        );
         let mut c = qwen_cfg();
         c["num_key_value_heads"] = json!(3);
-        let e = ModelSpec::from_hf_config(&c, "config.json").unwrap_err().to_string();
+        let e = ModelSpec::from_hf_config(&c, "config.json")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("num_key_value_heads"), "{e}");
-        let e = ModelSpec::from_hf_config(&json!({"model_type": "bert"}), "config.json").unwrap_err().to_string();
+        let e = ModelSpec::from_hf_config(&json!({"model_type": "bert"}), "config.json")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("model_type") && e.contains("bert"), "{e}");
     }
 
@@ -648,7 +768,9 @@ mod tests {
         assert_eq!(s.layers[0].mlp.activation, Activation::Gelu);
         let mut bad = v.clone();
         bad["norm"] = json!("batchnorm");
-        let e = ModelSpec::from_hf_config(&bad, "config.json").unwrap_err().to_string();
+        let e = ModelSpec::from_hf_config(&bad, "config.json")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`norm`"), "{e}");
     }
 }

@@ -8,7 +8,9 @@ use pyo3::prelude::*;
 
 pub fn to_py_err(e: Error) -> PyErr {
     match e {
-        Error::Config { .. } | Error::Weights(_) | Error::Input(_) => PyValueError::new_err(e.to_string()),
+        Error::Config { .. } | Error::Weights(_) | Error::Input(_) => {
+            PyValueError::new_err(e.to_string())
+        }
         Error::NotFound(_) => PyFileNotFoundError::new_err(e.to_string()),
         Error::Io { .. } => PyOSError::new_err(e.to_string()),
         Error::Candle(_) | Error::Msg(_) => PyRuntimeError::new_err(e.to_string()),
@@ -26,8 +28,17 @@ pub fn read_i64_2d(a: &PyReadonlyArray2<'_, i64>) -> (Vec<i64>, (usize, usize)) 
 }
 
 /// Token ids as a u32 tensor, every id checked against the vocabulary.
-pub fn ids_tensor(ids: &[i64], shape: (usize, usize), vocab: usize, dev: &Device) -> PyResult<Tensor> {
-    if let Some((i, bad)) = ids.iter().enumerate().find(|(_, &x)| x < 0 || x as usize >= vocab) {
+pub fn ids_tensor(
+    ids: &[i64],
+    shape: (usize, usize),
+    vocab: usize,
+    dev: &Device,
+) -> PyResult<Tensor> {
+    if let Some((i, bad)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, &x)| x < 0 || x as usize >= vocab)
+    {
         return Err(PyValueError::new_err(format!(
             "input_ids[{}, {}] = {bad} is outside the vocabulary [0, {vocab})",
             i / shape.1.max(1),

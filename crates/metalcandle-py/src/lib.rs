@@ -3,6 +3,7 @@
 
 mod convert;
 mod model;
+mod train;
 
 use pyo3::prelude::*;
 
@@ -10,6 +11,9 @@ use pyo3::prelude::*;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::PyModel>()?;
     m.add_class::<model::PyKvCache>()?;
+    m.add_class::<train::PyAdamW>()?;
+    m.add_function(wrap_pyfunction!(train::train_step, m)?)?;
+    m.add_function(wrap_pyfunction!(train::eval_loss, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 use crate::convert::{ids_tensor, read_i64_2d, to_numpy, to_py_err};
 use candle_core::{Device, Tensor};
+use metalcandle_core::lora::LoraConfig;
 use metalcandle_core::model::ForwardOptions;
 use metalcandle_core::weights::{load_hf_folder, save_hf_folder};
 use metalcandle_core::{Decoder, KvCache, ModelSpec};
@@ -9,6 +10,8 @@ use numpy::{PyArrayDyn, PyReadonlyArray2};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::path::PathBuf;
+
+type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
 
 #[pyclass(name = "Model", module = "metalcandle._core")]
 pub struct PyModel {
@@ -38,9 +41,13 @@ impl PyKvCache {
 fn device(name: &str) -> PyResult<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).map_err(|e| PyValueError::new_err(format!("device \"cuda\" is not available: {e}"))),
-        "metal" => Device::new_metal(0).map_err(|e| PyValueError::new_err(format!("device \"metal\" is not available: {e}"))),
-        other => Err(PyValueError::new_err(format!("unknown device \"{other}\" (expected \"cpu\", \"cuda\" or \"metal\")"))),
+        "cuda" => Device::new_cuda(0)
+            .map_err(|e| PyValueError::new_err(format!("device \"cuda\" is not available: {e}"))),
+        "metal" => Device::new_metal(0)
+            .map_err(|e| PyValueError::new_err(format!("device \"metal\" is not available: {e}"))),
+        other => Err(PyValueError::new_err(format!(
+            "unknown device \"{other}\" (expected \"cpu\", \"cuda\" or \"metal\")"
+        ))),
     }
 }
 
@@ -61,7 +68,11 @@ impl PyModel {
         let ids = ids_tensor(&ids, shape, self.inner.spec.vocab_size, &self.inner.device)?;
         let mask = attention_mask.map(|m| read_i64_2d(&m).0);
         let positions = position_ids.map(|p| read_i64_2d(&p).0);
-        Ok(Inputs { ids, mask, positions })
+        Ok(Inputs {
+            ids,
+            mask,
+            positions,
+        })
     }
 }
 
@@ -72,7 +83,9 @@ impl PyModel {
     #[pyo3(signature = (path, device = "cpu"))]
     fn load(py: Python<'_>, path: PathBuf, device: &str) -> PyResult<Self> {
         let dev = self::device(device)?;
-        let inner = py.detach(|| load_hf_folder(&path, &dev)).map_err(to_py_err)?;
+        let inner = py
+            .detach(|| load_hf_folder(&path, &dev))
+            .map_err(to_py_err)?;
         Ok(Self { inner })
     }
 
@@ -81,7 +94,8 @@ impl PyModel {
     #[pyo3(signature = (config_json, seed = 0, device = "cpu"))]
     fn from_config(config_json: &str, seed: u64, device: &str) -> PyResult<Self> {
         let dev = self::device(device)?;
-        let config: serde_json::Value = serde_json::from_str(config_json).map_err(|e| PyValueError::new_err(format!("config: invalid JSON: {e}")))?;
+        let config: serde_json::Value = serde_json::from_str(config_json)
+            .map_err(|e| PyValueError::new_err(format!("config: invalid JSON: {e}")))?;
         let spec = ModelSpec::from_hf_config(&config, "config").map_err(to_py_err)?;
         let inner = Decoder::random(spec, config, seed, &dev).map_err(to_py_err)?;
         Ok(Self { inner })
@@ -122,11 +136,19 @@ impl PyModel {
     }
 
     fn parameter_names(&self) -> Vec<String> {
-        self.inner.named_parameters().into_iter().map(|(n, _)| n).collect()
+        self.inner
+            .named_parameters()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()
     }
 
     /// One parameter as a numpy array, in the model's layout.
-    fn get_parameter<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    fn get_parameter<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let t = self
             .inner
             .named_parameters()
@@ -138,7 +160,9 @@ impl PyModel {
     }
 
     fn new_cache(&self) -> PyKvCache {
-        PyKvCache { inner: self.inner.new_cache() }
+        PyKvCache {
+            inner: self.inner.new_cache(),
+        }
     }
 
     /// Full forward: logits [B, T, V] and, when asked, hidden states [L+1, B, T, H].
@@ -150,14 +174,22 @@ impl PyModel {
         attention_mask: Option<PyReadonlyArray2<'py, i64>>,
         position_ids: Option<PyReadonlyArray2<'py, i64>>,
         output_hidden_states: bool,
-    ) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Option<Bound<'py, PyArrayDyn<f32>>>)> {
+    ) -> PyResult<(Array<'py>, Option<Array<'py>>)> {
         let inp = self.inputs(input_ids, attention_mask, position_ids)?;
-        let model = &self.inner;
+        let model = self.inner.detached();
         let (logits, hidden) = py
             .detach(|| {
-                let opts = ForwardOptions { attention_mask: inp.mask.as_deref(), position_ids: inp.positions.as_deref(), output_hidden_states };
+                let opts = ForwardOptions {
+                    attention_mask: inp.mask.as_deref(),
+                    position_ids: inp.positions.as_deref(),
+                    output_hidden_states,
+                };
                 let (logits, hidden) = model.forward(&inp.ids, &opts, None)?;
-                let hidden = if output_hidden_states { Some(Tensor::stack(&hidden, 0)?) } else { None };
+                let hidden = if output_hidden_states {
+                    Some(Tensor::stack(&hidden, 0)?)
+                } else {
+                    None
+                };
                 Ok::<_, metalcandle_core::Error>((logits, hidden))
             })
             .map_err(to_py_err)?;
@@ -176,20 +208,92 @@ impl PyModel {
         position_ids: Option<PyReadonlyArray2<'py, i64>>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let inp = self.inputs(input_ids, attention_mask, position_ids)?;
-        let (model, cache) = (&self.inner, &mut cache.inner);
+        let (model, cache) = (self.inner.detached(), &mut cache.inner);
         let logits = py
             .detach(|| {
-                let opts = ForwardOptions { attention_mask: inp.mask.as_deref(), position_ids: inp.positions.as_deref(), output_hidden_states: false };
+                let opts = ForwardOptions {
+                    attention_mask: inp.mask.as_deref(),
+                    position_ids: inp.positions.as_deref(),
+                    output_hidden_states: false,
+                };
                 model.forward_last(&inp.ids, &opts, Some(cache))
             })
             .map_err(to_py_err)?;
         to_numpy(py, &logits)
     }
 
+    /// Attaches fresh LoRA adapters (PEFT initialisation); returns how many linears got one.
+    #[pyo3(signature = (r, alpha, dropout, target_modules, seed, use_rslora = false, layers_to_transform = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn add_lora(
+        &mut self,
+        r: usize,
+        alpha: f64,
+        dropout: f64,
+        target_modules: Vec<String>,
+        seed: u64,
+        use_rslora: bool,
+        layers_to_transform: Option<Vec<usize>>,
+    ) -> PyResult<usize> {
+        let cfg = LoraConfig {
+            r,
+            alpha,
+            dropout,
+            use_rslora,
+            target_modules,
+            layers_to_transform,
+        };
+        self.inner.add_lora(cfg, seed).map_err(to_py_err)
+    }
+
+    fn load_adapter(&mut self, path: PathBuf) -> PyResult<usize> {
+        self.inner.load_adapter(&path).map_err(to_py_err)
+    }
+
+    fn save_adapter(&self, path: PathBuf) -> PyResult<()> {
+        self.inner.save_adapter(&path).map_err(to_py_err)
+    }
+
+    fn merge_adapter(&mut self) -> PyResult<()> {
+        self.inner.merge_adapter().map_err(to_py_err)
+    }
+
+    fn unmerge_adapter(&mut self) -> PyResult<()> {
+        self.inner.unmerge_adapter().map_err(to_py_err)
+    }
+
+    fn remove_adapter(&mut self) {
+        self.inner.remove_adapter()
+    }
+
+    #[getter]
+    fn has_adapter(&self) -> bool {
+        self.inner.has_adapter()
+    }
+
+    /// The LoRA config as JSON text, or None.
+    fn lora_config_json(&self) -> Option<String> {
+        self.inner
+            .lora_config
+            .as_ref()
+            .and_then(|c| serde_json::to_string(c).ok())
+    }
+
+    /// Names and arrays of what a training step updates (adapter matrices, or every parameter).
+    fn trainable_parameters<'py>(
+        &mut self,
+        py: Python<'py>,
+    ) -> PyResult<Vec<(String, Bound<'py, PyArrayDyn<f32>>)>> {
+        let vars = self.inner.make_trainable().map_err(to_py_err)?;
+        vars.iter()
+            .map(|(n, v)| Ok((n.clone(), to_numpy(py, v.as_tensor())?)))
+            .collect()
+    }
+
     /// Writes config.json and model.safetensors (Hugging Face names and layouts).
     fn save_pretrained(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
         let model = &self.inner;
-        py.detach(|| save_hf_folder(model, &path)).map_err(to_py_err)
+        py.detach(|| save_hf_folder(model, &path))
+            .map_err(to_py_err)
     }
 }
-

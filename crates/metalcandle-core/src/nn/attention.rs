@@ -9,7 +9,11 @@ use candle_core::{Result, Tensor, D};
 
 #[derive(Debug, Clone)]
 pub enum QkvProj {
-    Separate { q: Linear, k: Linear, v: Linear },
+    Separate {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+    },
     /// GPT-2's `c_attn`: q | k | v along the output dimension.
     Fused(Linear),
 }
@@ -43,14 +47,29 @@ impl Attention {
     }
 
     /// `x` [B, T, hidden]; `rope` the cos/sin tables [B or 1, T, head_dim/2]; `mask` [B, 1, T, K].
-    pub fn forward(&self, x: &Tensor, rope: Option<&(Tensor, Tensor)>, mask: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: Option<&(Tensor, Tensor)>,
+        mask: &Tensor,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let AttentionSpec { num_heads: nh, num_kv_heads: nkv, head_dim: hd, .. } = self.spec;
+        let AttentionSpec {
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            ..
+        } = self.spec;
         let (q, k, v) = match &self.qkv {
             QkvProj::Separate { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
             QkvProj::Fused(qkv) => {
                 let y = qkv.forward(x)?;
-                (y.narrow(D::Minus1, 0, nh * hd)?, y.narrow(D::Minus1, nh * hd, nkv * hd)?, y.narrow(D::Minus1, (nh + nkv) * hd, nkv * hd)?)
+                (
+                    y.narrow(D::Minus1, 0, nh * hd)?,
+                    y.narrow(D::Minus1, nh * hd, nkv * hd)?,
+                    y.narrow(D::Minus1, (nh + nkv) * hd, nkv * hd)?,
+                )
             }
         };
         let mut q = q.reshape((b, t, nh, hd))?;
@@ -76,7 +95,11 @@ impl Attention {
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
         let scores = scores.reshape((b, nh, t, kt))?.broadcast_add(mask)?;
         let probs = ops::softmax_last_dim(&scores)?.reshape((b, nkv, g * t, kt))?;
-        let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
         self.o.forward(&out)
     }
 }
@@ -89,15 +112,32 @@ mod tests {
     use candle_core::{DType, Device};
 
     fn lin(name: &str, out: usize, inp: usize, seed: u64) -> Linear {
-        Linear { name: name.into(), weight: rand_tensor(&[out, inp], seed), bias: None, conv1d: false }
+        Linear {
+            name: name.into(),
+            weight: rand_tensor(&[out, inp], seed),
+            bias: None,
+            conv1d: false,
+            lora: None,
+            training: false,
+        }
     }
 
     /// Naive reference: repeat kv heads, softmax per query, one head at a time.
     fn reference(attn: &Attention, x: &Tensor) -> Tensor {
-        let QkvProj::Separate { q, k, v } = &attn.qkv else { unreachable!() };
+        let QkvProj::Separate { q, k, v } = &attn.qkv else {
+            unreachable!()
+        };
         let (b, t, _) = x.dims3().unwrap();
-        let (nh, nkv, hd) = (attn.spec.num_heads, attn.spec.num_kv_heads, attn.spec.head_dim);
-        let (q, k, v) = (q.forward(x).unwrap(), k.forward(x).unwrap(), v.forward(x).unwrap());
+        let (nh, nkv, hd) = (
+            attn.spec.num_heads,
+            attn.spec.num_kv_heads,
+            attn.spec.head_dim,
+        );
+        let (q, k, v) = (
+            q.forward(x).unwrap(),
+            k.forward(x).unwrap(),
+            v.forward(x).unwrap(),
+        );
         let mut heads = vec![];
         for h in 0..nh {
             let kvh = h / (nh / nkv);
@@ -105,8 +145,18 @@ mod tests {
             let kh = k.narrow(2, kvh * hd, hd).unwrap();
             let vh = v.narrow(2, kvh * hd, hd).unwrap();
             let s = (qh.matmul(&kh.t().unwrap()).unwrap() / (hd as f64).sqrt()).unwrap();
-            let causal: Vec<f64> = (0..t * t).map(|i| if i % t <= i / t { 0.0 } else { f64::NEG_INFINITY }).collect();
-            let s = s.broadcast_add(&Tensor::from_vec(causal, (t, t), &Device::Cpu).unwrap()).unwrap();
+            let causal: Vec<f64> = (0..t * t)
+                .map(|i| {
+                    if i % t <= i / t {
+                        0.0
+                    } else {
+                        f64::NEG_INFINITY
+                    }
+                })
+                .collect();
+            let s = s
+                .broadcast_add(&Tensor::from_vec(causal, (t, t), &Device::Cpu).unwrap())
+                .unwrap();
             let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
             heads.push(p.matmul(&vh).unwrap());
         }
@@ -117,10 +167,22 @@ mod tests {
     #[test]
     fn gqa_matches_repeated_kv_reference_and_cache_matches_full_pass() {
         let (nh, nkv, hd, hidden, t) = (4, 2, 3, 8, 5);
-        let spec = AttentionSpec { num_heads: nh, num_kv_heads: nkv, head_dim: hd, qkv_bias: false, o_bias: false, sliding_window: None, fused_qkv: false };
+        let spec = AttentionSpec {
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            qkv_bias: false,
+            o_bias: false,
+            sliding_window: None,
+            fused_qkv: false,
+        };
         let attn = Attention {
             spec,
-            qkv: QkvProj::Separate { q: lin("q", nh * hd, hidden, 1), k: lin("k", nkv * hd, hidden, 2), v: lin("v", nkv * hd, hidden, 3) },
+            qkv: QkvProj::Separate {
+                q: lin("q", nh * hd, hidden, 1),
+                k: lin("k", nkv * hd, hidden, 2),
+                v: lin("v", nkv * hd, hidden, 3),
+            },
             o: lin("o", hidden, nh * hd, 4),
         };
         let x = rand_tensor(&[2, t, hidden], 5);
@@ -132,7 +194,15 @@ mod tests {
         let mut outs = vec![];
         for (start, len) in [(0, 3), (3, 1), (4, 1)] {
             let m = attention_mask(2, len, start, None, None, DType::F64, &Device::Cpu).unwrap();
-            outs.push(attn.forward(&x.narrow(1, start, len).unwrap(), None, &m, Some(&mut cache)).unwrap());
+            outs.push(
+                attn.forward(
+                    &x.narrow(1, start, len).unwrap(),
+                    None,
+                    &m,
+                    Some(&mut cache),
+                )
+                .unwrap(),
+            );
         }
         assert!(max_abs_diff(&Tensor::cat(&outs, 1).unwrap(), &full) < 1e-12);
     }

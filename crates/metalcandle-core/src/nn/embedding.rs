@@ -14,13 +14,21 @@ impl Embedding {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let h = self.weight.dim(1)?;
-        self.weight.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, h))
+        self.weight
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, h))
     }
 }
 
 /// The fixed sinusoidal table of "Attention Is All You Need" at the given positions:
 /// pe[p, 2i] = sin(p / 10000^(2i/d)), pe[p, 2i+1] = cos(p / 10000^(2i/d)).
-pub fn sinusoidal(positions: &[i64], shape: (usize, usize), hidden: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+pub fn sinusoidal(
+    positions: &[i64],
+    shape: (usize, usize),
+    hidden: usize,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Tensor> {
     let mut out = vec![0f32; positions.len() * hidden];
     for (k, &p) in positions.iter().enumerate() {
         for i in 0..hidden / 2 {
@@ -40,11 +48,24 @@ mod tests {
     #[test]
     fn lookup_and_sinusoids() {
         let w = Tensor::new(&[[0f32, 1.], [2., 3.], [4., 5.]], &Device::Cpu).unwrap();
-        let e = Embedding { name: "e".into(), weight: w };
-        let y = e.forward(&Tensor::new(&[[2u32, 0]], &Device::Cpu).unwrap()).unwrap();
-        assert_eq!(y.to_vec3::<f32>().unwrap(), vec![vec![vec![4., 5.], vec![0., 1.]]]);
-        let pe = sinusoidal(&[0, 3], (1, 2), 4, DType::F32, &Device::Cpu).unwrap().to_vec3::<f32>().unwrap();
+        let e = Embedding {
+            name: "e".into(),
+            weight: w,
+        };
+        let y = e
+            .forward(&Tensor::new(&[[2u32, 0]], &Device::Cpu).unwrap())
+            .unwrap();
+        assert_eq!(
+            y.to_vec3::<f32>().unwrap(),
+            vec![vec![vec![4., 5.], vec![0., 1.]]]
+        );
+        let pe = sinusoidal(&[0, 3], (1, 2), 4, DType::F32, &Device::Cpu)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
         assert_eq!(pe[0][0], vec![0., 1., 0., 1.]);
-        assert!((pe[0][1][0] - 3f32.sin()).abs() < 1e-6 && (pe[0][1][3] - (0.03f32).cos()).abs() < 1e-6);
+        assert!(
+            (pe[0][1][0] - 3f32.sin()).abs() < 1e-6 && (pe[0][1][3] - (0.03f32).cos()).abs() < 1e-6
+        );
     }
 }

@@ -41,18 +41,41 @@ mod tests {
 
     fn visible(m: &Tensor) -> Vec<Vec<usize>> {
         let v = m.to_vec3::<f32>().unwrap().remove(0);
-        v.iter().map(|row| row.iter().enumerate().filter(|(_, x)| **x == 0.0).map(|(j, _)| j).collect()).collect()
+        v.iter()
+            .map(|row| {
+                row.iter()
+                    .enumerate()
+                    .filter(|(_, x)| **x == 0.0)
+                    .map(|(j, _)| j)
+                    .collect()
+            })
+            .collect()
     }
 
     #[test]
     fn causal_window_and_padding() {
-        let m = attention_mask(1, 4, 0, None, None, DType::F32, &Device::Cpu).unwrap().squeeze(0).unwrap();
-        assert_eq!(visible(&m), vec![vec![0], vec![0, 1], vec![0, 1, 2], vec![0, 1, 2, 3]]);
+        let m = attention_mask(1, 4, 0, None, None, DType::F32, &Device::Cpu)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        assert_eq!(
+            visible(&m),
+            vec![vec![0], vec![0, 1], vec![0, 1, 2], vec![0, 1, 2, 3]]
+        );
         // A window of 2 counts the query itself.
-        let m = attention_mask(1, 4, 0, Some(2), None, DType::F32, &Device::Cpu).unwrap().squeeze(0).unwrap();
-        assert_eq!(visible(&m), vec![vec![0], vec![0, 1], vec![1, 2], vec![2, 3]]);
+        let m = attention_mask(1, 4, 0, Some(2), None, DType::F32, &Device::Cpu)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        assert_eq!(
+            visible(&m),
+            vec![vec![0], vec![0, 1], vec![1, 2], vec![2, 3]]
+        );
         // One new token after 3 cached ones, the first of which is padding.
-        let m = attention_mask(1, 1, 3, None, Some(&[0, 1, 1, 1]), DType::F32, &Device::Cpu).unwrap().squeeze(0).unwrap();
+        let m = attention_mask(1, 1, 3, None, Some(&[0, 1, 1, 1]), DType::F32, &Device::Cpu)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         assert_eq!(visible(&m), vec![vec![1, 2, 3]]);
     }
 }

@@ -35,7 +35,10 @@ impl Mlp {
     }
 
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        self.gate.iter_mut().chain([&mut self.up, &mut self.down]).collect()
+        self.gate
+            .iter_mut()
+            .chain([&mut self.up, &mut self.down])
+            .collect()
     }
 }
 
@@ -45,15 +48,36 @@ mod tests {
     use candle_core::Device;
 
     fn lin(w: &[[f64; 1]; 1]) -> Linear {
-        Linear { name: "l".into(), weight: Tensor::new(w, &Device::Cpu).unwrap(), bias: None, conv1d: false }
+        Linear {
+            name: "l".into(),
+            weight: Tensor::new(w, &Device::Cpu).unwrap(),
+            bias: None,
+            conv1d: false,
+            lora: None,
+            training: false,
+        }
     }
 
     #[test]
     fn swiglu_mlp_matches_closed_form() {
-        let spec = MlpSpec { kind: MlpKind::Gated, intermediate_size: 1, activation: Activation::Silu, bias: false };
-        let mlp = Mlp { spec, gate: Some(lin(&[[2.0]])), up: lin(&[[3.0]]), down: lin(&[[0.5]]) };
+        let spec = MlpSpec {
+            kind: MlpKind::Gated,
+            intermediate_size: 1,
+            activation: Activation::Silu,
+            bias: false,
+        };
+        let mlp = Mlp {
+            spec,
+            gate: Some(lin(&[[2.0]])),
+            up: lin(&[[3.0]]),
+            down: lin(&[[0.5]]),
+        };
         let x = 0.7f64;
-        let y = mlp.forward(&Tensor::new(&[[x]], &Device::Cpu).unwrap()).unwrap().to_vec2::<f64>().unwrap()[0][0];
+        let y = mlp
+            .forward(&Tensor::new(&[[x]], &Device::Cpu).unwrap())
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap()[0][0];
         let g = 2.0 * x;
         let expected = 0.5 * (g / (1.0 + (-g).exp())) * (3.0 * x);
         assert!((y - expected).abs() < 1e-12);

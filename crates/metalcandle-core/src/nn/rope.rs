@@ -17,9 +17,20 @@ impl RotaryTables {
             .collect();
         match scaling {
             RopeScaling::Default => {}
-            RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= *factor as f32),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-                let (factor, lo, hi) = (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32);
+            RopeScaling::Linear { factor } => {
+                inv_freq.iter_mut().for_each(|f| *f /= *factor as f32)
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let (factor, lo, hi) = (
+                    *factor as f32,
+                    *low_freq_factor as f32,
+                    *high_freq_factor as f32,
+                );
                 let old = *original_max_position_embeddings as f32;
                 let (low_wavelen, high_wavelen) = (old / lo, old / hi);
                 for f in inv_freq.iter_mut() {
@@ -37,7 +48,13 @@ impl RotaryTables {
     }
 
     /// cos and sin at `positions` (row-major [b, t]), each [b, t, head_dim/2].
-    pub fn cos_sin(&self, positions: &[i64], (b, t): (usize, usize), dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn cos_sin(
+        &self,
+        positions: &[i64],
+        (b, t): (usize, usize),
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -61,9 +78,13 @@ mod tests {
     #[test]
     fn frequencies_follow_the_closed_form() {
         let t = RotaryTables::new(8, 10000.0, &RopeScaling::Default);
-        let expected: Vec<f32> = (0..4).map(|i| 1.0 / 10000f32.powf(i as f32 / 4.0)).collect();
+        let expected: Vec<f32> = (0..4)
+            .map(|i| 1.0 / 10000f32.powf(i as f32 / 4.0))
+            .collect();
         assert_eq!(t.inv_freq, expected);
-        let (c, s) = t.cos_sin(&[0, 5], (1, 2), DType::F32, &Device::Cpu).unwrap();
+        let (c, s) = t
+            .cos_sin(&[0, 5], (1, 2), DType::F32, &Device::Cpu)
+            .unwrap();
         let (c, s) = (c.to_vec3::<f32>().unwrap(), s.to_vec3::<f32>().unwrap());
         assert_eq!(c[0][0], vec![1.0; 4]);
         assert_eq!(s[0][1][1], (5.0 * expected[1]).sin());

@@ -1,6 +1,8 @@
 //! Activations. GELU in its exact (erf) and tanh-approximated forms, with backward.
 
-use super::{by_dtype, cpu_tensor, dispatch_float, par_map, slice, use_cpu_kernel, with_slices, Elem};
+use super::{
+    by_dtype, cpu_tensor, dispatch_float, par_map, slice, use_cpu_kernel, with_slices, Elem,
+};
 use crate::spec::Activation;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 
@@ -13,7 +15,10 @@ const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
 
 fn erf<T: Elem>(x: T) -> T {
-    <T as num_traits::NumCast>::from(candle_core::cpu::erf::erf_f64(num_traits::ToPrimitive::to_f64(&x).unwrap())).unwrap()
+    <T as num_traits::NumCast>::from(candle_core::cpu::erf::erf_f64(
+        num_traits::ToPrimitive::to_f64(&x).unwrap(),
+    ))
+    .unwrap()
 }
 
 fn value<T: Elem>(x: T, tanh: bool) -> T {
@@ -32,9 +37,11 @@ fn derivative<T: Elem>(x: T, tanh: bool) -> T {
         let c = T::from(SQRT_2_OVER_PI).unwrap();
         let a = T::from(0.044715).unwrap();
         let th = (c * (x + a * x * x * x)).tanh();
-        half * (T::one() + th) + half * x * (T::one() - th * th) * c * (T::one() + T::from(3.0).unwrap() * a * x * x)
+        half * (T::one() + th)
+            + half * x * (T::one() - th * th) * c * (T::one() + T::from(3.0).unwrap() * a * x * x)
     } else {
-        let pdf = (-(x * x) * half).exp() * T::from(1.0 / (2.0 * std::f64::consts::PI).sqrt()).unwrap();
+        let pdf =
+            (-(x * x) * half).exp() * T::from(1.0 / (2.0 * std::f64::consts::PI).sqrt()).unwrap();
         half * (T::one() + erf(x * T::from(FRAC_1_SQRT_2).unwrap())) + x * pdf
     }
 }
@@ -56,7 +63,10 @@ impl CustomOp1 for Gelu {
         let g = g.contiguous()?;
         let dx = by_dtype!(x.dtype(), "gelu", |T| with_slices::<T, _>(&[x, &g], |s| {
             let (x_, g_): (&[T], &[T]) = (s[0], s[1]);
-            cpu_tensor(par_map(x_.len(), |i| g_[i] * derivative(x_[i], self.tanh)), x.shape())
+            cpu_tensor(
+                par_map(x_.len(), |i| g_[i] * derivative(x_[i], self.tanh)),
+                x.shape(),
+            )
         })?);
         Ok(Some(dx))
     }
@@ -89,16 +99,26 @@ mod tests {
     #[test]
     fn matches_closed_forms() {
         let x = (rand_tensor(&[3, 50], 1) * 4.0).unwrap();
-        let d = max_abs_diff(&activation(&x, Activation::GeluTanh).unwrap(), &x.gelu().unwrap());
+        let d = max_abs_diff(
+            &activation(&x, Activation::GeluTanh).unwrap(),
+            &x.gelu().unwrap(),
+        );
         assert!(d < 1e-12, "{d}");
-        let d = max_abs_diff(&activation(&x, Activation::Gelu).unwrap(), &x.gelu_erf().unwrap());
+        let d = max_abs_diff(
+            &activation(&x, Activation::Gelu).unwrap(),
+            &x.gelu_erf().unwrap(),
+        );
         assert!(d < 1e-12, "{d}");
     }
 
     #[test]
     fn gradients_match_finite_differences() {
         for act in [Activation::Gelu, Activation::GeluTanh] {
-            check_grads(&[(rand_tensor(&[2, 9], 2) * 3.0).unwrap()], |a| activation(&a[0], act), 1e-6);
+            check_grads(
+                &[(rand_tensor(&[2, 9], 2) * 3.0).unwrap()],
+                |a| activation(&a[0], act),
+                1e-6,
+            );
         }
     }
 }

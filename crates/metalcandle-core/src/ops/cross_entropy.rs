@@ -2,8 +2,8 @@
 //! `(softmax - onehot) / n_valid`.
 
 use super::{by_dtype, cpu_tensor, dispatch_float, for_each_row, slice, with_slices, Elem};
-use num_traits::Float;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType, D};
+use num_traits::Float;
 
 pub const IGNORE_INDEX: i64 = -100;
 
@@ -47,7 +47,7 @@ fn backward<T: Elem>(x: &[T], labels: &[i64], v: usize, scale: f64) -> Vec<T> {
         for j in 0..v {
             o[j] = (row[j] - l).exp() * scale;
         }
-        o[label as usize] = o[label as usize] - scale;
+        o[label as usize] -= scale;
     });
     dx
 }
@@ -67,17 +67,21 @@ impl CustomOp1 for CrossEntropy {
 
     fn bwd(&self, x: &Tensor, _loss: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let v = x.dim(D::Minus1)?;
-        let scale = g.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? / self.n_valid().max(1) as f64;
-        let dx = by_dtype!(x.dtype(), "cross-entropy", |T| with_slices::<T, _>(&[x], |s| {
-            cpu_tensor(backward(s[0], &self.labels, v, scale), x.shape())
-        })?);
+        let scale =
+            g.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? / self.n_valid().max(1) as f64;
+        let dx = by_dtype!(x.dtype(), "cross-entropy", |T| with_slices::<T, _>(
+            &[x],
+            |s| { cpu_tensor(backward(s[0], &self.labels, v, scale), x.shape()) }
+        )?);
         Ok(Some(dx))
     }
 }
 
 /// Composed expression (differentiable on every device).
 pub fn cross_entropy_composed(logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
-    let keep: Vec<u32> = (0..labels.len() as u32).filter(|&i| labels[i as usize] != IGNORE_INDEX).collect();
+    let keep: Vec<u32> = (0..labels.len() as u32)
+        .filter(|&i| labels[i as usize] != IGNORE_INDEX)
+        .collect();
     let targets: Vec<u32> = keep.iter().map(|&i| labels[i as usize] as u32).collect();
     let dev = logits.device();
     let rows = logits.index_select(&Tensor::new(keep.as_slice(), dev)?, 0)?;
@@ -90,13 +94,21 @@ pub fn cross_entropy_composed(logits: &Tensor, labels: &[i64]) -> Result<Tensor>
 pub fn cross_entropy(logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
     let (n, v) = logits.dims2()?;
     if labels.len() != n {
-        candle_core::bail!("cross-entropy: {} labels for {n} rows of logits", labels.len());
+        candle_core::bail!(
+            "cross-entropy: {} labels for {n} rows of logits",
+            labels.len()
+        );
     }
-    if let Some(bad) = labels.iter().find(|&&l| l != IGNORE_INDEX && (l < 0 || l as usize >= v)) {
+    if let Some(bad) = labels
+        .iter()
+        .find(|&&l| l != IGNORE_INDEX && (l < 0 || l as usize >= v))
+    {
         candle_core::bail!("cross-entropy: label {bad} is outside the vocabulary [0, {v})");
     }
     if super::use_cpu_kernel(logits) {
-        return logits.contiguous()?.apply_op1(CrossEntropy { labels: labels.to_vec() });
+        return logits.contiguous()?.apply_op1(CrossEntropy {
+            labels: labels.to_vec(),
+        });
     }
     cross_entropy_composed(logits, labels)
 }
@@ -110,18 +122,31 @@ mod tests {
     fn matches_composed_expression_and_ignores_labels() {
         let x = (rand_tensor(&[5, 7], 1) * 4.0).unwrap();
         let labels = [3, IGNORE_INDEX, 0, 6, IGNORE_INDEX];
-        let a = cross_entropy(&x, &labels).unwrap().to_scalar::<f64>().unwrap();
-        let b = cross_entropy_composed(&x, &labels).unwrap().to_scalar::<f64>().unwrap();
+        let a = cross_entropy(&x, &labels)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let b = cross_entropy_composed(&x, &labels)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!((a - b).abs() < 1e-12, "{a} vs {b}");
         // Uniform logits: loss is ln(V) whatever the labels.
         let u = Tensor::zeros((2, 7), candle_core::DType::F64, &candle_core::Device::Cpu).unwrap();
-        let l = cross_entropy(&u, &[1, 2]).unwrap().to_scalar::<f64>().unwrap();
+        let l = cross_entropy(&u, &[1, 2])
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!((l - 7f64.ln()).abs() < 1e-12);
     }
 
     #[test]
     fn gradients_match_finite_differences() {
         let labels = vec![2, IGNORE_INDEX, 0, 4];
-        check_grads(&[(rand_tensor(&[4, 5], 2) * 2.0).unwrap()], |a| cross_entropy(&a[0], &labels), 1e-6);
+        check_grads(
+            &[(rand_tensor(&[4, 5], 2) * 2.0).unwrap()],
+            |a| cross_entropy(&a[0], &labels),
+            1e-6,
+        );
     }
 }

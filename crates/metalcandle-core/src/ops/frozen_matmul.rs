@@ -11,11 +11,20 @@ struct FrozenLinear {
 }
 
 impl FrozenLinear {
-    fn fwd<S: BackendStorage>(&self, xs: &S, xl: &Layout, ws: &S, wl: &Layout) -> Result<(S, Shape)> {
+    fn fwd<S: BackendStorage>(
+        &self,
+        xs: &S,
+        xl: &Layout,
+        ws: &S,
+        wl: &Layout,
+    ) -> Result<(S, Shape)> {
         let (n, k) = wl.shape().dims2()?;
         let dims = xl.dims();
         if dims.last() != Some(&k) {
-            candle_core::bail!("frozen linear: input {:?} does not end in the weight's input size {k}", dims);
+            candle_core::bail!(
+                "frozen linear: input {:?} does not end in the weight's input size {k}",
+                dims
+            );
         }
         let m = xl.shape().elem_count() / k;
         let Some((x_off, _)) = xl.contiguous_offsets() else {
@@ -47,7 +56,11 @@ impl CustomOp1 for FrozenLinear {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (ws, wl) = self.w.storage_and_layout();
         match &*ws {
             Storage::Cuda(ws) => self.fwd(s, l, ws, wl),
@@ -56,7 +69,11 @@ impl CustomOp1 for FrozenLinear {
     }
 
     #[cfg(feature = "metal")]
-    fn metal_fwd(&self, s: &candle_core::MetalStorage, l: &Layout) -> Result<(candle_core::MetalStorage, Shape)> {
+    fn metal_fwd(
+        &self,
+        s: &candle_core::MetalStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
         let (ws, wl) = self.w.storage_and_layout();
         match &*ws {
             Storage::Metal(ws) => self.fwd(s, l, ws, wl),
@@ -79,7 +96,8 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if w.track_op() {
         return x.broadcast_matmul(&w.t()?);
     }
-    x.contiguous()?.apply_op1(FrozenLinear { w: w.contiguous()? })
+    x.contiguous()?
+        .apply_op1(FrozenLinear { w: w.contiguous()? })
 }
 
 #[cfg(test)]
@@ -92,26 +110,44 @@ mod tests {
     fn matches_matmul() {
         let x = rand_tensor(&[2, 3, 5], 1);
         let w = rand_tensor(&[4, 5], 2);
-        let d = max_abs_diff(&frozen_linear(&x, &w).unwrap(), &x.broadcast_matmul(&w.t().unwrap()).unwrap());
+        let d = max_abs_diff(
+            &frozen_linear(&x, &w).unwrap(),
+            &x.broadcast_matmul(&w.t().unwrap()).unwrap(),
+        );
         assert!(d < 1e-12, "{d}");
     }
 
     #[test]
     fn input_gradient_matches_finite_differences() {
         let w = rand_tensor(&[4, 5], 2);
-        check_grads(&[rand_tensor(&[2, 3, 5], 1)], |a| frozen_linear(&a[0], &w), 1e-6);
+        check_grads(
+            &[rand_tensor(&[2, 3, 5], 1)],
+            |a| frozen_linear(&a[0], &w),
+            1e-6,
+        );
     }
 
     #[test]
     fn no_gradient_is_computed_for_the_frozen_weight() {
         let x = Var::from_tensor(&rand_tensor(&[2, 5], 1)).unwrap();
         let w = rand_tensor(&[3, 5], 2);
-        let grads = frozen_linear(&x, &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = frozen_linear(&x, &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         assert!(grads.get(&x).is_some());
         assert!(grads.get(&w).is_none());
         // candle's own matmul computes and keeps a gradient for its untracked operand.
         let wt = w.t().unwrap();
-        let grads = x.matmul(&wt).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = x
+            .matmul(&wt)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         assert!(grads.get(&wt).is_some());
     }
 }

@@ -23,11 +23,21 @@ pub fn rand_tensor(shape: &[usize], seed: u64) -> Tensor {
 /// Checks the autograd gradient of `sum(f(inputs) * r)` for a fixed random `r` against
 /// central differences, for every element of every input.
 pub fn check_grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>, tol: f64) {
-    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
     let tracked: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let y = f(&tracked).unwrap();
     let r = rand_tensor(y.dims(), 4242);
-    let loss = |y: Tensor| y.mul(&r).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let loss = |y: Tensor| {
+        y.mul(&r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
     let grads = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
     let h = 1e-6;
     for (i, v) in vars.iter().enumerate() {
@@ -60,5 +70,16 @@ pub fn check_grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>, t
 /// Largest absolute difference between two tensors of the same shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
-    a.sub(b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(candle_core::DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    a.sub(b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }

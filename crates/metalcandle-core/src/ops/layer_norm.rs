@@ -1,6 +1,8 @@
 //! LayerNorm, `(x - mean) / sqrt(var + eps) * w + b` over the last dimension, with backward.
 
-use super::{by_dtype, cpu_tensor, dispatch_float, for_each_row, slice, use_cpu_kernel, with_slices, Elem};
+use super::{
+    by_dtype, cpu_tensor, dispatch_float, for_each_row, slice, use_cpu_kernel, with_slices, Elem,
+};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType, D};
 
 struct LayerNorm {
@@ -39,8 +41,8 @@ fn backward<T: Elem>(x: &[T], w: &[T], g: &[T], eps: f64) -> (Vec<T>, Vec<T>, Ve
         let (mut m1, mut m2) = (T::zero(), T::zero());
         for j in 0..d {
             let gw = gr[j] * w[j];
-            m1 = m1 + gw;
-            m2 = m2 + gw * (xr[j] - mean) * rstd;
+            m1 += gw;
+            m2 += gw * (xr[j] - mean) * rstd;
         }
         let (m1, m2) = (m1 * inv_d, m2 * inv_d);
         for j in 0..d {
@@ -51,8 +53,8 @@ fn backward<T: Elem>(x: &[T], w: &[T], g: &[T], eps: f64) -> (Vec<T>, Vec<T>, Ve
     for (xr, gr) in x.chunks(d).zip(g.chunks(d)) {
         let (mean, rstd) = stats(xr, eps);
         for j in 0..d {
-            dw[j] = dw[j] + gr[j] * (xr[j] - mean) * rstd;
-            db[j] = db[j] + gr[j];
+            dw[j] += gr[j] * (xr[j] - mean) * rstd;
+            db[j] += gr[j];
         }
     }
     (dx, dw, db)
@@ -87,10 +89,17 @@ impl CustomOp3 for LayerNorm {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
-        let (dx, dw, db) = by_dtype!(x.dtype(), "layer-norm", |T| with_slices::<T, _>(&[x, w, &g], |s| {
-            let (dx, dw, db) = backward(s[0], s[1], s[2], self.eps);
-            Ok((cpu_tensor(dx, x.shape())?, cpu_tensor(dw, w.shape())?, cpu_tensor(db, w.shape())?))
-        })?);
+        let (dx, dw, db) = by_dtype!(x.dtype(), "layer-norm", |T| with_slices::<T, _>(
+            &[x, w, &g],
+            |s| {
+                let (dx, dw, db) = backward(s[0], s[1], s[2], self.eps);
+                Ok((
+                    cpu_tensor(dx, x.shape())?,
+                    cpu_tensor(dw, w.shape())?,
+                    cpu_tensor(db, w.shape())?,
+                ))
+            }
+        )?);
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
@@ -98,13 +107,17 @@ impl CustomOp3 for LayerNorm {
 pub fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
-    let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
     xc.broadcast_mul(&rstd)?.broadcast_mul(w)?.broadcast_add(b)
 }
 
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     if use_cpu_kernel(x) {
-        return x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps });
+        return x
+            .contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps });
     }
     if !super::needs_grad(&[x, w, b]) {
         return candle_nn::ops::layer_norm(&x.contiguous()?, w, b, eps as f32);
@@ -121,13 +134,20 @@ mod tests {
     fn matches_composed_expression() {
         let x = ((rand_tensor(&[3, 4, 10], 1) * 3.0).unwrap() + 1.0).unwrap();
         let (w, b) = (rand_tensor(&[10], 2), rand_tensor(&[10], 3));
-        let d = max_abs_diff(&layer_norm(&x, &w, &b, 1e-5).unwrap(), &layer_norm_composed(&x, &w, &b, 1e-5).unwrap());
+        let d = max_abs_diff(
+            &layer_norm(&x, &w, &b, 1e-5).unwrap(),
+            &layer_norm_composed(&x, &w, &b, 1e-5).unwrap(),
+        );
         assert!(d < 1e-12, "{d}");
     }
 
     #[test]
     fn gradients_match_finite_differences() {
         let x = (rand_tensor(&[2, 3, 5], 4) * 2.0).unwrap();
-        check_grads(&[x, rand_tensor(&[5], 5), rand_tensor(&[5], 6)], |a| layer_norm(&a[0], &a[1], &a[2], 1e-5), 1e-6);
+        check_grads(
+            &[x, rand_tensor(&[5], 5), rand_tensor(&[5], 6)],
+            |a| layer_norm(&a[0], &a[1], &a[2], 1e-5),
+            1e-6,
+        );
     }
 }

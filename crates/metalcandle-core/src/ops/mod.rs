@@ -4,9 +4,9 @@
 //! finite-difference test. Off the CPU the public functions fall back to candle's fused
 //! kernel when nothing needs a gradient, or to the composed (differentiable) expression.
 
+pub mod activation;
 pub mod cross_entropy;
 pub mod frozen_matmul;
-pub mod activation;
 pub mod layer_norm;
 pub mod rms_norm;
 pub mod rope;
@@ -16,9 +16,9 @@ pub mod swiglu;
 #[cfg(test)]
 pub(crate) mod gradcheck;
 
+pub use activation::activation;
 pub use cross_entropy::cross_entropy;
 pub use frozen_matmul::frozen_linear;
-pub use activation::activation;
 pub use layer_norm::layer_norm;
 pub use rms_norm::rms_norm;
 pub use rope::rope;
@@ -29,7 +29,18 @@ use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor, WithDType}
 use num_traits::Float;
 
 /// The element types our CPU kernels are written for.
-pub(crate) trait Elem: Float + WithDType + Default + Send + Sync + std::iter::Sum {}
+pub(crate) trait Elem:
+    Float
+    + WithDType
+    + Default
+    + Send
+    + Sync
+    + std::iter::Sum
+    + std::ops::AddAssign
+    + std::ops::SubAssign
+    + std::ops::DivAssign
+{
+}
 impl Elem for f32 {}
 impl Elem for f64 {}
 
@@ -38,12 +49,18 @@ pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&
     let data = s.as_slice::<T>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("kernel input must be contiguous, got strides {:?}", l.stride()),
+        None => candle_core::bail!(
+            "kernel input must be contiguous, got strides {:?}",
+            l.stride()
+        ),
     }
 }
 
 /// Runs `f` on the contiguous CPU data of each tensor (all contiguous, on the CPU, of type T).
-pub(crate) fn with_slices<T: WithDType, R>(ts: &[&Tensor], f: impl FnOnce(&[&[T]]) -> Result<R>) -> Result<R> {
+pub(crate) fn with_slices<T: WithDType, R>(
+    ts: &[&Tensor],
+    f: impl FnOnce(&[&[T]]) -> Result<R>,
+) -> Result<R> {
     let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
     let mut slices = Vec::with_capacity(ts.len());
     for (storage, layout) in guards.iter() {
@@ -64,10 +81,16 @@ pub(crate) fn cpu_tensor<T: WithDType>(data: Vec<T>, shape: impl Into<Shape>) ->
 pub(crate) const PAR_MIN_ELEMS: usize = 1 << 14;
 
 /// Applies `f(row_index, out_row)` to each `width`-long row of `out`, in parallel when large.
-pub(crate) fn for_each_row<T: Send>(out: &mut [T], width: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+pub(crate) fn for_each_row<T: Send>(
+    out: &mut [T],
+    width: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
     use rayon::prelude::*;
     if out.len() >= PAR_MIN_ELEMS {
-        out.par_chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
+        out.par_chunks_mut(width)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
     } else {
         out.chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
     }
@@ -88,15 +111,21 @@ macro_rules! dispatch_float {
         match $s {
             candle_core::CpuStorage::F32(_) => {
                 type $t = f32;
+                #[allow(clippy::redundant_locals)]
                 let $v = $s;
                 $body
             }
             candle_core::CpuStorage::F64(_) => {
                 type $t = f64;
+                #[allow(clippy::redundant_locals)]
                 let $v = $s;
                 $body
             }
-            other => candle_core::bail!("{}: unsupported dtype {:?}", $name, candle_core::backend::BackendStorage::dtype(other)),
+            other => candle_core::bail!(
+                "{}: unsupported dtype {:?}",
+                $name,
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
         }
     };
 }
@@ -121,7 +150,10 @@ macro_rules! by_dtype {
 pub(crate) use by_dtype;
 
 /// `out[i] = f(i)` for i < n, in parallel blocks when large.
-pub(crate) fn par_map<T: Send + Copy + Default>(n: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
+pub(crate) fn par_map<T: Send + Copy + Default>(
+    n: usize,
+    f: impl Fn(usize) -> T + Sync + Send,
+) -> Vec<T> {
     let mut out = vec![T::default(); n];
     let block = 4096;
     for_each_row(&mut out, block, |bi, o| {

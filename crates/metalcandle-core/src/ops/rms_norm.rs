@@ -1,6 +1,8 @@
 //! RMSNorm, `w * (x / sqrt(mean(x^2) + eps))` over the last dimension, with its backward.
 
-use super::{by_dtype, cpu_tensor, dispatch_float, for_each_row, slice, use_cpu_kernel, with_slices, Elem};
+use super::{
+    by_dtype, cpu_tensor, dispatch_float, for_each_row, slice, use_cpu_kernel, with_slices, Elem,
+};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType, D};
 
 struct RmsNorm {
@@ -41,7 +43,7 @@ fn backward<T: Elem>(x: &[T], w: &[T], g: &[T], eps: f64) -> (Vec<T>, Vec<T>) {
     for (xr, gr) in x.chunks(d).zip(g.chunks(d)) {
         let r = inv_rms(xr, eps);
         for j in 0..d {
-            dw[j] = dw[j] + gr[j] * xr[j] * r;
+            dw[j] += gr[j] * xr[j] * r;
         }
     }
     (dx, dw)
@@ -52,19 +54,34 @@ impl CustomOp2 for RmsNorm {
         "rms-norm"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         dispatch_float!(xs, "rms-norm", |xs: T| {
             let out = forward::<T>(slice(xs, xl)?, slice(ws, wl)?, self.eps);
             Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
         })
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
-        let (dx, dw) = by_dtype!(x.dtype(), "rms-norm", |T| with_slices::<T, _>(&[x, w, &g], |s| {
-            let (dx, dw) = backward(s[0], s[1], s[2], self.eps);
-            Ok((cpu_tensor(dx, x.shape())?, cpu_tensor(dw, w.shape())?))
-        })?);
+        let (dx, dw) = by_dtype!(x.dtype(), "rms-norm", |T| with_slices::<T, _>(
+            &[x, w, &g],
+            |s| {
+                let (dx, dw) = backward(s[0], s[1], s[2], self.eps);
+                Ok((cpu_tensor(dx, x.shape())?, cpu_tensor(dw, w.shape())?))
+            }
+        )?);
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -85,7 +102,6 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     rms_norm_composed(x, w, eps)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,9 +109,17 @@ mod tests {
 
     #[test]
     fn matches_composed_expression() {
-        let x = rand_tensor(&[3, 5, 8], 1).to_dtype(candle_core::DType::F32).unwrap();
-        let w = (rand_tensor(&[8], 2) + 1.0).unwrap().to_dtype(candle_core::DType::F32).unwrap();
-        let d = max_abs_diff(&rms_norm(&x, &w, 1e-6).unwrap(), &rms_norm_composed(&x, &w, 1e-6).unwrap());
+        let x = rand_tensor(&[3, 5, 8], 1)
+            .to_dtype(candle_core::DType::F32)
+            .unwrap();
+        let w = (rand_tensor(&[8], 2) + 1.0)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap();
+        let d = max_abs_diff(
+            &rms_norm(&x, &w, 1e-6).unwrap(),
+            &rms_norm_composed(&x, &w, 1e-6).unwrap(),
+        );
         assert!(d < 1e-6, "{d}");
     }
 

@@ -12,7 +12,14 @@ struct Rope {
     inverse: bool,
 }
 
-fn rotate<T: Elem>(x: &[T], cos: &[T], sin: &[T], dims: (usize, usize, usize, usize), cs_batch: bool, inverse: bool) -> Vec<T> {
+fn rotate<T: Elem>(
+    x: &[T],
+    cos: &[T],
+    sin: &[T],
+    dims: (usize, usize, usize, usize),
+    cs_batch: bool,
+    inverse: bool,
+) -> Vec<T> {
     use rayon::prelude::*;
     let (_b, t, h, d) = dims;
     let half = d / 2;
@@ -20,7 +27,10 @@ fn rotate<T: Elem>(x: &[T], cos: &[T], sin: &[T], dims: (usize, usize, usize, us
     // One chunk per (batch, position): all heads share that position's angles.
     let body = |(bt, o): (usize, &mut [T])| {
         let cs_row = if cs_batch { bt } else { bt % t };
-        let (c, s) = (&cos[cs_row * half..(cs_row + 1) * half], &sin[cs_row * half..(cs_row + 1) * half]);
+        let (c, s) = (
+            &cos[cs_row * half..(cs_row + 1) * half],
+            &sin[cs_row * half..(cs_row + 1) * half],
+        );
         for hh in 0..h {
             let xo = bt * h * d + hh * d;
             let (xr, orow) = (&x[xo..xo + d], &mut o[hh * d..(hh + 1) * d]);
@@ -50,14 +60,25 @@ impl CustomOp1 for Rope {
         let cs_batch = self.cos.dim(0)? == b && b > 1;
         dispatch_float!(s, "rope", |s: T| {
             let out = with_slices::<T, _>(&[&self.cos, &self.sin], |cs| {
-                Ok(rotate::<T>(slice(s, l)?, cs[0], cs[1], (b, t, h, d), cs_batch, self.inverse))
+                Ok(rotate::<T>(
+                    slice(s, l)?,
+                    cs[0],
+                    cs[1],
+                    (b, t, h, d),
+                    cs_batch,
+                    self.inverse,
+                ))
             })?;
             Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
         })
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let inv = Rope { cos: self.cos.clone(), sin: self.sin.clone(), inverse: !self.inverse };
+        let inv = Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            inverse: !self.inverse,
+        };
         Ok(Some(g.contiguous()?.apply_op1_no_bwd(&inv)?))
     }
 }
@@ -68,20 +89,35 @@ pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (b, t, _, _) = x.dims4()?;
     let full = |c: &Tensor| -> Result<Tensor> { Tensor::cat(&[c, c], D::Minus1)?.unsqueeze(2) };
     let (cos, sin) = (full(cos)?, full(sin)?);
-    let (cos, sin) = (cos.broadcast_as((b, t, 1, 2 * half))?, sin.broadcast_as((b, t, 1, 2 * half))?);
-    let rot = Tensor::cat(&[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?], D::Minus1)?;
+    let (cos, sin) = (
+        cos.broadcast_as((b, t, 1, 2 * half))?,
+        sin.broadcast_as((b, t, 1, 2 * half))?,
+    );
+    let rot = Tensor::cat(
+        &[
+            &x.narrow(D::Minus1, half, half)?.neg()?,
+            &x.narrow(D::Minus1, 0, half)?,
+        ],
+        D::Minus1,
+    )?;
     x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?
 }
 
 /// Rotates `x` [B, T, H, D] by the angles whose cos/sin are given as [B or 1, T, D/2].
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if use_cpu_kernel(x) {
-        let (cos, sin) = (cos.to_dtype(x.dtype())?.contiguous()?, sin.to_dtype(x.dtype())?.contiguous()?);
-        return x.contiguous()?.apply_op1(Rope { cos, sin, inverse: false });
+        let (cos, sin) = (
+            cos.to_dtype(x.dtype())?.contiguous()?,
+            sin.to_dtype(x.dtype())?.contiguous()?,
+        );
+        return x.contiguous()?.apply_op1(Rope {
+            cos,
+            sin,
+            inverse: false,
+        });
     }
     rope_composed(x, cos, sin)
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -93,23 +129,41 @@ mod tests {
         let x = rand_tensor(&[2, 5, 3, 8], 1);
         let ang = (rand_tensor(&[2, 5, 4], 2) * 3.0).unwrap();
         let (c, s) = (ang.cos().unwrap(), ang.sin().unwrap());
-        let d = max_abs_diff(&rope(&x, &c, &s).unwrap(), &rope_composed(&x, &c, &s).unwrap());
+        let d = max_abs_diff(
+            &rope(&x, &c, &s).unwrap(),
+            &rope_composed(&x, &c, &s).unwrap(),
+        );
         assert!(d < 1e-12, "{d}");
         // Broadcast over the batch.
         let (c1, s1) = (c.narrow(0, 0, 1).unwrap(), s.narrow(0, 0, 1).unwrap());
-        let d = max_abs_diff(&rope(&x, &c1, &s1).unwrap(), &rope_composed(&x, &c1, &s1).unwrap());
+        let d = max_abs_diff(
+            &rope(&x, &c1, &s1).unwrap(),
+            &rope_composed(&x, &c1, &s1).unwrap(),
+        );
         assert!(d < 1e-12, "{d}");
     }
 
     #[test]
     fn rotation_preserves_norm_and_zero_angle_is_identity() {
         let x = rand_tensor(&[1, 3, 2, 6], 5);
-        let zero = Tensor::zeros((1, 3, 3), candle_core::DType::F64, &candle_core::Device::Cpu).unwrap();
+        let zero = Tensor::zeros(
+            (1, 3, 3),
+            candle_core::DType::F64,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
         let y = rope(&x, &zero.cos().unwrap(), &zero.sin().unwrap()).unwrap();
         assert!(max_abs_diff(&x, &y) == 0.0);
         let ang = rand_tensor(&[1, 3, 3], 6);
         let y = rope(&x, &ang.cos().unwrap(), &ang.sin().unwrap()).unwrap();
-        let n = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let n = |t: &Tensor| {
+            t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
         assert!((n(&x) - n(&y)).abs() < 1e-12);
     }
 
@@ -117,6 +171,10 @@ mod tests {
     fn gradients_match_finite_differences() {
         let ang = (rand_tensor(&[2, 3, 2], 9) * 2.0).unwrap();
         let (c, s) = (ang.cos().unwrap(), ang.sin().unwrap());
-        check_grads(&[rand_tensor(&[2, 3, 2, 4], 8)], |a| rope(&a[0], &c, &s), 1e-6);
+        check_grads(
+            &[rand_tensor(&[2, 3, 2, 4], 8)],
+            |a| rope(&a[0], &c, &s),
+            1e-6,
+        );
     }
 }

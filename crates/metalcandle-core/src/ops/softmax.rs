@@ -1,6 +1,8 @@
 //! Softmax over the last dimension, with its backward `dx = y * (g - sum(g * y))`.
 
-use super::{by_dtype, cpu_tensor, dispatch_float, for_each_row, slice, use_cpu_kernel, with_slices, Elem};
+use super::{
+    by_dtype, cpu_tensor, dispatch_float, for_each_row, slice, use_cpu_kernel, with_slices, Elem,
+};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType, D};
 use num_traits::Float;
 
@@ -14,10 +16,10 @@ fn forward<T: Elem>(x: &[T], d: usize) -> Vec<T> {
         let mut sum = T::zero();
         for j in 0..d {
             o[j] = (xr[j] - max).exp();
-            sum = sum + o[j];
+            sum += o[j];
         }
         for v in o.iter_mut() {
-            *v = *v / sum;
+            *v /= sum;
         }
     });
     out
@@ -50,9 +52,10 @@ impl CustomOp1 for Softmax {
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let (g, d) = (g.contiguous()?, y.dim(D::Minus1)?);
-        let dx = by_dtype!(y.dtype(), "softmax-last-dim", |T| with_slices::<T, _>(&[y, &g], |s| {
-            cpu_tensor(backward(s[0], s[1], d), y.shape())
-        })?);
+        let dx = by_dtype!(y.dtype(), "softmax-last-dim", |T| with_slices::<T, _>(
+            &[y, &g],
+            |s| { cpu_tensor(backward(s[0], s[1], d), y.shape()) }
+        )?);
         Ok(Some(dx))
     }
 }
@@ -74,13 +77,23 @@ mod tests {
 
     #[test]
     fn matches_composed_expression() {
-        let x = (rand_tensor(&[4, 7, 9], 1) * 5.0).unwrap().to_dtype(candle_core::DType::F32).unwrap();
-        let d = max_abs_diff(&softmax_last_dim(&x).unwrap(), &candle_nn::ops::softmax(&x, D::Minus1).unwrap());
+        let x = (rand_tensor(&[4, 7, 9], 1) * 5.0)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap();
+        let d = max_abs_diff(
+            &softmax_last_dim(&x).unwrap(),
+            &candle_nn::ops::softmax(&x, D::Minus1).unwrap(),
+        );
         assert!(d < 1e-6, "{d}");
     }
 
     #[test]
     fn gradients_match_finite_differences() {
-        check_grads(&[(rand_tensor(&[3, 2, 5], 7) * 3.0).unwrap()], |a| softmax_last_dim(&a[0]), 1e-6);
+        check_grads(
+            &[(rand_tensor(&[3, 2, 5], 7) * 3.0).unwrap()],
+            |a| softmax_last_dim(&a[0]),
+            1e-6,
+        );
     }
 }

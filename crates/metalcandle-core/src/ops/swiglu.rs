@@ -1,6 +1,8 @@
 //! SwiGLU's gate, `silu(gate) * up`, fused with its backward.
 
-use super::{by_dtype, cpu_tensor, dispatch_float, par_map, slice, use_cpu_kernel, with_slices, Elem};
+use super::{
+    by_dtype, cpu_tensor, dispatch_float, par_map, slice, use_cpu_kernel, with_slices, Elem,
+};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 
 struct SwiGlu;
@@ -28,9 +30,19 @@ impl CustomOp2 for SwiGlu {
         "swiglu"
     }
 
-    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         if gl.shape() != ul.shape() {
-            candle_core::bail!("swiglu: gate {:?} and up {:?} differ in shape", gl.shape(), ul.shape());
+            candle_core::bail!(
+                "swiglu: gate {:?} and up {:?} differ in shape",
+                gl.shape(),
+                ul.shape()
+            );
         }
         dispatch_float!(gs, "swiglu", |gs: T| {
             let out = forward::<T>(slice(gs, gl)?, slice(us, ul)?);
@@ -38,12 +50,21 @@ impl CustomOp2 for SwiGlu {
         })
     }
 
-    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let (dg, du) = by_dtype!(gate.dtype(), "swiglu", |T| with_slices::<T, _>(&[gate, up, &dy], |s| {
-            let (dg, du) = backward(s[0], s[1], s[2]);
-            Ok((cpu_tensor(dg, gate.shape())?, cpu_tensor(du, up.shape())?))
-        })?);
+        let (dg, du) = by_dtype!(gate.dtype(), "swiglu", |T| with_slices::<T, _>(
+            &[gate, up, &dy],
+            |s| {
+                let (dg, du) = backward(s[0], s[1], s[2]);
+                Ok((cpu_tensor(dg, gate.shape())?, cpu_tensor(du, up.shape())?))
+            }
+        )?);
         Ok((Some(dg), Some(du)))
     }
 }
@@ -71,6 +92,10 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let g = (rand_tensor(&[2, 7], 3) * 3.0).unwrap();
-        check_grads(&[g, rand_tensor(&[2, 7], 4)], |a| swiglu(&a[0], &a[1]), 1e-6);
+        check_grads(
+            &[g, rand_tensor(&[2, 7], 4)],
+            |a| swiglu(&a[0], &a[1]),
+            1e-6,
+        );
     }
 }

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 
 pub fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Msg(format!("{}: invalid JSON: {e}", path.display())))
+    serde_json::from_str(&text)
+        .map_err(|e| Error::Msg(format!("{}: invalid JSON: {e}", path.display())))
 }
 
 /// The safetensors files of a folder: the shards an index names, or `model.safetensors`.
@@ -24,7 +25,13 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::config(index.display().to_string(), "weight_map", "missing or not an object"))?;
+            .ok_or_else(|| {
+                Error::config(
+                    index.display().to_string(),
+                    "weight_map",
+                    "missing or not an object",
+                )
+            })?;
         let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
     }
@@ -51,10 +58,21 @@ pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<Decoder> {
         }
     }
     // SAFETY: the files are memory-mapped read-only; candle copies what it loads.
-    let st = unsafe { MmapedSafetensors::multi(&files) }
-        .map_err(|e| Error::Weights(format!("{}: not a readable safetensors checkpoint: {e}", files[0].display())))?;
+    let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| {
+        Error::Weights(format!(
+            "{}: not a readable safetensors checkpoint: {e}",
+            files[0].display()
+        ))
+    })?;
     let in_file: BTreeSet<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
-    load_named(spec, config, &in_file, |name| st.load(name, device), device, &files[0].display().to_string())
+    load_named(
+        spec,
+        config,
+        &in_file,
+        |name| st.load(name, device),
+        device,
+        &files[0].display().to_string(),
+    )
 }
 
 /// Takes each expected tensor through `fetch`, converts it to the model's layout and f32,
@@ -68,10 +86,13 @@ pub fn load_named(
     context: &str,
 ) -> Result<Decoder> {
     // Original GPT-2 exports have no `transformer.` prefix.
-    let strip = spec.architecture == crate::spec::Architecture::Gpt2 && !in_file.iter().any(|n| n.starts_with("transformer."));
+    let strip = spec.architecture == crate::spec::Architecture::Gpt2
+        && !in_file.iter().any(|n| n.starts_with("transformer."));
     let file_name = |name: &str| -> String {
         if strip {
-            name.strip_prefix("transformer.").unwrap_or(name).to_string()
+            name.strip_prefix("transformer.")
+                .unwrap_or(name)
+                .to_string()
         } else {
             name.to_string()
         }
@@ -82,7 +103,10 @@ pub fn load_named(
     for p in param_specs(&spec) {
         let fname = file_name(&p.name);
         if !in_file.contains(&fname) {
-            problems.push(format!("missing tensor `{fname}` (expected shape {:?})", p.shape));
+            problems.push(format!(
+                "missing tensor `{fname}` (expected shape {:?})",
+                p.shape
+            ));
             continue;
         }
         used.insert(fname.clone());
@@ -93,13 +117,25 @@ pub fn load_named(
                 continue;
             }
         };
-        let stored: Vec<usize> = if p.conv1d { vec![p.shape[1], p.shape[0]] } else { p.shape.clone() };
+        let stored: Vec<usize> = if p.conv1d {
+            vec![p.shape[1], p.shape[0]]
+        } else {
+            p.shape.clone()
+        };
         if t.dims() != stored.as_slice() {
-            problems.push(format!("tensor `{fname}` has shape {:?}, the config implies {:?}", t.dims(), stored));
+            problems.push(format!(
+                "tensor `{fname}` has shape {:?}, the config implies {:?}",
+                t.dims(),
+                stored
+            ));
             continue;
         }
         let t = if p.conv1d { t.t()?.contiguous()? } else { t };
-        let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
+        let t = if t.dtype() == DType::F32 {
+            t
+        } else {
+            t.to_dtype(DType::F32)?
+        };
         tensors.insert(p.name, t.to_device(device)?);
     }
     for name in in_file.difference(&used) {
@@ -108,7 +144,11 @@ pub fn load_named(
         }
     }
     if !problems.is_empty() {
-        return Err(Error::Weights(format!("{context}: {} problem(s) with the checkpoint's tensors:\n  {}", problems.len(), problems.join("\n  "))));
+        return Err(Error::Weights(format!(
+            "{context}: {} problem(s) with the checkpoint's tensors:\n  {}",
+            problems.len(),
+            problems.join("\n  ")
+        )));
     }
     Decoder::from_tensors(spec, config, tensors, device)
 }
@@ -117,7 +157,11 @@ pub fn load_named(
 /// half-written file under the final name.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
     write(&tmp)?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
@@ -125,16 +169,26 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
 /// Saves `config.json` and `model.safetensors` in the checkpoint's own names and layouts.
 pub fn save_hf_folder(model: &Decoder, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let specs: HashMap<String, bool> = param_specs(&model.spec).into_iter().map(|p| (p.name, p.conv1d)).collect();
+    let specs: HashMap<String, bool> = param_specs(&model.spec)
+        .into_iter()
+        .map(|p| (p.name, p.conv1d))
+        .collect();
     let mut out: HashMap<String, Tensor> = HashMap::new();
     for (name, t) in model.named_parameters() {
         let t = t.detach().to_device(&Device::Cpu)?;
-        let t = if specs.get(&name).copied().unwrap_or(false) { t.t()?.contiguous()? } else { t.contiguous()? };
+        let t = if specs.get(&name).copied().unwrap_or(false) {
+            t.t()?.contiguous()?
+        } else {
+            t.contiguous()?
+        };
         out.insert(name, t);
     }
     write_atomic(&dir.join("model.safetensors"), |tmp| {
         candle_core::safetensors::save(&out, tmp).map_err(Error::from)
     })?;
-    let text = serde_json::to_string_pretty(&model.config).map_err(|e| Error::Msg(e.to_string()))?;
-    write_atomic(&dir.join("config.json"), |tmp| std::fs::write(tmp, text).map_err(|e| Error::io(tmp, e)))
+    let text =
+        serde_json::to_string_pretty(&model.config).map_err(|e| Error::Msg(e.to_string()))?;
+    write_atomic(&dir.join("config.json"), |tmp| {
+        std::fs::write(tmp, text).map_err(|e| Error::io(tmp, e))
+    })
 }

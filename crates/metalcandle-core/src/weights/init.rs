@@ -8,7 +8,12 @@ use crate::spec::ModelSpec;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 
-pub fn init_tensors(spec: &ModelSpec, seed: u64, std: f64, device: &Device) -> Result<HashMap<String, Tensor>> {
+pub fn init_tensors(
+    spec: &ModelSpec,
+    seed: u64,
+    std: f64,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
     let mut rng = Rng::new(seed);
     let mut out = HashMap::new();
     for p in param_specs(spec) {

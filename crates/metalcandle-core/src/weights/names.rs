@@ -41,25 +41,50 @@ pub struct Naming {
 
 impl Naming {
     pub fn of(spec: &ModelSpec) -> Self {
-        Naming { gpt2: spec.architecture == Architecture::Gpt2 }
+        Naming {
+            gpt2: spec.architecture == Architecture::Gpt2,
+        }
     }
     pub fn conv1d(&self) -> bool {
         self.gpt2
     }
     pub fn embed(&self) -> String {
-        if self.gpt2 { "transformer.wte" } else { "model.embed_tokens" }.into()
+        if self.gpt2 {
+            "transformer.wte"
+        } else {
+            "model.embed_tokens"
+        }
+        .into()
     }
     pub fn pos_embed(&self) -> String {
-        if self.gpt2 { "transformer.wpe" } else { "model.embed_positions" }.into()
+        if self.gpt2 {
+            "transformer.wpe"
+        } else {
+            "model.embed_positions"
+        }
+        .into()
     }
     pub fn final_norm(&self) -> String {
-        if self.gpt2 { "transformer.ln_f" } else { "model.norm" }.into()
+        if self.gpt2 {
+            "transformer.ln_f"
+        } else {
+            "model.norm"
+        }
+        .into()
     }
     pub fn attn_norm(&self, i: usize) -> String {
-        if self.gpt2 { format!("transformer.h.{i}.ln_1") } else { format!("model.layers.{i}.input_layernorm") }
+        if self.gpt2 {
+            format!("transformer.h.{i}.ln_1")
+        } else {
+            format!("model.layers.{i}.input_layernorm")
+        }
     }
     pub fn mlp_norm(&self, i: usize) -> String {
-        if self.gpt2 { format!("transformer.h.{i}.ln_2") } else { format!("model.layers.{i}.post_attention_layernorm") }
+        if self.gpt2 {
+            format!("transformer.h.{i}.ln_2")
+        } else {
+            format!("model.layers.{i}.post_attention_layernorm")
+        }
     }
     pub fn linear(&self, i: usize, kind: ParamKind) -> String {
         use ParamKind::*;
@@ -92,29 +117,62 @@ pub fn param_specs(spec: &ModelSpec) -> Vec<ParamSpec> {
     let n = Naming::of(spec);
     let h = spec.hidden_size;
     let mut out = vec![];
-    let mut push = |name: String, shape: Vec<usize>, conv1d: bool, role: Role| out.push(ParamSpec { name, shape, conv1d, role });
-    push(format!("{}.weight", n.embed()), vec![spec.vocab_size, h], false, Role::Embedding);
+    let mut push = |name: String, shape: Vec<usize>, conv1d: bool, role: Role| {
+        out.push(ParamSpec {
+            name,
+            shape,
+            conv1d,
+            role,
+        })
+    };
+    push(
+        format!("{}.weight", n.embed()),
+        vec![spec.vocab_size, h],
+        false,
+        Role::Embedding,
+    );
     if spec.positions == Positions::Learned {
-        push(format!("{}.weight", n.pos_embed()), vec![spec.max_position_embeddings, h], false, Role::Embedding);
+        push(
+            format!("{}.weight", n.pos_embed()),
+            vec![spec.max_position_embeddings, h],
+            false,
+            Role::Embedding,
+        );
     }
-    let linear = |push: &mut dyn FnMut(String, Vec<usize>, bool, Role), module: String, out_f: usize, in_f: usize, bias: bool| {
-        push(format!("{module}.weight"), vec![out_f, in_f], n.conv1d(), Role::Weight);
+    let linear = |push: &mut dyn FnMut(String, Vec<usize>, bool, Role),
+                  module: String,
+                  out_f: usize,
+                  in_f: usize,
+                  bias: bool| {
+        push(
+            format!("{module}.weight"),
+            vec![out_f, in_f],
+            n.conv1d(),
+            Role::Weight,
+        );
         if bias {
             push(format!("{module}.bias"), vec![out_f], false, Role::Bias);
         }
     };
-    let norm = |push: &mut dyn FnMut(String, Vec<usize>, bool, Role), module: String, kind: NormKind| {
-        push(format!("{module}.weight"), vec![h], false, Role::NormWeight);
-        if kind == NormKind::LayerNorm {
-            push(format!("{module}.bias"), vec![h], false, Role::NormBias);
-        }
-    };
+    let norm =
+        |push: &mut dyn FnMut(String, Vec<usize>, bool, Role), module: String, kind: NormKind| {
+            push(format!("{module}.weight"), vec![h], false, Role::NormWeight);
+            if kind == NormKind::LayerNorm {
+                push(format!("{module}.bias"), vec![h], false, Role::NormBias);
+            }
+        };
     for (i, l) in spec.layers.iter().enumerate() {
         let a = &l.attention;
         let (q, kv) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
         norm(&mut push, n.attn_norm(i), l.norm.kind);
         if a.fused_qkv {
-            linear(&mut push, n.linear(i, ParamKind::Qkv), q + 2 * kv, h, a.qkv_bias);
+            linear(
+                &mut push,
+                n.linear(i, ParamKind::Qkv),
+                q + 2 * kv,
+                h,
+                a.qkv_bias,
+            );
         } else {
             linear(&mut push, n.linear(i, ParamKind::Q), q, h, a.qkv_bias);
             linear(&mut push, n.linear(i, ParamKind::K), kv, h, a.qkv_bias);
@@ -124,14 +182,37 @@ pub fn param_specs(spec: &ModelSpec) -> Vec<ParamSpec> {
         norm(&mut push, n.mlp_norm(i), l.norm.kind);
         let m = &l.mlp;
         if m.kind == MlpKind::Gated {
-            linear(&mut push, n.linear(i, ParamKind::Gate), m.intermediate_size, h, m.bias);
+            linear(
+                &mut push,
+                n.linear(i, ParamKind::Gate),
+                m.intermediate_size,
+                h,
+                m.bias,
+            );
         }
-        linear(&mut push, n.linear(i, ParamKind::Up), m.intermediate_size, h, m.bias);
-        linear(&mut push, n.linear(i, ParamKind::Down), h, m.intermediate_size, m.bias);
+        linear(
+            &mut push,
+            n.linear(i, ParamKind::Up),
+            m.intermediate_size,
+            h,
+            m.bias,
+        );
+        linear(
+            &mut push,
+            n.linear(i, ParamKind::Down),
+            h,
+            m.intermediate_size,
+            m.bias,
+        );
     }
     norm(&mut push, n.final_norm(), spec.final_norm.kind);
     if !spec.tie_word_embeddings {
-        push("lm_head.weight".into(), vec![spec.vocab_size, h], false, Role::Weight);
+        push(
+            "lm_head.weight".into(),
+            vec![spec.vocab_size, h],
+            false,
+            Role::Weight,
+        );
     }
     out
 }

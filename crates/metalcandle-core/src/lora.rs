@@ -1,0 +1,428 @@
+//! LoRA adapters with PEFT's semantics and file format: `y = W x + b + s * B (A dropout(x))`,
+//! A [r, in] kaiming-uniform(a=sqrt(5)), B [out, r] zeros, s = alpha/r (alpha/sqrt(r) with
+//! rsLoRA). Saved as `adapter_config.json` + `adapter_model.safetensors` with PEFT's names.
+
+use crate::error::{Error, Result};
+use crate::model::Decoder;
+use crate::nn::Linear;
+use crate::rng::Rng;
+use crate::spec::Architecture;
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub use_rslora: bool,
+    /// Module names (`q_proj`, `c_attn`, ...), or `["all-linear"]`.
+    pub target_modules: Vec<String>,
+    pub layers_to_transform: Option<Vec<usize>>,
+}
+
+impl LoraConfig {
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            return Err(Error::config("lora", "r", "must be > 0"));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::config(
+                "lora",
+                "dropout",
+                format!("must be in [0, 1), got {}", self.dropout),
+            ));
+        }
+        if self.target_modules.is_empty() {
+            return Err(Error::config(
+                "lora",
+                "target_modules",
+                "must name at least one module, or be \"all-linear\"",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the linear called `name` (a full module path) gets an adapter.
+    fn targets(&self, name: &str) -> bool {
+        let short = name.rsplit('.').next().unwrap_or(name);
+        let all = self.target_modules.iter().any(|t| t == "all-linear");
+        if !(all
+            || self
+                .target_modules
+                .iter()
+                .any(|t| t == short || name.ends_with(&format!(".{t}"))))
+        {
+            return false;
+        }
+        match &self.layers_to_transform {
+            None => true,
+            Some(layers) => layer_index(name).is_some_and(|i| layers.contains(&i)),
+        }
+    }
+}
+
+/// The block index in `model.layers.N.…` or `transformer.h.N.…`.
+fn layer_index(name: &str) -> Option<usize> {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts
+        .windows(2)
+        .find(|w| w[0] == "layers" || w[0] == "h")
+        .and_then(|w| w[1].parse().ok())
+}
+
+#[derive(Debug, Clone)]
+pub struct Lora {
+    /// [r, in]
+    pub a: Tensor,
+    /// [out, r]
+    pub b: Tensor,
+    pub scaling: f64,
+    pub dropout: f64,
+    /// Folded into the base weight: the branch is skipped.
+    pub merged: bool,
+}
+
+impl Lora {
+    pub fn delta(&self) -> candle_core::Result<Tensor> {
+        self.b.matmul(&self.a)? * self.scaling
+    }
+
+    /// `s * B (A x)`; dropout on x only while training.
+    pub fn forward(&self, x: &Tensor, training: bool) -> candle_core::Result<Tensor> {
+        let x = if training && self.dropout > 0.0 {
+            candle_nn::ops::dropout(x, self.dropout as f32)?
+        } else {
+            x.clone()
+        };
+        let h = x.broadcast_matmul(&self.a.t()?)?;
+        h.broadcast_matmul(&self.b.t()?)? * self.scaling
+    }
+}
+
+pub fn peft_name(module: &str, which: &str) -> String {
+    format!("base_model.model.{module}.{which}.weight")
+}
+
+impl Decoder {
+    pub fn has_adapter(&self) -> bool {
+        self.lora_config.is_some()
+    }
+
+    /// Attaches fresh adapters (PEFT init) to every targeted linear.
+    pub fn add_lora(&mut self, cfg: LoraConfig, seed: u64) -> Result<usize> {
+        cfg.validate()?;
+        if self.has_adapter() {
+            return Err(Error::Input(
+                "an adapter is already attached (merge or remove it first)".into(),
+            ));
+        }
+        let mut rng = Rng::new(seed);
+        let (dev, scaling, dropout) = (self.device.clone(), cfg.scaling(), cfg.dropout);
+        let mut count = 0;
+        for lin in self.linears_mut() {
+            if !cfg.targets(&lin.name) {
+                continue;
+            }
+            let (out_f, in_f) = (lin.out_features(), lin.in_features());
+            // kaiming_uniform_(a=sqrt(5)) on [r, in]: bound = sqrt(6 / ((1 + 5) * fan_in)) = 1/sqrt(in).
+            let bound = 1.0 / (in_f as f64).sqrt();
+            let a: Vec<f32> = (0..cfg.r * in_f)
+                .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
+                .collect();
+            lin.lora = Some(Lora {
+                a: Tensor::from_vec(a, (cfg.r, in_f), &dev)?,
+                b: Tensor::zeros((out_f, cfg.r), candle_core::DType::F32, &dev)?,
+                scaling,
+                dropout,
+                merged: false,
+            });
+            count += 1;
+        }
+        if count == 0 {
+            let names: Vec<String> = self
+                .linears_mut()
+                .iter()
+                .map(|l| l.name.rsplit('.').next().unwrap_or("").to_string())
+                .collect();
+            let mut uniq = names.clone();
+            uniq.sort();
+            uniq.dedup();
+            return Err(Error::config(
+                "lora",
+                "target_modules",
+                format!(
+                    "{:?} matches no linear layer of this {} model (its modules: {})",
+                    cfg.target_modules,
+                    self.spec.architecture.as_str(),
+                    uniq.join(", ")
+                ),
+            ));
+        }
+        self.lora_config = Some(cfg);
+        Ok(count)
+    }
+
+    fn adapted(&mut self) -> Result<Vec<&mut Linear>> {
+        if !self.has_adapter() {
+            return Err(Error::Input("no adapter is attached".into()));
+        }
+        Ok(self
+            .linears_mut()
+            .into_iter()
+            .filter(|l| l.lora.is_some())
+            .collect())
+    }
+
+    /// Folds `s * B A` into each adapted base weight; the adapter stays attached but inactive.
+    pub fn merge_adapter(&mut self) -> Result<()> {
+        for lin in self.adapted()? {
+            let lora = lin.lora.as_mut().unwrap();
+            if !lora.merged {
+                lin.weight = (&lin.weight + lora.delta()?.detach())?;
+                lora.merged = true;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn unmerge_adapter(&mut self) -> Result<()> {
+        for lin in self.adapted()? {
+            let lora = lin.lora.as_mut().unwrap();
+            if lora.merged {
+                lin.weight = (&lin.weight - lora.delta()?.detach())?;
+                lora.merged = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the adapters (after a merge, the merged weights stay).
+    pub fn remove_adapter(&mut self) {
+        for lin in self.linears_mut() {
+            lin.lora = None;
+        }
+        self.lora_config = None;
+    }
+
+    /// Writes the adapter in PEFT's format.
+    pub fn save_adapter(&self, dir: &Path) -> Result<()> {
+        let cfg = self
+            .lora_config
+            .as_ref()
+            .ok_or_else(|| Error::Input("no adapter is attached".into()))?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut tensors = HashMap::new();
+        let mut this = self.clone();
+        let mut modules = vec![];
+        for lin in this.linears_mut() {
+            if let Some(l) = &lin.lora {
+                tensors.insert(
+                    peft_name(&lin.name, "lora_A"),
+                    l.a.detach().to_device(&Device::Cpu)?.contiguous()?,
+                );
+                tensors.insert(
+                    peft_name(&lin.name, "lora_B"),
+                    l.b.detach().to_device(&Device::Cpu)?.contiguous()?,
+                );
+                modules.push(lin.name.rsplit('.').next().unwrap_or("").to_string());
+            }
+        }
+        crate::weights::write_atomic(&dir.join("adapter_model.safetensors"), |tmp| {
+            candle_core::safetensors::save(&tensors, tmp).map_err(Error::from)
+        })?;
+        let target: Value = if cfg.target_modules.iter().any(|t| t == "all-linear") {
+            modules.sort();
+            modules.dedup();
+            json!(modules)
+        } else {
+            let mut t = cfg.target_modules.clone();
+            t.sort();
+            json!(t)
+        };
+        let peft = json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": cfg.r,
+            "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout,
+            "use_rslora": cfg.use_rslora,
+            "target_modules": target,
+            "layers_to_transform": cfg.layers_to_transform,
+            "bias": "none",
+            "fan_in_fan_out": self.spec.architecture == Architecture::Gpt2,
+            "init_lora_weights": true,
+            "inference_mode": true,
+            "modules_to_save": null,
+            "use_dora": false,
+            "base_model_name_or_path": self.config.get("_name_or_path").cloned().unwrap_or(Value::Null),
+        });
+        let text = serde_json::to_string_pretty(&peft).map_err(|e| Error::Msg(e.to_string()))?;
+        crate::weights::write_atomic(&dir.join("adapter_config.json"), |tmp| {
+            std::fs::write(tmp, text).map_err(|e| Error::io(tmp, e))
+        })
+    }
+
+    /// Attaches an adapter saved by PEFT or by `save_adapter`.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<usize> {
+        let cfg_path = dir.join("adapter_config.json");
+        let v = crate::weights::hf::read_json(&cfg_path)?;
+        let ctx = cfg_path.display().to_string();
+        if let Some(t) = v.get("peft_type").and_then(|t| t.as_str()) {
+            if t != "LORA" {
+                return Err(Error::config(
+                    &ctx,
+                    "peft_type",
+                    format!("only LORA adapters are supported, got {t}"),
+                ));
+            }
+        }
+        if v.get("use_dora").and_then(|d| d.as_bool()) == Some(true) {
+            return Err(Error::config(
+                &ctx,
+                "use_dora",
+                "DoRA adapters are not supported",
+            ));
+        }
+        let num = |k: &str| {
+            v.get(k)
+                .and_then(|x| x.as_f64())
+                .ok_or_else(|| Error::config(&ctx, k, "missing or not a number"))
+        };
+        let targets: Vec<String> = match v.get("target_modules") {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect(),
+            _ => return Err(Error::config(&ctx, "target_modules", "missing")),
+        };
+        let layers = v.get("layers_to_transform").and_then(|l| match l {
+            Value::Number(n) => n.as_u64().map(|x| vec![x as usize]),
+            Value::Array(a) => Some(
+                a.iter()
+                    .filter_map(|x| x.as_u64().map(|x| x as usize))
+                    .collect(),
+            ),
+            _ => None,
+        });
+        let cfg = LoraConfig {
+            r: num("r")? as usize,
+            alpha: num("lora_alpha")?,
+            dropout: v
+                .get("lora_dropout")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(0.0),
+            use_rslora: v
+                .get("use_rslora")
+                .and_then(|x| x.as_bool())
+                .unwrap_or(false),
+            target_modules: targets,
+            layers_to_transform: layers,
+        };
+        let file = dir.join("adapter_model.safetensors");
+        if !file.exists() {
+            return Err(Error::NotFound(file));
+        }
+        let mut saved = candle_core::safetensors::load(&file, &self.device).map_err(|e| {
+            Error::Weights(format!(
+                "{}: not a readable safetensors file: {e}",
+                file.display()
+            ))
+        })?;
+        // PEFT may write the adapter name into the keys (`lora_A.default.weight`).
+        saved = saved
+            .into_iter()
+            .map(|(k, t)| (k.replace(".default.weight", ".weight"), t))
+            .collect();
+        self.add_lora(cfg, 0)?;
+        let mut problems = vec![];
+        let mut used = 0;
+        for lin in self.linears_mut() {
+            let name = lin.name.clone();
+            let Some(l) = lin.lora.as_mut() else { continue };
+            for (which, slot) in [("lora_A", &mut l.a), ("lora_B", &mut l.b)] {
+                let key = peft_name(&name, which);
+                match saved.get(&key) {
+                    None => problems.push(format!("missing tensor `{key}`")),
+                    Some(t) if t.dims() != slot.dims() => problems.push(format!(
+                        "tensor `{key}` has shape {:?}, expected {:?}",
+                        t.dims(),
+                        slot.dims()
+                    )),
+                    Some(t) => {
+                        *slot = t.to_dtype(candle_core::DType::F32)?;
+                        used += 1;
+                    }
+                }
+            }
+        }
+        if used < saved.len() && problems.is_empty() {
+            let known: Vec<String> = self
+                .named_parameters()
+                .into_iter()
+                .map(|(n, _)| format!("base_model.model.{n}"))
+                .collect();
+            for k in saved.keys() {
+                if !known.contains(k) && !k.contains("lora_") {
+                    problems.push(format!("unexpected tensor `{k}`"));
+                }
+            }
+            if problems.is_empty() {
+                problems.push(format!(
+                    "{} adapter tensor(s) match no targeted module",
+                    saved.len() - used
+                ));
+            }
+        }
+        if !problems.is_empty() {
+            self.remove_adapter();
+            return Err(Error::Weights(format!(
+                "{}: {} problem(s):\n  {}",
+                file.display(),
+                problems.len(),
+                problems.join("\n  ")
+            )));
+        }
+        Ok(used / 2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targeting_by_name_and_layer() {
+        let cfg = LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            use_rslora: false,
+            target_modules: vec!["q_proj".into()],
+            layers_to_transform: Some(vec![1]),
+        };
+        assert!(cfg.targets("model.layers.1.self_attn.q_proj"));
+        assert!(!cfg.targets("model.layers.0.self_attn.q_proj"));
+        assert!(!cfg.targets("model.layers.1.self_attn.k_proj"));
+        assert_eq!(layer_index("transformer.h.3.attn.c_attn"), Some(3));
+        assert_eq!(cfg.scaling(), 2.0);
+        let rs = LoraConfig {
+            use_rslora: true,
+            r: 4,
+            ..cfg
+        };
+        assert_eq!(rs.scaling(), 2.0);
+    }
+}

@@ -1,0 +1,207 @@
+//! One optimisation step: forward, loss, backward over micro-batches (gradients summed,
+//! each micro-batch weighted by its share of the label tokens), global-norm clipping as torch
+//! does it, and the optimizer update.
+
+use crate::error::{Error, Result};
+use crate::model::{Decoder, ForwardOptions};
+use crate::ops::{self, cross_entropy::IGNORE_INDEX};
+use crate::optim::AdamW;
+use candle_core::{Tensor, Var};
+use std::collections::HashMap;
+
+pub struct Batch {
+    /// u32 [B, T]
+    pub ids: Tensor,
+    /// [B*T], unshifted (Hugging Face convention: position t predicts labels[t+1]).
+    pub labels: Vec<i64>,
+    /// [B*T], 1 = token, 0 = padding.
+    pub attention_mask: Option<Vec<i64>>,
+}
+
+impl Batch {
+    /// Labels moved one step left within each row, the last position ignored.
+    fn shifted_labels(&self) -> Result<Vec<i64>> {
+        let (b, t) = self.ids.dims2()?;
+        if self.labels.len() != b * t {
+            return Err(Error::Input(format!(
+                "labels have {} entries, input_ids {b} x {t}",
+                self.labels.len()
+            )));
+        }
+        Ok((0..b * t)
+            .map(|i| {
+                if (i + 1) % t == 0 {
+                    IGNORE_INDEX
+                } else {
+                    self.labels[i + 1]
+                }
+            })
+            .collect())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    pub loss: f64,
+    /// Total gradient norm before clipping.
+    pub grad_norm: f64,
+    pub tokens: usize,
+}
+
+impl Decoder {
+    /// The parameters a step trains: the adapter matrices when an adapter is attached (the
+    /// base stays untracked, so no gradient is ever computed for it), else every parameter.
+    /// Turns them into variables in place, once; later calls return the same variables.
+    pub fn make_trainable(&mut self) -> Result<Vec<(String, Var)>> {
+        let mut vars = vec![];
+        let mut err = None;
+        let mut to_var = |name: &str, t: &mut Tensor| match Var::from_tensor(t) {
+            Ok(v) => {
+                *t = v.as_tensor().clone();
+                vars.push((name.to_string(), v));
+            }
+            Err(e) => err = Some(e),
+        };
+        if self.has_adapter() {
+            self.visit_mut(&mut |_, t| *t = t.detach());
+            self.visit_adapter_mut(&mut to_var);
+        } else {
+            self.visit_mut(&mut to_var);
+        }
+        match err {
+            Some(e) => Err(e.into()),
+            None => Ok(vars),
+        }
+    }
+
+    /// A view of the model that records no autograd graph (shares every weight).
+    pub fn detached(&self) -> Decoder {
+        let mut m = self.clone();
+        m.visit_mut(&mut |_, t| *t = t.detach());
+        m.visit_adapter_mut(&mut |_, t| *t = t.detach());
+        m
+    }
+
+    /// Mean cross-entropy of the next-token predictions over every label token of `batch`,
+    /// as a tracked scalar when the model holds variables.
+    pub fn loss(&self, batch: &Batch) -> Result<(Tensor, usize)> {
+        let labels = batch.shifted_labels()?;
+        let n = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+        let opts = ForwardOptions {
+            attention_mask: batch.attention_mask.as_deref(),
+            ..Default::default()
+        };
+        let out = self.forward_hidden(&batch.ids, &opts, None)?;
+        let logits = self.logits(&out.last_hidden)?;
+        let (b, t, v) = logits.dims3()?;
+        Ok((
+            ops::cross_entropy(&logits.reshape((b * t, v))?, &labels)?,
+            n,
+        ))
+    }
+
+    /// Token-weighted mean loss over batches, without gradients.
+    pub fn eval_loss(&self, batches: &[Batch]) -> Result<f64> {
+        let model = self.detached();
+        let (mut sum, mut count) = (0.0, 0usize);
+        for b in batches {
+            let (loss, n) = model.loss(b)?;
+            sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * n as f64;
+            count += n;
+        }
+        if count == 0 {
+            return Err(Error::Input(
+                "no label tokens to evaluate (all labels are -100)".into(),
+            ));
+        }
+        Ok(sum / count as f64)
+    }
+}
+
+/// Runs one optimizer step over `micro_batches` (gradient accumulation).
+pub fn train_step(
+    model: &mut Decoder,
+    opt: &mut AdamW,
+    micro_batches: &[Batch],
+    max_grad_norm: Option<f64>,
+) -> Result<StepStats> {
+    if micro_batches.is_empty() {
+        return Err(Error::Input(
+            "a training step needs at least one batch".into(),
+        ));
+    }
+    let vars = model.make_trainable()?;
+    let mut total = 0usize;
+    for b in micro_batches {
+        total += b
+            .shifted_labels()?
+            .iter()
+            .filter(|&&l| l != IGNORE_INDEX)
+            .count();
+    }
+    if total == 0 {
+        return Err(Error::Input(
+            "no label tokens to train on (all labels are -100)".into(),
+        ));
+    }
+    model.set_training(true);
+    let result = accumulate(model, &vars, micro_batches, total);
+    model.set_training(false);
+    let (loss, mut grads) = result?;
+
+    // torch's clip_grad_norm_: total = ||all grads||, coef = min(1, max/(total + 1e-6)).
+    let mut sq = 0f64;
+    for g in grads.values() {
+        sq += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    let grad_norm = sq.sqrt();
+    if let Some(max) = max_grad_norm {
+        let coef = (max as f32 / (grad_norm as f32 + 1e-6)).min(1.0);
+        if coef < 1.0 {
+            for g in grads.values_mut() {
+                *g = g.affine(coef as f64, 0.0)?;
+            }
+        }
+    }
+    opt.step(&vars, &grads)?;
+    Ok(StepStats {
+        loss,
+        grad_norm,
+        tokens: total,
+    })
+}
+
+fn accumulate(
+    model: &Decoder,
+    vars: &[(String, Var)],
+    micro_batches: &[Batch],
+    total: usize,
+) -> Result<(f64, HashMap<String, Tensor>)> {
+    let mut grads: HashMap<String, Tensor> = HashMap::new();
+    let mut loss_sum = 0f64;
+    for b in micro_batches {
+        let (loss, n) = model.loss(b)?;
+        if n == 0 {
+            continue;
+        }
+        let weighted = loss.affine(n as f64 / total as f64, 0.0)?;
+        loss_sum += weighted
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+        let store = weighted.backward()?;
+        for (name, var) in vars {
+            if let Some(g) = store.get(var) {
+                let g = match grads.remove(name) {
+                    Some(acc) => (acc + g)?,
+                    None => g.clone(),
+                };
+                grads.insert(name.clone(), g);
+            }
+        }
+    }
+    Ok((loss_sum, grads))
+}

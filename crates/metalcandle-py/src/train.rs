@@ -1,0 +1,154 @@
+//! `_core.AdamW`, `_core.train_step` and `_core.eval_loss`.
+
+use crate::convert::{ids_tensor, read_i64_2d, to_py_err};
+use crate::model::PyModel;
+use metalcandle_core::optim::{AdamW, AdamWConfig};
+use metalcandle_core::train::{train_step as core_step, Batch};
+use numpy::PyReadonlyArray2;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use std::path::PathBuf;
+
+#[pyclass(name = "AdamW", module = "metalcandle._core")]
+pub struct PyAdamW {
+    inner: AdamW,
+}
+
+#[pymethods]
+impl PyAdamW {
+    #[new]
+    #[pyo3(signature = (lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.01, no_decay = vec![]))]
+    fn new(
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+        no_decay: Vec<String>,
+    ) -> PyResult<Self> {
+        let cfg = AdamWConfig {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            no_decay,
+        };
+        Ok(Self {
+            inner: AdamW::new(cfg).map_err(to_py_err)?,
+        })
+    }
+
+    #[getter]
+    fn get_lr(&self) -> f64 {
+        self.inner.config.lr
+    }
+
+    #[setter]
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    fn set_lr(&mut self, lr: f64) -> PyResult<()> {
+        if !(lr >= 0.0) {
+            return Err(PyValueError::new_err(format!("lr must be >= 0, got {lr}")));
+        }
+        self.inner.config.lr = lr;
+        Ok(())
+    }
+
+    fn config_json(&self) -> String {
+        serde_json::to_string(&self.inner.config).unwrap_or_default()
+    }
+
+    /// Per-parameter step counts.
+    fn steps(&self) -> std::collections::BTreeMap<String, u64> {
+        self.inner.steps()
+    }
+
+    fn save(&self, path: PathBuf) -> PyResult<()> {
+        self.inner.save(&path).map_err(to_py_err)
+    }
+
+    fn load(&mut self, path: PathBuf) -> PyResult<()> {
+        self.inner
+            .load(&path, &candle_core::Device::Cpu)
+            .map_err(to_py_err)
+    }
+}
+
+type Arr<'py> = PyReadonlyArray2<'py, i64>;
+
+fn batches(
+    model: &PyModel,
+    ids: Vec<Arr<'_>>,
+    labels: Vec<Arr<'_>>,
+    masks: Option<Vec<Arr<'_>>>,
+) -> PyResult<Vec<Batch>> {
+    if ids.len() != labels.len() || masks.as_ref().is_some_and(|m| m.len() != ids.len()) {
+        return Err(PyValueError::new_err(
+            "input_ids, labels and attention_mask must list the same number of micro-batches",
+        ));
+    }
+    let mut out = vec![];
+    for (i, (x, y)) in ids.iter().zip(labels.iter()).enumerate() {
+        let (xv, shape) = read_i64_2d(x);
+        let (yv, yshape) = read_i64_2d(y);
+        if yshape != shape {
+            return Err(PyValueError::new_err(format!(
+                "labels have shape {yshape:?}, input_ids {shape:?}"
+            )));
+        }
+        let attention_mask = match &masks {
+            Some(m) => {
+                let (mv, mshape) = read_i64_2d(&m[i]);
+                if mshape != shape {
+                    return Err(PyValueError::new_err(format!(
+                        "attention_mask has shape {mshape:?}, input_ids {shape:?}"
+                    )));
+                }
+                Some(mv)
+            }
+            None => None,
+        };
+        let ids = ids_tensor(&xv, shape, model.inner.spec.vocab_size, &model.inner.device)?;
+        out.push(Batch {
+            ids,
+            labels: yv,
+            attention_mask,
+        });
+    }
+    Ok(out)
+}
+
+/// One optimizer step over micro-batches; returns (loss, pre-clip gradient norm, label tokens).
+#[pyfunction]
+#[pyo3(signature = (model, optimizer, input_ids, labels, attention_mask = None, max_grad_norm = None))]
+pub fn train_step(
+    py: Python<'_>,
+    mut model: PyRefMut<'_, PyModel>,
+    mut optimizer: PyRefMut<'_, PyAdamW>,
+    input_ids: Vec<Arr<'_>>,
+    labels: Vec<Arr<'_>>,
+    attention_mask: Option<Vec<Arr<'_>>>,
+    max_grad_norm: Option<f64>,
+) -> PyResult<(f64, f64, usize)> {
+    let b = batches(&model, input_ids, labels, attention_mask)?;
+    let (m, o) = (&mut model.inner, &mut optimizer.inner);
+    let stats = py
+        .detach(|| core_step(m, o, &b, max_grad_norm))
+        .map_err(to_py_err)?;
+    Ok((stats.loss, stats.grad_norm, stats.tokens))
+}
+
+/// Token-weighted mean loss without gradients.
+#[pyfunction]
+#[pyo3(signature = (model, input_ids, labels, attention_mask = None))]
+pub fn eval_loss(
+    py: Python<'_>,
+    model: PyRef<'_, PyModel>,
+    input_ids: Vec<Arr<'_>>,
+    labels: Vec<Arr<'_>>,
+    attention_mask: Option<Vec<Arr<'_>>>,
+) -> PyResult<f64> {
+    let b = batches(&model, input_ids, labels, attention_mask)?;
+    let m = &model.inner;
+    py.detach(|| m.eval_loss(&b)).map_err(to_py_err)
+}
