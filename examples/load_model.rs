@@ -15,7 +15,11 @@ fn main() {
             for (name, t) in model.named_parameters() {
                 println!("{name:60} {:?}", t.dims());
             }
-            println!("{} tensors, {} parameters: all present, all shapes as the config implies", model.named_parameters().len(), model.num_parameters());
+            println!(
+                "{} tensors, {} parameters: all present, all shapes as the config implies",
+                model.named_parameters().len(),
+                model.num_parameters()
+            );
         }
         Err(e) => {
             eprintln!("error: {e}");
