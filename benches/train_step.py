@@ -1,0 +1,75 @@
+"""Times training steps on a randomly initialised Qwen2.5-0.5B-shaped model (float32) at batch
+1 x 256 tokens: LoRA r=8 on all seven linear projections, and reports tokens/s and peak RSS.
+
+    python benches/train_step.py [--steps 3] [--seq 256] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import numpy as np
+
+import metalcandle as mc
+
+QWEN25_05B = {
+    "model_type": "qwen2",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    model = mc.Model.from_config(QWEN25_05B, seed=0)
+    load_s = time.perf_counter() - t0
+    rss_model = peak_rss_mib()
+    model.add_lora(r=8, alpha=16, target_modules="all-linear", seed=0)
+    trainer = mc.Trainer(model, mc.AdamW(lr=1e-4), max_grad_norm=1.0)
+    ids = np.random.default_rng(0).integers(0, QWEN25_05B["vocab_size"], size=(1, args.seq))
+    times = []
+    for _ in range(args.steps + 1):  # the first step warms up
+        t = time.perf_counter()
+        trainer.step(ids)
+        times.append(time.perf_counter() - t)
+    med = float(np.median(times[1:]))
+    result = {
+        "model": "Qwen2.5-0.5B-shaped, random, float32",
+        "parameters": model.num_parameters(),
+        "lora_trainable": sum(v.size for v in model.trainable_parameters().values()),
+        "batch": [1, args.seq],
+        "init_s": round(load_s, 2),
+        "step_s_median": round(med, 3),
+        "tokens_per_s": round(args.seq / med, 1),
+        "rss_after_init_mib": round(rss_model),
+        "peak_rss_mib": round(peak_rss_mib()),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Architecture adapters: one `BaseAdapter` interface over the decoders the core runs, selected by
+`architecture_type` (not LoRA adapters; those live on `Model.add_lora`)."""
+
+from metalcandle.adapters.architectures import (
+    CustomTransformerAdapter,
+    GPT2Adapter,
+    LlamaAdapter,
+    MistralAdapter,
+    QwenAdapter,
+)
+from metalcandle.adapters.base import ADAPTERS, BaseAdapter, get_adapter_class, register_adapter
+from metalcandle.adapters.validation import AdapterValidationError, validate_adapter
+
+
+def adapter_for(model, tokenizer=None) -> BaseAdapter:
+    """Wraps a loaded `Model` in the adapter registered for its architecture."""
+    return get_adapter_class(model.architecture)(model, tokenizer)
+
+
+def load_adapter_model(path, device: str = "cpu") -> BaseAdapter:
+    """A model folder loaded through the adapter its config.json's model_type selects."""
+    import json
+    from pathlib import Path
+
+    model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+    return get_adapter_class(model_type).from_pretrained(path, device=device)
+
+
+__all__ = [
+    "ADAPTERS",
+    "AdapterValidationError",
+    "BaseAdapter",
+    "CustomTransformerAdapter",
+    "GPT2Adapter",
+    "LlamaAdapter",
+    "MistralAdapter",
+    "QwenAdapter",
+    "adapter_for",
+    "get_adapter_class",
+    "load_adapter_model",
+    "register_adapter",
+    "validate_adapter",
+]

@@ -1,0 +1,437 @@
+"""The run config: a TOML file validated against a fixed schema before any work starts.
+
+Every section and key is declared below with its type, default and allowed range, so unknown
+keys get a did-you-mean and wrong values an error naming the file, the key and what was expected.
+Paths to inputs (data, model, tokenizer) are taken relative to the config file; output paths
+(`output_dir`, `models_dir`) relative to the working directory, where the user runs the command.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from metalcandle.errors import UserError
+
+REQUIRED = object()  # default marker: the key must be given
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: its type ("int", "float", "str", "bool", "str_list", "float_pair",
+    "resume", "target_modules"), default, and optional range or choices."""
+
+    kind: str
+    default: Any = None
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+    min_exclusive: bool = False
+    help: str = ""
+
+
+SPEC_KEYS: dict[str, Key] = {
+    "architecture": Key("str", "custom-transformer", choices=("custom-transformer",)),
+    "d_model": Key("int", 128, min=1),
+    "n_layers": Key("int", 4, min=1),
+    "n_heads": Key("int", 4, min=1),
+    "n_kv_heads": Key("int", None, min=1),  # None: same as n_heads
+    "d_ff": Key("int", None, min=1),  # None: 4 * d_model
+    "max_seq_len": Key("int", None, min=1),  # None: data.seq_len
+    "norm": Key("str", "layernorm", choices=("layernorm", "rmsnorm")),
+    "mlp": Key("str", "gelu", choices=("gelu", "gelu_tanh", "swiglu", "relu")),
+    "positions": Key("str", "learned", choices=("learned", "sinusoidal", "rope")),
+    "tie_embeddings": Key("bool", True),
+    "dropout": Key("float", 0.0, min=0.0, max=1.0),
+}
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "run": {
+        "name": Key("str", REQUIRED),
+        "output_dir": Key("str", None),  # None: runs/<name>
+        "seed": Key("int", 0, min=0),
+        "device": Key("str", "auto", choices=("auto", "cpu", "cuda", "metal")),
+        "models_dir": Key("str", None),  # None: $METALCANDLE_MODELS_DIR or ./models
+    },
+    "model": {
+        "name": Key("str", None),
+        "path": Key("str", None),
+        # "spec" is a sub-table, validated with SPEC_KEYS.
+    },
+    "tokenizer": {
+        "kind": Key("str", None, choices=("pretrained", "char", "bpe")),  # None: from [model]
+        "vocab_size": Key("int", 1024, min=2),
+        "charset": Key("str", "ascii", choices=("ascii",)),
+    },
+    "data": {
+        "train": Key("str_list", REQUIRED),
+        "valid": Key("str_list", None),
+        "valid_fraction": Key("float", 0.1, min=0.0, max=0.9),
+        "format": Key("str", "auto", choices=("auto", "text", "completions", "chat")),
+        "seq_len": Key("int", None, min=2),  # None: 256 from scratch, 512 for pretrained models
+        "mask_prompt": Key("bool", True),
+        "packing": Key("bool", True),
+    },
+    "lora": {
+        "r": Key("int", 8, min=1),
+        "alpha": Key("float", 16.0, min=0.0, min_exclusive=True),
+        "dropout": Key("float", 0.0, min=0.0, max=1.0),
+        "target_modules": Key("target_modules", ["q_proj", "v_proj"]),
+        "use_rslora": Key("bool", False),
+    },
+    "optimizer": {
+        "name": Key("str", "adamw", choices=("adamw",)),
+        "lr": Key("float", 1e-3, min=0.0, min_exclusive=True),
+        "betas": Key("float_pair", [0.9, 0.999], min=0.0, max=1.0),
+        "eps": Key("float", 1e-8, min=0.0, min_exclusive=True),
+        "weight_decay": Key("float", 0.01, min=0.0),
+    },
+    "scheduler": {
+        "name": Key("str", "cosine", choices=("constant", "linear", "cosine")),
+        "warmup_steps": Key("int", 0, min=0),
+        "min_lr_ratio": Key("float", 0.1, min=0.0, max=1.0),
+    },
+    "train": {
+        "max_steps": Key("int", None, min=1),
+        "epochs": Key("float", None, min=0.0, min_exclusive=True),
+        "batch_size": Key("int", 8, min=1),
+        "grad_accum": Key("int", 1, min=1),
+        "max_grad_norm": Key("float", 1.0, min=0.0),  # 0 disables clipping
+        "eval_every": Key("int", 100, min=1),
+        "eval_batches": Key("int", 10, min=1),
+        "save_every": Key("int", 100, min=1),
+        "keep_last": Key("int", 2, min=1),
+        "early_stopping_patience": Key("int", 0, min=0),  # evaluations without improvement; 0 = off
+        "log_every": Key("int", 10, min=1),
+        "resume": Key("resume", "auto"),
+    },
+    "generate": {
+        "max_new_tokens": Key("int", 64, min=0),
+        "temperature": Key("float", 0.8, min=0.0),  # 0 = greedy
+        "top_k": Key("int", 0, min=0),  # 0 = off
+        "top_p": Key("float", 1.0, min=0.0, max=1.0, min_exclusive=True),
+        "repetition_penalty": Key("float", 1.0, min=0.0, min_exclusive=True),
+        "num_beams": Key("int", 1, min=1),
+        "seed": Key("int", 0, min=0),
+    },
+}
+
+OPTIONAL_SECTIONS = {"lora"}  # absent means: full training
+
+
+@dataclass
+class Config:
+    """A validated config: `sections[section][key]` with every default filled in."""
+
+    sections: dict[str, dict[str, Any]]
+    source: Path | None = None  # the TOML file, for relative paths and messages
+    raw: dict = field(default_factory=dict)
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.sections[section]
+
+    def get(self, section: str) -> dict[str, Any] | None:
+        return self.sections.get(section)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source.parent if self.source else Path.cwd()
+
+    def input_path(self, p: str) -> Path:
+        """An input path as written in the config, resolved against the config's folder."""
+        path = Path(os.path.expanduser(p))
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    @property
+    def output_dir(self) -> Path:
+        out = self["run"]["output_dir"] or os.path.join("runs", self["run"]["name"])
+        return Path(os.path.expanduser(out)).absolute()
+
+    @property
+    def models_dir(self) -> Path:
+        from metalcandle.registry import default_models_dir
+
+        return default_models_dir(self["run"]["models_dir"])
+
+    @property
+    def is_lora(self) -> bool:
+        return self.sections.get("lora") is not None
+
+    @property
+    def from_scratch(self) -> bool:
+        return self["model"].get("spec") is not None
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self.sections)
+
+    def hash(self) -> str:
+        """sha256 of the resolved config (canonical JSON), short form; stored with checkpoints."""
+        blob = json.dumps(self.sections, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _where(source: Path | None) -> str:
+    return f"{source}: " if source else ""
+
+
+def _did_you_mean(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_value(where: str, dotted: str, key: Key, value: Any) -> Any:
+    """The value converted to the key's type, or a UserError naming the key and the expectation."""
+
+    def bad(expected: str):
+        raise UserError(f"{where}{dotted} must be {expected}, got {value!r}")
+
+    def in_range(v, expected):
+        lo_ok = key.min is None or (v > key.min if key.min_exclusive else v >= key.min)
+        hi_ok = key.max is None or v <= key.max
+        if not (lo_ok and hi_ok):
+            lo = "" if key.min is None else (f"> {key.min}" if key.min_exclusive else f">= {key.min}")
+            hi = "" if key.max is None else f"<= {key.max}"
+            bad(f"{expected} {' and '.join(s for s in (lo, hi) if s)}")
+        return v
+
+    k = key.kind
+    if k == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            bad("an integer")
+        return in_range(value, "an integer")
+    if k == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            bad("a number")
+        return in_range(float(value), "a number")
+    if k == "bool":
+        if not isinstance(value, bool):
+            bad("true or false")
+        return value
+    if k == "str":
+        if not isinstance(value, str):
+            bad("one of " + ", ".join(f'"{c}"' for c in key.choices) if key.choices else "a string")
+        if key.choices and value not in key.choices:
+            choices = ", ".join(f'"{c}"' for c in key.choices)
+            raise UserError(
+                f"{where}{dotted} must be one of {choices}, got {value!r}{_did_you_mean(value, key.choices)}"
+            )
+        return value
+    if k == "str_list":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value or not all(isinstance(s, str) for s in value):
+            bad("a path or a non-empty list of paths")
+        return value
+    if k == "float_pair":
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        ):
+            bad("a list of two numbers like [0.9, 0.999]")
+        for v in value:
+            if not 0.0 <= v < 1.0:
+                bad("two numbers in [0, 1)")
+        return [float(v) for v in value]
+    if k == "target_modules":
+        if value == "all-linear":
+            return value
+        if not isinstance(value, list) or not value or not all(isinstance(s, str) for s in value):
+            bad('"all-linear" or a non-empty list of module names like ["q_proj", "v_proj"]')
+        return value
+    if k == "resume":
+        if value is False or value in ("auto", "false", "never"):
+            return False if value in (False, "false", "never") else "auto"
+        if isinstance(value, str) and value:
+            return value
+        bad('"auto", false, or a checkpoint path')
+    raise AssertionError(f"unknown key kind {k}")
+
+
+def _validate_table(where: str, section: str, table: Any, keys: dict[str, Key]) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise UserError(f"{where}[{section}] must be a table, got {table!r}")
+    out: dict[str, Any] = {}
+    for name, value in table.items():
+        if name not in keys:
+            raise UserError(f"{where}unknown key '{section}.{name}'{_did_you_mean(name, keys)}")
+        out[name] = _check_value(where, f"{section}.{name}", keys[name], value)
+    for name, key in keys.items():
+        if name not in out:
+            if key.default is REQUIRED:
+                raise UserError(f"{where}missing required key '{section}.{name}'")
+            out[name] = copy.deepcopy(key.default)
+    return out
+
+
+def validate(raw: dict, source: Path | None = None) -> Config:
+    """Checks every section and key of a parsed TOML document and fills in defaults."""
+    where = _where(source)
+    sections: dict[str, Any] = {}
+    for name in raw:
+        if name not in SCHEMA:
+            raise UserError(f"{where}unknown section [{name}]{_did_you_mean(name, SCHEMA)}")
+    for name, keys in SCHEMA.items():
+        table = raw.get(name)
+        if table is None and name in OPTIONAL_SECTIONS:
+            sections[name] = None
+            continue
+        table = dict(table or {})
+        spec = table.pop("spec", None) if name == "model" else None
+        sections[name] = _validate_table(where, name, table, keys)
+        if name == "model":
+            sections[name]["spec"] = (
+                None if spec is None else _validate_table(where, "model.spec", spec, SPEC_KEYS)
+            )
+
+    _check_cross_keys(where, sections)
+    return Config(sections=sections, source=source, raw=raw)
+
+
+def _check_cross_keys(where: str, s: dict) -> None:
+    """Constraints that involve more than one key."""
+    m = s["model"]
+    given = [k for k in ("name", "path", "spec") if m.get(k) is not None]
+    if len(given) != 1:
+        raise UserError(
+            f"{where}[model] needs exactly one of 'name' (a registry model), 'path' (a Hugging Face "
+            f"folder) or a [model.spec] table (train from scratch); got {given or 'none'}"
+        )
+    tok = s["tokenizer"]
+    if m["spec"] is not None:
+        if tok["kind"] is None:
+            tok["kind"] = "char"
+        if tok["kind"] == "pretrained":
+            raise UserError(f'{where}tokenizer.kind = "pretrained" needs a pretrained [model] (name or path)')
+        if s["lora"] is not None:
+            raise UserError(f"{where}[lora] needs a pretrained [model] (name or path), not [model.spec]")
+        spec = m["spec"]
+        if spec["n_kv_heads"] is None:
+            spec["n_kv_heads"] = spec["n_heads"]
+        if spec["d_ff"] is None:
+            spec["d_ff"] = 4 * spec["d_model"]
+        if spec["d_model"] % spec["n_heads"]:
+            raise UserError(
+                f"{where}model.spec.d_model ({spec['d_model']}) must be divisible by "
+                f"n_heads ({spec['n_heads']})"
+            )
+        if spec["n_heads"] % spec["n_kv_heads"]:
+            raise UserError(
+                f"{where}model.spec.n_heads ({spec['n_heads']}) must be divisible by "
+                f"n_kv_heads ({spec['n_kv_heads']})"
+            )
+        if s["data"]["seq_len"] is None:
+            s["data"]["seq_len"] = 256 if spec["max_seq_len"] is None else min(256, spec["max_seq_len"])
+        if spec["max_seq_len"] is None:
+            spec["max_seq_len"] = s["data"]["seq_len"]
+        if s["data"]["seq_len"] > spec["max_seq_len"]:
+            raise UserError(
+                f"{where}data.seq_len ({s['data']['seq_len']}) must be <= "
+                f"model.spec.max_seq_len ({spec['max_seq_len']})"
+            )
+    else:
+        if tok["kind"] is None:
+            tok["kind"] = "pretrained"
+        if tok["kind"] != "pretrained":
+            raise UserError(
+                f'{where}tokenizer.kind must be "pretrained" for a pretrained model '
+                "(it brings its own tokenizer.json), "
+                f"got {tok['kind']!r}"
+            )
+        if s["data"]["seq_len"] is None:
+            s["data"]["seq_len"] = 512
+    t = s["train"]
+    if t["max_steps"] is None and t["epochs"] is None:
+        raise UserError(f"{where}[train] needs 'max_steps' or 'epochs'")
+    if t["max_steps"] is not None and t["epochs"] is not None:
+        raise UserError(f"{where}[train] takes 'max_steps' or 'epochs', not both")
+    if s["data"]["valid"] is None and s["data"]["valid_fraction"] <= 0:
+        raise UserError(f"{where}[data] needs 'valid' files or a 'valid_fraction' > 0 for evaluation")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` (or `model.spec.key=value`) with the value parsed as TOML, falling
+    back to a bare string, so `--set train.max_steps=10` gives an int and `--set run.name=x` a str."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected section.key=value")
+    dotted, value = text.split("=", 1)
+    parts = [p.strip() for p in dotted.strip().split(".")]
+    if len(parts) < 2 or not all(parts):
+        raise UserError(f"--set {text!r}: expected section.key=value")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return parts, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """The parsed TOML with `--set` values applied; `section.key=` (nothing after `=`) removes the
+    key, e.g. `--set model.name= --set model.path=/some/folder` to swap the model source."""
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        table = raw
+        for p in parts[:-1]:
+            table = table.setdefault(p, {})
+            if not isinstance(table, dict):
+                raise UserError(f"--set {text!r}: {'.'.join(parts[:-1])} is not a table")
+        if value == "":
+            table.pop(parts[-1], None)
+        else:
+            table[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Reads, overrides and validates a TOML config; every problem is a one-line UserError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: invalid TOML: {e}") from None
+    raw = apply_overrides(raw, overrides or [])
+    return validate(raw, source=path.absolute())
+
+
+def to_toml(sections: dict) -> str:
+    """The resolved config written back as TOML (saved with every checkpoint). None values are
+    omitted, since TOML has no null and omission means the same default."""
+
+    def fmt(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return repr(v)
+
+    lines = []
+    for name, table in sections.items():
+        if table is None:
+            continue
+        nested = {k: v for k, v in table.items() if isinstance(v, dict)}
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {fmt(v)}" for k, v in table.items() if v is not None and not isinstance(v, dict)]
+        lines.append("")
+        for sub, subtable in nested.items():
+            lines.append(f"[{name}.{sub}]")
+            lines += [f"{k} = {fmt(v)}" for k, v in subtable.items() if v is not None]
+            lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,468 @@
+"""The training loop behind `metalcandle train`: data, model, optimizer, schedule, evaluation,
+checkpoints, resume, early stopping, metrics and registration of the finished model.
+
+The tensor work (forward, loss, backward, clipping, AdamW) is one `Trainer.step` call into Rust;
+everything here is bookkeeping whose state fits in `state.json`, which is what makes resuming exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from metalcandle import checkpoint as ck
+from metalcandle import data as D
+from metalcandle.config import Config, to_toml
+from metalcandle.errors import UserError
+from metalcandle.loading import (
+    BaseModel,
+    build_tokenizer,
+    device_of,
+    load_folder_tokenizer,
+    load_model_dir,
+    resolve_base,
+    scratch_model_config,
+)
+from metalcandle.plotting import plot_loss
+from metalcandle.progress import Progress
+from metalcandle.registry import Registry, new_model_id, read_license
+from metalcandle.schedule import lr_at
+
+NUM_SAMPLES = 3  # continuations logged at each evaluation
+# The resolved run config; not "config.json", which is the model's own config in the same folder.
+RUN_CONFIG_TOML = "run_config.toml"
+RUN_CONFIG_JSON = "run_config.json"
+
+
+@dataclass
+class RunState:
+    """Everything besides weights and optimizer moments that a resumed run needs."""
+
+    step: int = 0
+    data_position: int = 0  # windows consumed; the shuffled order is a function of it
+    tokens_seen: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    model_id: str = field(default_factory=new_model_id)
+    stopped_early: bool = False  # so a resumed run that had already stopped early stays stopped
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+    best_val_loss: float | None
+    stopped_early: bool
+    tokens_per_s: float
+    registered_as: str | None
+
+
+@dataclass
+class Datasets:
+    train: D.Windows
+    valid: D.Windows
+    train_files: list[Path]
+
+
+def load_datasets(cfg: Config, tokenizer) -> Datasets:
+    d = cfg["data"]
+    train_files = [cfg.input_path(p) for p in d["train"]]
+    pad = tokenizer.pad_token_id
+    pad = pad if pad is not None else (tokenizer.eos_token_id or 0)
+
+    def windows(files):
+        examples = D.read_examples(files, d["format"], tokenizer, d["mask_prompt"])
+        return D.build_windows(examples, d["seq_len"], d["packing"], pad)
+
+    train = windows(train_files)
+    if d["valid"] is not None:
+        valid = windows([cfg.input_path(p) for p in d["valid"]])
+    else:
+        train, valid = D.split_windows(train, d["valid_fraction"], cfg["run"]["seed"])
+    if len(train) == 0 or len(valid) == 0:
+        raise UserError(f"{cfg.source}: not enough data for seq_len {d['seq_len']}")
+    return Datasets(train, valid, train_files)
+
+
+def total_steps(cfg: Config, num_train_windows: int) -> int:
+    t = cfg["train"]
+    if t["max_steps"] is not None:
+        return t["max_steps"]
+    return D.steps_for_epochs(t["epochs"], num_train_windows, t["batch_size"], t["grad_accum"])
+
+
+def make_optimizer(cfg: Config):
+    import metalcandle as mc
+
+    o = cfg["optimizer"]
+    return mc.AdamW(lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"])
+
+
+def generation_options(gen: dict) -> dict:
+    """[generate] as keyword arguments of `generate_text`. Temperature 0 means greedy, which takes
+    no sampling options (generate warns about ignored ones), so they are only passed when sampling."""
+    opts = {
+        "max_new_tokens": gen["max_new_tokens"],
+        "do_sample": gen["temperature"] > 0,
+        "repetition_penalty": gen["repetition_penalty"] if gen["repetition_penalty"] != 1.0 else None,
+        "num_beams": gen["num_beams"],
+    }
+    if opts["do_sample"]:
+        opts.update(
+            temperature=gen["temperature"],
+            top_k=gen["top_k"] or None,
+            top_p=gen["top_p"] if gen["top_p"] < 1.0 else None,
+            seed=gen["seed"],
+        )
+    return opts
+
+
+def evaluate(trainer, batches) -> tuple[float, float]:
+    """Token-weighted mean validation loss over fixed batches, and its perplexity."""
+    total, count = 0.0, 0
+    for ids, labels in batches:
+        n = int((labels[:, 1:] != D.IGNORE).sum())
+        total += trainer.eval_loss(ids, labels=labels) * n
+        count += n
+    loss = total / max(count, 1)
+    return loss, math.exp(min(loss, 700.0))
+
+
+def sample_prompts(valid: D.Windows, tokenizer, n: int = NUM_SAMPLES) -> list[str]:
+    """Prompts for the qualitative samples, the same at every evaluation, from rows spread over the
+    validation set: a row's masked prefix (the prompt of a completion or chat example, up to the
+    generation prompt), or for plain text its first few tokens."""
+    length = max(1, min(24, valid.input_ids.shape[1] // 4))
+    rows = np.unique(np.linspace(0, len(valid) - 1, num=min(n, len(valid))).astype(int))
+    prompts = []
+    for r in rows:
+        ids, labels = valid.input_ids[r], valid.labels[r]
+        learned = np.flatnonzero(labels != D.IGNORE)
+        end = int(learned[0]) if len(learned) and learned[0] > 0 else length
+        prompts.append(tokenizer.decode(ids[:end].tolist()))
+    return prompts
+
+
+def sample_continuations(model, tokenizer, prompts: list[str], gen_opts: dict) -> list[str]:
+    from metalcandle.generate import generate_text
+
+    out = []
+    context = model._core.max_position_embeddings
+    for i, p in enumerate(prompts):
+        # Stay inside the context so generate does not warn at every evaluation; a seed per
+        # prompt so the samples differ, the same at every evaluation so they compare.
+        room = max(0, context - len(tokenizer.encode(p)))
+        opts = dict(gen_opts, max_new_tokens=min(gen_opts["max_new_tokens"], room))
+        if "seed" in opts:
+            opts["seed"] += i
+        out.append(generate_text(model, tokenizer, p, **opts))
+    return out
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per line, appended and flushed as the run goes."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            # Lines past the checkpoint came from the interrupted attempt; the resumed run redoes them.
+            kept = [
+                ln
+                for ln in path.read_text().splitlines()
+                if ln.strip() and json.loads(ln)["step"] <= resume_step
+            ]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        elif resume_step is None and path.exists():
+            path.unlink()
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def metadata_for(cfg: Config, state: RunState, base: BaseModel | None, architecture: str) -> dict:
+    return {
+        "model_name": cfg["run"]["name"],
+        "model_id": state.model_id,
+        "model_source": "metalcandle-train",
+        "fine_tuned_from": None if base is None else base.name,
+        "base_model_path": None if base is None else str(base.path),
+        "architecture_type": architecture,
+        "training": "lora" if cfg.is_lora else ("full" if base is not None else "from-scratch"),
+        "license": None if base is None else (base.entry.get("license") or read_license(base.path)),
+    }
+
+
+def save_checkpoint(dest: Path, cfg: Config, model, trainer, tokenizer, state: RunState, meta: dict) -> Path:
+    def write(tmp: Path):
+        if cfg.is_lora:
+            model.save_adapter(tmp)
+        else:
+            model.save_pretrained(tmp)
+        tokenizer.save(tmp)
+        trainer.save_state(tmp / ck.TRAINER_DIR)
+        (tmp / RUN_CONFIG_TOML).write_text(to_toml(cfg.to_dict()), encoding="utf-8")
+        ck.write_json(tmp / RUN_CONFIG_JSON, {"config": cfg.to_dict(), "hash": cfg.hash()})
+        ck.write_json(tmp / ck.METADATA_FILE, meta)
+        # Written last: a folder is a checkpoint only once state.json is in it.
+        ck.write_json(tmp / ck.STATE_FILE, {**state.__dict__, "config_hash": cfg.hash()})
+
+    return ck.write_atomic_dir(dest, write)
+
+
+def build_model(cfg: Config, base: BaseModel | None, tokenizer, resume_from: Path | None):
+    import metalcandle as mc
+
+    device = device_of(cfg)
+    if base is None:
+        if resume_from is not None:
+            return mc.load_model(resume_from, device=device)
+        return mc.Model.from_config(
+            scratch_model_config(cfg, tokenizer.vocab_size), seed=cfg["run"]["seed"], device=device
+        )
+    if cfg.is_lora:
+        model = load_model_dir(base.path, device)
+        if resume_from is not None:
+            model.load_adapter(resume_from)
+        else:
+            lo = cfg["lora"]
+            model.add_lora(
+                r=lo["r"],
+                alpha=lo["alpha"],
+                dropout=lo["dropout"],
+                target_modules=lo["target_modules"],
+                seed=cfg["run"]["seed"],
+                use_rslora=lo["use_rslora"],
+            )
+        return model
+    return load_model_dir(resume_from or base.path, device)
+
+
+def train(cfg: Config, progress: bool = True, stop_at_step: int | None = None, log=None) -> TrainResult:
+    """Runs (or resumes) the training described by `cfg`. `stop_at_step` ends the run early after
+    saving a checkpoint there, as an interruption would (used to test exact resume)."""
+    import metalcandle as mc
+
+    def say(msg: str):
+        (log or (lambda m: print(m, file=sys.stderr)))(msg)
+
+    out = cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    t = cfg["train"]
+    resume_from = ck.resolve_resume(t["resume"], out)
+    base = resolve_base(cfg)
+
+    state = RunState()
+    if resume_from is not None:
+        saved = ck.read_json(resume_from / ck.STATE_FILE)
+        if saved.get("config_hash") != cfg.hash():
+            say(f"note: config differs from the one {resume_from.name} was trained with (resuming anyway)")
+        saved.pop("config_hash", None)
+        state = RunState(**saved)
+        say(f"resuming from {resume_from} (step {state.step})")
+
+    tokenizer = (
+        load_folder_tokenizer(resume_from)
+        if resume_from is not None
+        else build_tokenizer(cfg, base, [cfg.input_path(p) for p in cfg["data"]["train"]])
+    )
+    data = load_datasets(cfg, tokenizer)
+    if hasattr(tokenizer, "unknown_counts") and sum(tokenizer.unknown_counts.values()):
+        say("note: " + tokenizer.unknown_summary())
+    max_steps = total_steps(cfg, len(data.train))
+
+    model = build_model(cfg, base, tokenizer, resume_from)
+    opt = make_optimizer(cfg)
+    trainer = mc.Trainer(model, opt, max_grad_norm=t["max_grad_norm"] or None)
+    if resume_from is not None:
+        trainer.load_state(resume_from / ck.TRAINER_DIR)
+
+    stream = D.BatchStream(data.train, t["batch_size"], cfg["run"]["seed"])
+    stream.position = state.data_position
+    valid_batches = D.eval_batches(data.valid, t["batch_size"], t["eval_batches"])
+    prompts = sample_prompts(data.valid, tokenizer)
+    gen_opts = generation_options(cfg["generate"])
+    meta = metadata_for(cfg, state, base, model.architecture)
+    metrics = MetricsLog(out / "metrics.jsonl", state.step if resume_from is not None else None)
+    ckpt_root = out / "checkpoints"
+    s = cfg["scheduler"]
+
+    if cfg.is_lora:
+        trainable = sum(int(a.size) for a in model.trainable_parameters().values())
+        size = f"{model.num_parameters():,} parameters, {trainable:,} trainable (LoRA)"
+    else:
+        size = f"{model.num_parameters():,} parameters"
+    say(
+        f"{cfg['run']['name']}: {model.architecture}, {size}, vocab {tokenizer.vocab_size}, "
+        f"{len(data.train)} train / {len(data.valid)} valid windows of {cfg['data']['seq_len']} tokens, "
+        f"{max_steps} steps"
+    )
+    bar = Progress(max_steps, initial=state.step, enabled=progress)
+    first_loss = last_loss = None
+    stopped_early = state.stopped_early
+    window_tokens, window_time, run_tokens, run_time = 0, 0.0, 0, 0.0
+    try:
+        while state.step < max_steps and not stopped_early:
+            step = state.step + 1
+            lr = lr_at(
+                step, cfg["optimizer"]["lr"], s["name"], s["warmup_steps"], max_steps, s["min_lr_ratio"]
+            )
+            opt.lr = lr
+            micro = [stream.next() for _ in range(t["grad_accum"])]
+            t0 = time.perf_counter()
+            if len(micro) == 1:
+                stats = trainer.step(micro[0][0], labels=micro[0][1])
+            else:
+                stats = trainer.step([m[0] for m in micro], labels=[m[1] for m in micro])
+            dt = time.perf_counter() - t0
+            n_tok = sum(m[0].size for m in micro)
+            window_tokens += n_tok
+            window_time += dt
+            run_tokens += n_tok
+            run_time += dt
+            state.step = step
+            state.data_position = stream.position
+            state.tokens_seen += n_tok
+            loss = float(stats.loss)
+            if not math.isfinite(loss):
+                raise UserError(f"training diverged at step {step} (loss {loss}); lower optimizer.lr")
+            first_loss = loss if first_loss is None else first_loss
+            last_loss = loss
+            tps = window_tokens / max(window_time, 1e-9)
+            bar.update(step, loss, lr, tps)
+            if step % t["log_every"] == 0 or step == max_steps:
+                metrics.write(
+                    {
+                        "step": step,
+                        "loss": loss,
+                        "lr": lr,
+                        "grad_norm": float(stats.grad_norm),
+                        "tokens_per_s": tps,
+                        "tokens_seen": state.tokens_seen,
+                        "epoch": stream.epoch,
+                    }
+                )
+                window_tokens, window_time = 0, 0.0
+
+            if step % t["eval_every"] == 0 or step == max_steps:
+                val_loss, val_ppl = evaluate(trainer, valid_batches)
+                metrics.write({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
+                bar.write(f"step {step}: val_loss {val_loss:.4f}  val_ppl {val_ppl:.2f}")
+                for p, text in zip(
+                    prompts, sample_continuations(model, tokenizer, prompts, gen_opts), strict=True
+                ):
+                    bar.write(f"  sample: {p!r} -> {text!r}")
+                if state.best_val_loss is None or val_loss < state.best_val_loss:
+                    state.best_val_loss, state.best_step, state.evals_since_best = val_loss, step, 0
+                    if t["early_stopping_patience"]:
+                        save_checkpoint(out / "best", cfg, model, trainer, tokenizer, state, meta)
+                else:
+                    state.evals_since_best += 1
+                    if (
+                        t["early_stopping_patience"]
+                        and state.evals_since_best >= t["early_stopping_patience"]
+                    ):
+                        stopped_early = state.stopped_early = True
+                        bar.write(
+                            f"early stopping at step {step}: no improvement for {state.evals_since_best} "
+                            f"evaluations; best val_loss {state.best_val_loss:.4f} at step {state.best_step}"
+                        )
+            interrupted = stop_at_step is not None and step >= stop_at_step
+            if step % t["save_every"] == 0 or step == max_steps or stopped_early or interrupted:
+                save_checkpoint(
+                    ckpt_root / ck.step_dir_name(step), cfg, model, trainer, tokenizer, state, meta
+                )
+                ck.prune(ckpt_root, t["keep_last"])
+            if stopped_early or interrupted:
+                break
+    finally:
+        bar.close()
+
+    finished = state.step >= max_steps or stopped_early
+    last = ck.list_checkpoints(ckpt_root)[-1][1] if ck.list_checkpoints(ckpt_root) else None
+    final_dir = out / "best" if (stopped_early and (out / "best").exists()) else last
+    registered = None
+    if finished and final_dir is not None:
+        registered = register_run(cfg, final_dir, meta)
+        if (out / "metrics.jsonl").exists():
+            png = plot_loss(out / "metrics.jsonl", out / "loss.png", title=cfg["run"]["name"])
+            say(f"loss curve: {png}")
+    return TrainResult(
+        output_dir=out,
+        final_dir=final_dir,
+        steps=state.step,
+        first_loss=first_loss,
+        last_loss=last_loss,
+        best_val_loss=state.best_val_loss,
+        stopped_early=stopped_early,
+        tokens_per_s=run_tokens / max(run_time, 1e-9),
+        registered_as=registered,
+    )
+
+
+def register_run(cfg: Config, final_dir: Path, meta: dict) -> str:
+    """Copies the finished model (weights, tokenizer, metadata; not the optimizer state) into the
+    models directory and records it, with its lineage, in the registry."""
+    registry = Registry(cfg.models_dir)
+    name = cfg["run"]["name"]
+    dest = registry.dir / name
+
+    def write(tmp: Path):
+        for p in final_dir.iterdir():
+            if p.is_file() and p.name not in (ck.STATE_FILE,):
+                shutil.copy2(p, tmp / p.name)
+
+    ck.write_atomic_dir(dest, write)
+    registry.register(
+        {
+            "model_name": name,
+            "model_id": meta["model_id"],
+            "architecture_type": meta["architecture_type"],
+            "source": f"trained:{cfg.output_dir}",
+            "path": str(dest),
+            "fine_tuned_from": meta["fine_tuned_from"],
+            "license": meta["license"],
+            "training": meta["training"],
+        },
+        overwrite=True,
+    )
+    return name
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: Path | None) -> dict:
+    """`metalcandle eval`: validation loss and perplexity of a checkpoint (default: the run's newest,
+    else the [model] base)."""
+    import metalcandle as mc
+
+    base = resolve_base(cfg)
+    if checkpoint is None:
+        ckpts = ck.list_checkpoints(cfg.output_dir / "checkpoints")
+        checkpoint = ckpts[-1][1] if ckpts else None
+    if checkpoint is None and base is None:
+        raise UserError(
+            f"no checkpoint in {cfg.output_dir / 'checkpoints'}: train first or pass --checkpoint"
+        )
+    folder = checkpoint if checkpoint is not None else base.path
+    model = load_model_dir(folder, device_of(cfg))
+    tokenizer = load_folder_tokenizer(folder)
+    data = load_datasets(cfg, tokenizer)
+    trainer = mc.Trainer(model, make_optimizer(cfg), max_grad_norm=cfg["train"]["max_grad_norm"] or None)
+    batches = D.eval_batches(data.valid, cfg["train"]["batch_size"], cfg["train"]["eval_batches"])
+    loss, ppl = evaluate(trainer, batches)
+    return {
+        "model": str(folder),
+        "val_loss": loss,
+        "val_ppl": ppl,
+        "windows": sum(len(b[0]) for b in batches),
+    }

@@ -1,0 +1,156 @@
+"""Config validation: every error names the file and key and says what was expected."""
+
+import pytest
+import tomllib
+from metalcandle.config import SCHEMA, apply_overrides, load_config, parse_override, to_toml, validate
+from metalcandle.errors import UserError
+from metalcandle.templates import FROM_SCRATCH, LORA
+
+MINIMAL = """
+[run]
+name = "t"
+[model.spec]
+d_model = 32
+n_layers = 2
+n_heads = 4
+[data]
+train = ["corpus.txt"]
+seq_len = 32
+[train]
+max_steps = 5
+"""
+
+
+def write(tmp_path, text, name="cfg.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def error_of(tmp_path, text, overrides=()):
+    p = write(tmp_path, text)
+    with pytest.raises(UserError) as e:
+        load_config(p, list(overrides))
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_minimal_config_fills_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    spec = cfg["model"]["spec"]
+    assert spec["n_kv_heads"] == 4 and spec["d_ff"] == 128 and spec["max_seq_len"] == 32
+    assert cfg["tokenizer"]["kind"] == "char"
+    assert cfg["optimizer"]["betas"] == [0.9, 0.999]
+    assert cfg["lora"] is None and not cfg.is_lora and cfg.from_scratch
+    # Inputs resolve against the config's folder, outputs against the working directory.
+    assert cfg.input_path("corpus.txt") == tmp_path / "corpus.txt"
+    assert cfg.output_dir.name == "t" and cfg.output_dir.parent.name == "runs"
+    # Every section of the schema is present after validation.
+    assert set(cfg.sections) == set(SCHEMA)
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path):
+    msg = error_of(tmp_path, MINIMAL.replace("max_steps = 5", "max_step = 5"))
+    assert str(tmp_path / "cfg.toml") in msg
+    assert "unknown key 'train.max_step'" in msg and "did you mean 'max_steps'?" in msg
+
+
+def test_unknown_section_and_spec_key(tmp_path):
+    msg = error_of(tmp_path, MINIMAL + "[optimiser]\nlr = 1e-3\n")
+    assert "unknown section [optimiser] (did you mean 'optimizer'?)" in msg
+    msg = error_of(tmp_path, MINIMAL.replace("n_heads = 4", "n_head = 4"))
+    assert "model.spec.n_head" in msg and "n_heads" in msg
+
+
+@pytest.mark.parametrize(
+    "line, needle",
+    [
+        ('seq_len = "long"', "data.seq_len must be an integer, got 'long'"),
+        ("seq_len = 1", "data.seq_len must be an integer >= 2"),
+        ("valid_fraction = 1.5", "data.valid_fraction must be a number >= 0.0 and <= 0.9"),
+        ('format = "jsn"', 'data.format must be one of "auto", "text", "completions", "chat"'),
+        ("packing = 1", "data.packing must be true or false"),
+    ],
+)
+def test_type_and_range_errors(tmp_path, line, needle):
+    text = MINIMAL.replace("seq_len = 32", line if line.startswith("seq_len") else "seq_len = 32\n" + line)
+    assert needle in error_of(tmp_path, text)
+
+
+def test_cross_key_checks(tmp_path):
+    both = MINIMAL.replace("[model.spec]", '[model]\npath = "x"\n[model.spec]')
+    assert "exactly one of 'name'" in error_of(tmp_path, both)
+    assert "'max_steps' or 'epochs', not both" in error_of(
+        tmp_path, MINIMAL.replace("max_steps = 5", "max_steps = 5\nepochs = 1")
+    )
+    assert "divisible by n_heads" in error_of(tmp_path, MINIMAL.replace("d_model = 32", "d_model = 30"))
+    assert "must be <= model.spec.max_seq_len" in error_of(
+        tmp_path, MINIMAL.replace("n_heads = 4", "n_heads = 4\nmax_seq_len = 16")
+    )
+    assert "[lora] needs a pretrained [model]" in error_of(tmp_path, MINIMAL + "[lora]\nr = 4\n")
+    assert "missing required key 'run.name'" in error_of(tmp_path, MINIMAL.replace('name = "t"', ""))
+    assert "invalid TOML" in error_of(tmp_path, MINIMAL + "[[[")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="config file not found: .*nope.toml"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_overrides_parse_types(tmp_path):
+    assert parse_override("train.max_steps=10") == (["train", "max_steps"], 10)
+    assert parse_override("optimizer.lr=3e-4") == (["optimizer", "lr"], 3e-4)
+    assert parse_override("run.name=abc") == (["run", "name"], "abc")
+    assert parse_override("data.packing=false") == (["data", "packing"], False)
+    assert parse_override('lora.target_modules=["q_proj"]') == (["lora", "target_modules"], ["q_proj"])
+    assert parse_override("model.spec.d_model=64") == (["model", "spec", "d_model"], 64)
+    cfg = load_config(
+        write(tmp_path, MINIMAL), ["train.max_steps=7", "model.spec.d_model=64", "scheduler.name=linear"]
+    )
+    assert (
+        cfg["train"]["max_steps"] == 7
+        and cfg["model"]["spec"]["d_model"] == 64
+        and cfg["scheduler"]["name"] == "linear"
+    )
+    # An empty value removes a key, so the model source can be swapped.
+    swapped = load_config(write(tmp_path, MINIMAL), ["model.spec=", "model.path=/m"])
+    assert swapped["model"]["path"] == "/m" and swapped["model"]["spec"] is None
+    # An override is validated like the file: a typo gets the same did-you-mean.
+    assert "did you mean 'max_steps'" in error_of(tmp_path, MINIMAL, ["train.max_stepz=3"])
+    with pytest.raises(UserError, match="expected section.key=value"):
+        apply_overrides({}, ["max_steps"])
+
+
+def test_hash_is_stable_and_sensitive(tmp_path):
+    a = load_config(write(tmp_path, MINIMAL))
+    # Same settings, sections in another order and a default spelled out: same hash.
+    reordered = """
+[train]
+max_steps = 5
+[optimizer]
+lr = 1e-3
+[data]
+seq_len = 32
+train = ["corpus.txt"]
+[model.spec]
+n_heads = 4
+n_layers = 2
+d_model = 32
+[run]
+name = "t"
+"""
+    b = load_config(write(tmp_path, reordered, "b.toml"))
+    assert a.hash() == b.hash()
+    c = load_config(write(tmp_path, MINIMAL), ["optimizer.lr=0.5"])
+    assert c.hash() != a.hash()
+    # The resolved config written into checkpoints reads back to the same config.
+    again = validate(tomllib.loads(to_toml(a.to_dict())))
+    assert again.to_dict() == a.to_dict() and again.hash() == a.hash()
+
+
+@pytest.mark.parametrize("template", [FROM_SCRATCH, LORA])
+def test_init_templates_are_valid_configs(template):
+    cfg = validate(tomllib.loads(template))
+    assert cfg["train"]["max_steps"] > 0
+    assert cfg.is_lora == (template is LORA)
