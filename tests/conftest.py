@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(os.environ.get("METALCANDLE_FIXTURES", Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures")).resolve()
+FIXTURES = Path(
+    os.environ.get("METALCANDLE_FIXTURES", Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures")
+).resolve()
 MODELS = ["tiny-qwen2", "tiny-llama", "tiny-gpt2", "tiny-mistral-sw"]
 
 # Tolerances from the fixtures' README.

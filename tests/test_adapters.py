@@ -1,8 +1,9 @@
 """Architecture adapters: the interface, registration, validation."""
 
-import metalcandle as mc
 import numpy as np
 import pytest
+
+import metalcandle as mc
 from conftest import MODELS
 from metalcandle.adapters import (
     ADAPTERS,

@@ -2,8 +2,9 @@
 
 import io
 
-import metalcandle as mc
 import pytest
+
+import metalcandle as mc
 from metalcandle.chat import run_chat, run_generate
 from test_generation import ScriptedModel
 

@@ -5,10 +5,10 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import ATOL_FORWARD, MODELS
 from safetensors.numpy import load_file, save_file
 
 import metalcandle as mc
+from conftest import ATOL_FORWARD, MODELS
 
 
 def copy_model(fixtures, name, dst):
@@ -21,7 +21,10 @@ def test_save_pretrained_round_trip(fixtures, tmp_path, name):
     model = mc.load_model(fixtures / name)
     model.save_pretrained(tmp_path / "out")
     # Same names, shapes and values as the original file (GPT-2's Conv1D layout restored).
-    orig, saved = load_file(fixtures / name / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    orig, saved = (
+        load_file(fixtures / name / "model.safetensors"),
+        load_file(tmp_path / "out" / "model.safetensors"),
+    )
     assert sorted(orig) == sorted(saved)
     for k in orig:
         np.testing.assert_array_equal(orig[k], saved[k])
@@ -37,14 +40,19 @@ def test_sharded_checkpoint(fixtures, tmp_path):
     shutil.copy(src / "config.json", dst)
     tensors = load_file(src / "model.safetensors")
     names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     weight_map = {}
     for fname, keys in shards.items():
         save_file({k: tensors[k] for k in keys}, dst / fname)
         weight_map.update({k: fname for k in keys})
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     g = np.load(src / "golden.npz")
-    np.testing.assert_allclose(mc.load_model(dst).forward(g["input_ids"]), g["logits"], atol=ATOL_FORWARD, rtol=0)
+    np.testing.assert_allclose(
+        mc.load_model(dst).forward(g["input_ids"]), g["logits"], atol=ATOL_FORWARD, rtol=0
+    )
 
 
 def test_bf16_checkpoint_is_converted_to_f32(fixtures, tmp_path):

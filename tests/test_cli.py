@@ -5,9 +5,10 @@ import os
 import subprocess
 import sys
 
-import metalcandle as mc
 import numpy as np
 import pytest
+
+import metalcandle as mc
 from metalcandle.cli import main
 from metalcandle.registry import Registry
 from metalcandle.tokenizers import load_tokenizer

@@ -2,6 +2,7 @@
 
 import pytest
 import tomllib
+
 from metalcandle.config import SCHEMA, apply_overrides, load_config, parse_override, to_toml, validate
 from metalcandle.errors import UserError
 from metalcandle.templates import FROM_SCRATCH, LORA

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+
 from metalcandle import data as D
 from metalcandle.errors import UserError
 from metalcandle.tokenizers import CharTokenizer, load_tokenizer

@@ -4,9 +4,10 @@ statistics, streaming and bad input."""
 import itertools
 from types import SimpleNamespace
 
-import metalcandle as mc
 import numpy as np
 import pytest
+
+import metalcandle as mc
 from conftest import MODELS
 from metalcandle.generate import beam_search, generate, plan_generation, resolve_eos, sample_rows
 

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from conftest import ATOL_FORWARD, MODELS
 
 import metalcandle as mc
+from conftest import ATOL_FORWARD, MODELS
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -24,7 +24,9 @@ def test_logits_and_hidden_states(case):
 
 def test_left_padded_batch_at_unmasked_positions(case):
     model, g = case
-    logits = model.forward(g["pad_input_ids"], attention_mask=g["pad_attention_mask"], position_ids=g["pad_position_ids"])
+    logits = model.forward(
+        g["pad_input_ids"], attention_mask=g["pad_attention_mask"], position_ids=g["pad_position_ids"]
+    )
     keep = g["pad_attention_mask"].astype(bool)
     np.testing.assert_allclose(logits[keep], g["pad_logits"][keep], atol=ATOL_FORWARD, rtol=0)
 

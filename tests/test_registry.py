@@ -4,6 +4,7 @@ import json
 import multiprocessing as mp
 
 import pytest
+
 from metalcandle.errors import UserError
 from metalcandle.registry import ENTRY_KEYS, Registry, default_models_dir, read_license
 

@@ -1,8 +1,9 @@
 """`next_token_probs` reproduces transformers' logits processors (fixtures) and their closed forms."""
 
-import metalcandle as mc
 import numpy as np
 import pytest
+
+import metalcandle as mc
 from conftest import MODELS
 
 # generation.npz warper names and the options that produced them (fixtures' README).

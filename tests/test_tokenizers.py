@@ -3,8 +3,9 @@ policy, BPE training reproducing the fixture's trainer run, and save/load round 
 
 import json
 
-import metalcandle as mc
 import pytest
+
+import metalcandle as mc
 from metalcandle.tokenizers import CHAR_ALPHABET
 
 

@@ -5,9 +5,10 @@ import json
 import math
 import shutil
 
-import metalcandle as mc
 import numpy as np
 import pytest
+
+import metalcandle as mc
 from metalcandle import checkpoint as ck
 from metalcandle import train as T
 from metalcandle.cli import main

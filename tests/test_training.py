@@ -25,17 +25,24 @@ def test_lora_trajectory_matches_peft(fixtures, tmp_path, suffix):
     tr = np.load(lora / "trajectory.npz")
     model = mc.load_model(fixtures / "tiny-qwen2")
     model.load_adapter(lora / f"adapter_step0{suffix}")
-    trainer = mc.Trainer(model, mc.AdamW(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01), max_grad_norm=1.0)
+    trainer = mc.Trainer(
+        model, mc.AdamW(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01), max_grad_norm=1.0
+    )
     losses, norms = run(trainer, tr["batches"])
     np.testing.assert_allclose(losses, tr[f"losses{suffix}"], atol=ATOL_LOSS, rtol=0)
     np.testing.assert_allclose(norms, tr[f"grad_norms{suffix}"], rtol=RTOL_NORM, atol=0)
     model.save_adapter(tmp_path / "adapter")
-    ours, ref = load_file(tmp_path / "adapter" / "adapter_model.safetensors"), load_file(lora / f"adapter_final{suffix}" / "adapter_model.safetensors")
+    ours, ref = (
+        load_file(tmp_path / "adapter" / "adapter_model.safetensors"),
+        load_file(lora / f"adapter_final{suffix}" / "adapter_model.safetensors"),
+    )
     assert sorted(ours) == sorted(ref) and len(ref) == 28
     for k in ref:
         np.testing.assert_allclose(ours[k], ref[k], atol=ATOL_WEIGHTS, rtol=0)
     model.merge_adapter()
-    np.testing.assert_allclose(model.forward(tr["input_ids"]), tr[f"merged_logits{suffix}"], atol=ATOL_MERGED, rtol=0)
+    np.testing.assert_allclose(
+        model.forward(tr["input_ids"]), tr[f"merged_logits{suffix}"], atol=ATOL_MERGED, rtol=0
+    )
 
 
 def test_unmerged_lora_forward_and_merge_unmerge(fixtures):
@@ -60,20 +67,26 @@ def test_merged_model_saves_as_hf_folder_with_same_logits(fixtures, tmp_path):
     model.merge_adapter()
     model.save_pretrained(tmp_path / "merged")
     assert "lora" not in " ".join(load_file(tmp_path / "merged" / "model.safetensors"))
-    np.testing.assert_allclose(mc.load_model(tmp_path / "merged").forward(ids), model.forward(ids), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        mc.load_model(tmp_path / "merged").forward(ids), model.forward(ids), atol=1e-6, rtol=0
+    )
 
 
 def test_full_finetuning_trajectory_matches_torch(fixtures):
     full = fixtures / "tiny-llama" / "full"
     tr = np.load(full / "trajectory.npz")
     model = mc.load_model(fixtures / "tiny-llama")
-    trainer = mc.Trainer(model, mc.AdamW(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01), max_grad_norm=1.0)
+    trainer = mc.Trainer(
+        model, mc.AdamW(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01), max_grad_norm=1.0
+    )
     losses, norms = run(trainer, tr["batches"])
     np.testing.assert_allclose(losses, tr["losses"], atol=ATOL_LOSS, rtol=0)
     np.testing.assert_allclose(norms, tr["grad_norms"], rtol=RTOL_NORM, atol=0)
     ref = load_file(full / "final_model.safetensors")
     for name in ref:
-        np.testing.assert_allclose(model.get_parameter(name), ref[name], atol=ATOL_WEIGHTS, rtol=0, err_msg=name)
+        np.testing.assert_allclose(
+            model.get_parameter(name), ref[name], atol=ATOL_WEIGHTS, rtol=0, err_msg=name
+        )
     np.testing.assert_allclose(model.forward(tr["input_ids"]), tr["final_logits"], atol=ATOL_WEIGHTS, rtol=0)
 
 
@@ -102,7 +115,11 @@ def test_gradient_accumulation_equals_one_big_batch(fixtures):
     for split in (False, True):
         model = mc.load_model(fixtures / "tiny-llama")
         trainer = mc.Trainer(model, mc.AdamW(lr=1e-3), max_grad_norm=1.0)
-        s = trainer.step([b[:1], b[1:]], labels=[labels[:1], labels[1:]]) if split else trainer.step(b, labels=labels)
+        s = (
+            trainer.step([b[:1], b[1:]], labels=[labels[:1], labels[1:]])
+            if split
+            else trainer.step(b, labels=labels)
+        )
         results.append((s.loss, s.grad_norm, model.get_parameter("model.layers.0.mlp.up_proj.weight")))
     assert abs(results[0][0] - results[1][0]) < 1e-5  # f32 sums in another order
     assert abs(results[0][1] / results[1][1] - 1) < 1e-5
@@ -138,11 +155,22 @@ def test_peft_adapter_config_and_init(fixtures, tmp_path):
     model.add_lora(r=8, alpha=16, target_modules=["q_proj", "v_proj"], seed=0, layers_to_transform=[1])
     model.save_adapter(tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8 and cfg["lora_alpha"] == 16 and cfg["target_modules"] == ["q_proj", "v_proj"]
+    assert (
+        cfg["peft_type"] == "LORA"
+        and cfg["r"] == 8
+        and cfg["lora_alpha"] == 16
+        and cfg["target_modules"] == ["q_proj", "v_proj"]
+    )
     t = load_file(tmp_path / "a" / "adapter_model.safetensors")
-    assert sorted(t) == [f"base_model.model.model.layers.1.self_attn.{m}_proj.{ab}.weight" for m in "qv" for ab in ("lora_A", "lora_B")]
+    assert sorted(t) == [
+        f"base_model.model.model.layers.1.self_attn.{m}_proj.{ab}.weight"
+        for m in "qv"
+        for ab in ("lora_A", "lora_B")
+    ]
     a = t["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"]
-    assert a.shape == (8, 64) and np.abs(a).max() <= 1 / 8 and np.abs(a).max() > 0.1  # U(-1/sqrt(in), 1/sqrt(in))
+    assert (
+        a.shape == (8, 64) and np.abs(a).max() <= 1 / 8 and np.abs(a).max() > 0.1
+    )  # U(-1/sqrt(in), 1/sqrt(in))
     assert not t["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"].any()
     # B = 0: an attached fresh adapter leaves the outputs unchanged.
     ids = np.load(fixtures / "tiny-qwen2" / "golden.npz")["input_ids"]
@@ -182,7 +210,9 @@ def test_lora_step_allocates_no_gradient_for_frozen_weights():
     # gradients and Adam moments (3 x 65 MB more), LoRA none of it.
     growth = {}
     for mode in ("lora", "full"):
-        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, mode], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", PEAK_SCRIPT, mode], capture_output=True, text=True, check=True
+        )
         growth[mode] = int(out.stdout.strip()) / 1024  # MiB
     assert growth["full"] > 150, growth
     assert growth["lora"] < 0.25 * growth["full"], growth

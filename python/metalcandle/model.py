@@ -97,7 +97,9 @@ class Model:
         linears named in `target_modules` (or "all-linear"); returns how many were adapted."""
         targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
         layers = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
-        return self._core.add_lora(int(r), float(alpha), float(dropout), targets, int(seed), bool(use_rslora), layers)
+        return self._core.add_lora(
+            int(r), float(alpha), float(dropout), targets, int(seed), bool(use_rslora), layers
+        )
 
     def load_adapter(self, path: str | os.PathLike) -> int:
         """Attaches an adapter saved by PEFT or by `save_adapter`."""

@@ -24,7 +24,9 @@ class AdamW:
     ):
         if len(betas) != 2:
             raise ValueError(f"betas must be a pair, got {betas!r}")
-        self._core = _core.AdamW(float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay), list(no_decay or []))
+        self._core = _core.AdamW(
+            float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay), list(no_decay or [])
+        )
 
     @property
     def lr(self) -> float:

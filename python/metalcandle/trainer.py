@@ -7,7 +7,6 @@ import json
 import os
 from dataclasses import dataclass
 
-
 from metalcandle import _core
 from metalcandle.model import Model, as_ids
 from metalcandle.optim import AdamW
@@ -52,7 +51,9 @@ class Trainer:
         ids = _micro_batches("input_ids", input_ids)
         labs = _micro_batches("labels", labels if labels is not None else ids, ids)
         mask = _micro_batches("attention_mask", attention_mask, ids)
-        loss, norm, tokens = _core.train_step(self.model._core, self.optimizer._core, ids, labs, mask, self.max_grad_norm)
+        loss, norm, tokens = _core.train_step(
+            self.model._core, self.optimizer._core, ids, labs, mask, self.max_grad_norm
+        )
         self.step_count += 1
         return StepStats(loss=loss, grad_norm=norm, tokens=tokens)
 
