@@ -140,9 +140,9 @@ def test_import_model_and_models_listing(capsys, tmp_path, fixtures):
     code, out, _ = cli(
         capsys, "import-model", str(fixtures / "tiny-qwen2"), "--name", "qwen-tiny", "--models-dir", models
     )
-    assert code == 0 and "qwen-tiny (qwen2" in out
+    assert code == 0 and "qwen-tiny (qwen" in out
     entry = Registry(models).get("qwen-tiny")
-    assert entry["source"] == f"local:{fixtures / 'tiny-qwen2'}" and entry["architecture_type"] == "qwen2"
+    assert entry["source"] == f"local:{fixtures / 'tiny-qwen2'}" and entry["architecture_type"] == "qwen"
     # A full copy that loads to the same logits.
     ids = np.load(fixtures / "tiny-qwen2" / "golden.npz")["input_ids"]
     np.testing.assert_array_equal(
@@ -157,7 +157,7 @@ def test_import_model_and_models_listing(capsys, tmp_path, fixtures):
     assert code == 2 and "model folder not found" in err
 
     Registry(models).register(
-        {"model_name": "qwen-ft", "architecture_type": "qwen2", "fine_tuned_from": "qwen-tiny"}
+        {"model_name": "qwen-ft", "architecture_type": "qwen", "fine_tuned_from": "qwen-tiny"}
     )
     code, out, _ = cli(capsys, "models", "--models-dir", models)
     assert code == 0 and "qwen-ft <- qwen-tiny" in out

@@ -13,6 +13,7 @@ from metalcandle import checkpoint as ck
 from metalcandle import train as T
 from metalcandle.cli import main
 from metalcandle.config import load_config
+from metalcandle.errors import UserError
 from metalcandle.loading import load_folder_tokenizer, load_model_dir
 from metalcandle.registry import Registry
 from metalcandle.schedule import lr_at
@@ -155,6 +156,9 @@ def test_resume_is_exact(workdir):
     assert [s for s, _ in ck.list_checkpoints(part.output_dir / "checkpoints")] == [5, 7]
     r2 = run(part)  # resume = "auto" picks step 7
     assert r2.steps == 12
+    # Resuming with a setting that defines the run changed is refused; a longer run is fine.
+    with pytest.raises(UserError, match=r"different model.spec, optimizer.lr; use another run.output_dir"):
+        run(make_cfg(workdir, "part", steps=12, overrides=["model.spec.dropout=0.0", "optimizer.lr=1e-3"]))
     a, _ = read_metrics(full.output_dir)
     b, _ = read_metrics(part.output_dir)
     assert [r["step"] for r in b] == list(range(1, 13))  # no duplicated lines from the first attempt

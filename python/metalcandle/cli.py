@@ -151,6 +151,7 @@ def _hub_download(repo_id: str) -> Path:
 
 def cmd_import_model(args) -> int:
     import metalcandle as mc
+    from metalcandle.adapters import architecture_type_of
     from metalcandle.checkpoint import write_atomic_dir
     from metalcandle.registry import Registry, read_license
 
@@ -184,7 +185,7 @@ def cmd_import_model(args) -> int:
         {
             "model_name": name,
             "model_id": args.source if source.startswith("hub:") else None,
-            "architecture_type": model.architecture,
+            "architecture_type": architecture_type_of(model),
             "source": source,
             "path": str(dest),
             "fine_tuned_from": None,
@@ -291,7 +292,15 @@ def cmd_generate(args) -> int:
 
     cfg, model, tokenizer, what = load_for_inference(args)
     print(f"model: {what}", file=sys.stderr)
-    run_generate(model, tokenizer, args.prompt, generation_options(cfg["generate"]), output=sys.stdout)
+    opts = generation_options(cfg["generate"])
+    # A one-line note instead of generate's multi-line warning when the context is too short.
+    room = model._core.max_position_embeddings - len(tokenizer.encode(args.prompt))
+    if opts["max_new_tokens"] > room:
+        print(
+            f"note: the model's context allows {max(room, 0)} new tokens after this prompt", file=sys.stderr
+        )
+        opts["max_new_tokens"] = max(room, 0)
+    run_generate(model, tokenizer, args.prompt, opts, output=sys.stdout)
     return 0
 
 

@@ -58,11 +58,11 @@ d_model = 128
 n_layers = 4
 n_heads = 4
 n_kv_heads = 4                  # < n_heads: grouped-query attention
-d_ff = 512
+d_ff = 352
 max_seq_len = 128
-norm = "layernorm"              # "layernorm" | "rmsnorm"
-mlp = "gelu"                    # "gelu" | "gelu_tanh" | "swiglu" | "relu"
-positions = "learned"           # "learned" | "sinusoidal" | "rope"
+norm = "rmsnorm"                # "layernorm" | "rmsnorm"
+mlp = "swiglu"                  # "gelu" | "gelu_tanh" | "swiglu" | "relu"
+positions = "rope"              # "learned" | "sinusoidal" | "rope"
 tie_embeddings = true
 dropout = 0.0
 

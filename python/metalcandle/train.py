@@ -19,6 +19,7 @@ import numpy as np
 
 from metalcandle import checkpoint as ck
 from metalcandle import data as D
+from metalcandle.adapters import architecture_type_of
 from metalcandle.config import Config, to_toml
 from metalcandle.errors import UserError
 from metalcandle.loading import (
@@ -249,6 +250,24 @@ def build_model(cfg: Config, base: BaseModel | None, tokenizer, resume_from: Pat
     return load_model_dir(resume_from or base.path, device)
 
 
+# Sections that define the weights and the data order; resuming with any of them changed would
+# silently train a different run.
+FIXED_ON_RESUME = ("model", "tokenizer", "data", "lora", "optimizer", "scheduler")
+
+
+def check_resumable(cfg: Config, checkpoint: Path) -> None:
+    saved = ck.read_json(checkpoint / RUN_CONFIG_JSON)["config"]
+    changed = []
+    for section in FIXED_ON_RESUME:
+        old, new = saved.get(section) or {}, cfg.to_dict().get(section) or {}
+        changed += [f"{section}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if changed:
+        raise UserError(
+            f"cannot resume from {checkpoint}: it was trained with different {', '.join(changed)}; "
+            "use another run.output_dir, or --set train.resume=false to start over"
+        )
+
+
 def train(cfg: Config, progress: bool = True, stop_at_step: int | None = None, log=None) -> TrainResult:
     """Runs (or resumes) the training described by `cfg`. `stop_at_step` ends the run early after
     saving a checkpoint there, as an interruption would (used to test exact resume)."""
@@ -267,7 +286,8 @@ def train(cfg: Config, progress: bool = True, stop_at_step: int | None = None, l
     if resume_from is not None:
         saved = ck.read_json(resume_from / ck.STATE_FILE)
         if saved.get("config_hash") != cfg.hash():
-            say(f"note: config differs from the one {resume_from.name} was trained with (resuming anyway)")
+            check_resumable(cfg, resume_from)
+            say(f"note: [train]/[generate]/[run] settings differ from those of {resume_from}; resuming")
         saved.pop("config_hash", None)
         state = RunState(**saved)
         say(f"resuming from {resume_from} (step {state.step})")
@@ -293,7 +313,7 @@ def train(cfg: Config, progress: bool = True, stop_at_step: int | None = None, l
     valid_batches = D.eval_batches(data.valid, t["batch_size"], t["eval_batches"])
     prompts = sample_prompts(data.valid, tokenizer)
     gen_opts = generation_options(cfg["generate"])
-    meta = metadata_for(cfg, state, base, model.architecture)
+    meta = metadata_for(cfg, state, base, architecture_type_of(model))
     metrics = MetricsLog(out / "metrics.jsonl", state.step if resume_from is not None else None)
     ckpt_root = out / "checkpoints"
     s = cfg["scheduler"]

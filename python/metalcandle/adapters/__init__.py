@@ -17,6 +17,11 @@ def adapter_for(model, tokenizer=None) -> BaseAdapter:
     return get_adapter_class(model.architecture)(model, tokenizer)
 
 
+def architecture_type_of(model) -> str:
+    """The registered architecture_type for a loaded model ("qwen" for a qwen2 checkpoint)."""
+    return get_adapter_class(model.architecture).architecture_type
+
+
 def load_adapter_model(path, device: str = "cpu") -> BaseAdapter:
     """A model folder loaded through the adapter its config.json's model_type selects."""
     import json
@@ -36,6 +41,7 @@ __all__ = [
     "MistralAdapter",
     "QwenAdapter",
     "adapter_for",
+    "architecture_type_of",
     "get_adapter_class",
     "load_adapter_model",
     "register_adapter",
