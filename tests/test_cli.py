@@ -9,36 +9,12 @@ import numpy as np
 import pytest
 
 import metalcandle as mc
+from conftest import write_config
 from metalcandle.cli import main
 from metalcandle.registry import Registry
 from metalcandle.tokenizers import load_tokenizer
 
-COMMANDS = ["train", "eval", "import-model", "models", "init", "chat", "generate"]
-
-SCRATCH = """
-[run]
-name = "cli-tiny"
-output_dir = "{out}"
-models_dir = "{models}"
-
-[model.spec]
-d_model = 32
-n_layers = 2
-n_heads = 4
-d_ff = 64
-max_seq_len = 32
-
-[data]
-train = ["corpus.txt"]
-seq_len = 32
-
-[train]
-max_steps = 6
-batch_size = 4
-eval_every = 3
-eval_batches = 1
-save_every = 3
-"""
+COMMANDS = ["train", "eval", "compare", "import-model", "models", "init", "chat", "generate"]
 
 QWEN = """
 [run]
@@ -83,9 +59,7 @@ def module(*argv, env=None, stdin=None):
 @pytest.fixture
 def scratch_cfg(tmp_path, fixtures):
     (tmp_path / "corpus.txt").write_text((fixtures / "corpus.txt").read_text()[:6000])
-    p = tmp_path / "cfg.toml"
-    p.write_text(SCRATCH.format(out=tmp_path / "out", models=tmp_path / "models"))
-    return p
+    return write_config(tmp_path / "cfg.toml", "cli-tiny", tmp_path / "out", tmp_path / "models", steps=6)
 
 
 @pytest.mark.parametrize("command", COMMANDS)

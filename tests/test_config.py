@@ -3,7 +3,15 @@
 import pytest
 import tomllib
 
-from metalcandle.config import SCHEMA, apply_overrides, load_config, parse_override, to_toml, validate
+from metalcandle.config import (
+    SCHEMA,
+    apply_overrides,
+    diff_configs,
+    load_config,
+    parse_override,
+    to_toml,
+    validate,
+)
 from metalcandle.errors import UserError
 from metalcandle.templates import FROM_SCRATCH, LORA
 
@@ -155,3 +163,60 @@ def test_init_templates_are_valid_configs(template):
     cfg = validate(tomllib.loads(template))
     assert cfg["train"]["max_steps"] > 0
     assert cfg.is_lora == (template is LORA)
+
+
+HOOKS = """
+[[hooks.forward]]
+kind = "scale"
+point = "layers.*.mlp_out"
+factor = 0.5
+[[hooks.aux_loss]]
+kind = "l1"
+point = "layers.0.mlp_out"
+weight = 1e-3
+[[hooks.update]]
+kind = "freeze"
+params = ["layers.0.*"]
+"""
+
+
+def test_hooks_default_empty_and_are_stored_as_given(tmp_path):
+    assert load_config(write(tmp_path, MINIMAL))["hooks"] == {
+        "forward": [],
+        "backward": [],
+        "update": [],
+        "aux_loss": [],
+    }
+    cfg = load_config(write(tmp_path, MINIMAL + HOOKS))
+    # Kinds are not checked against a list: any string is kept, with its free-form parameters.
+    assert cfg["hooks"]["forward"] == [{"kind": "scale", "point": "layers.*.mlp_out", "factor": 0.5}]
+    assert cfg["hooks"]["update"] == [{"kind": "freeze", "params": ["layers.0.*"]}]
+    assert cfg["hooks"]["backward"] == []
+
+
+def test_hooks_count_in_the_hash_and_round_trip(tmp_path):
+    plain = load_config(write(tmp_path, MINIMAL))
+    hooked = load_config(write(tmp_path, MINIMAL + HOOKS, "h.toml"))
+    assert hooked.hash() != plain.hash()
+    other = load_config(write(tmp_path, MINIMAL + HOOKS.replace("0.5", "0.25"), "o.toml"))
+    assert other.hash() != hooked.hash()
+    assert diff_configs(hooked.to_dict(), other.to_dict()) == [("hooks.forward[0].factor", 0.5, 0.25)]
+    again = validate(tomllib.loads(to_toml(hooked.to_dict())))
+    assert again.to_dict() == hooked.to_dict() and again.hash() == hooked.hash()
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("[[hooks.forwrd]]\nkind = 'x'\n", "unknown key 'hooks.forwrd' (did you mean 'forward'?)"),
+        ("[hooks.forward]\nkind = 'x'\n", "hooks.forward must be an array of tables ([[hooks.forward]]"),
+        ("[hooks]\nbackward = [1]\n", "hooks.backward[0] must be a table"),
+        ("[[hooks.update]]\nparams = ['a']\n", 'hooks.update[0] needs kind = "..." (a string)'),
+        ("[[hooks.aux_loss]]\nkind = 'l1'\n", 'hooks.aux_loss[0] needs point = "..."'),
+        ("[[hooks.forward]]\nkind = 'x'\npoint = 'p'\nat = 1979-05-27\n", "hooks.forward[0].at must be"),
+        ("[[hooks.forward]]\nkind = 'x'\npoint = 'p'\nw = nan\n", "hooks.forward[0].w must be a finite"),
+        ("[hook]\n", "unknown section [hook] (did you mean 'hooks'?)"),
+    ],
+)
+def test_hook_structure_errors(tmp_path, text, needle):
+    assert needle in error_of(tmp_path, MINIMAL + text)

@@ -4,60 +4,21 @@ gradient accumulation, early stopping, LoRA fine-tuning and registration."""
 import json
 import math
 import shutil
+import signal
 
 import numpy as np
 import pytest
 
 import metalcandle as mc
+from conftest import SCRATCH_TOML, write_config
 from metalcandle import checkpoint as ck
 from metalcandle import train as T
 from metalcandle.cli import main
 from metalcandle.config import load_config
-from metalcandle.errors import UserError
+from metalcandle.errors import TrainingInterrupted, UserError
 from metalcandle.loading import load_folder_tokenizer, load_model_dir
 from metalcandle.registry import Registry
 from metalcandle.schedule import lr_at
-
-SCRATCH = """
-[run]
-name = "{name}"
-output_dir = "{out}"
-models_dir = "{models}"
-seed = 1
-
-[model.spec]
-d_model = 32
-n_layers = 2
-n_heads = 4
-d_ff = 64
-max_seq_len = 32
-
-[data]
-train = ["corpus.txt"]
-valid_fraction = 0.1
-seq_len = 32
-
-[optimizer]
-lr = 3e-3
-
-[scheduler]
-name = "cosine"
-warmup_steps = 3
-
-[train]
-max_steps = {steps}
-batch_size = 4
-eval_every = 5
-eval_batches = 2
-save_every = 5
-keep_last = 2
-log_every = 1
-
-[generate]
-max_new_tokens = 8
-temperature = 0.8
-top_k = 10
-"""
 
 
 @pytest.fixture
@@ -67,10 +28,9 @@ def workdir(tmp_path, fixtures):
     return tmp_path
 
 
-def make_cfg(workdir, name="tiny", steps=12, overrides=(), template=SCRATCH):
-    p = workdir / f"{name}.toml"
-    p.write_text(
-        template.format(name=name, out=workdir / "runs" / name, models=workdir / "models", steps=steps)
+def make_cfg(workdir, name="tiny", steps=12, overrides=(), template=SCRATCH_TOML):
+    p = write_config(
+        workdir / f"{name}.toml", name, workdir / "runs" / name, workdir / "models", steps, template
     )
     return load_config(p, list(overrides))
 
@@ -157,7 +117,9 @@ def test_resume_is_exact(workdir):
     r2 = run(part)  # resume = "auto" picks step 7
     assert r2.steps == 12
     # Resuming with a setting that defines the run changed is refused; a longer run is fine.
-    with pytest.raises(UserError, match=r"different model.spec, optimizer.lr; use another run.output_dir"):
+    with pytest.raises(
+        UserError, match=r"different model.spec.dropout, optimizer.lr; use another run.output_dir"
+    ):
         run(make_cfg(workdir, "part", steps=12, overrides=["model.spec.dropout=0.0", "optimizer.lr=1e-3"]))
     a, _ = read_metrics(full.output_dir)
     b, _ = read_metrics(part.output_dir)
@@ -168,6 +130,82 @@ def test_resume_is_exact(workdir):
     wb = mc.load_model(part.output_dir / "checkpoints" / ck.step_dir_name(12))
     for name in wa.parameter_names():
         np.testing.assert_allclose(wb.get_parameter(name), wa.get_parameter(name), rtol=1e-5, atol=1e-7)
+
+
+def interrupt_at(monkeypatch, when, k):
+    """Ctrl-C around step k. "during-step": the signal comes while the core updates the weights of
+    step k, so Python raises it only once the core returns (as a real Ctrl-C would). "between-steps":
+    a KeyboardInterrupt from the schedule lookup of step k + 1, before any of its work."""
+    if when == "during-step":
+        real_step = mc.Trainer.step
+
+        def step(self, *args, **kwargs):
+            stats = real_step(self, *args, **kwargs)
+            if self.step_count == k:
+                signal.raise_signal(signal.SIGINT)
+            return stats
+
+        monkeypatch.setattr(mc.Trainer, "step", step)
+    else:
+
+        def lr(step, *args):
+            if step == k + 1:
+                raise KeyboardInterrupt
+            return lr_at(step, *args)
+
+        monkeypatch.setattr(T, "lr_at", lr)
+
+
+@pytest.mark.parametrize("when", ["during-step", "between-steps"])
+def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(workdir, monkeypatch, capsys, when):
+    dropout = ["model.spec.dropout=0.1"]  # so the dropout masks must continue where they left off too
+    full = make_cfg(workdir, "full", steps=12, overrides=dropout)
+    run(full)
+    part = make_cfg(workdir, "part", steps=12, overrides=dropout)
+    argv = ["train", str(workdir / "part.toml"), "--quiet", "--set", dropout[0]]
+    interrupt_at(monkeypatch, when, 7)  # 7: not a save_every step, so only the interrupt saves it
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    ckpt = part.output_dir / "checkpoints" / ck.step_dir_name(7)
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"interrupted at step 7: checkpoint saved in {ckpt}; run the same command again to resume"
+    )
+    assert [s for s, _ in ck.list_checkpoints(part.output_dir / "checkpoints")] == [5, 7]
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 7 and state["data_position"] == 7 * 4
+    ids = np.array([load_folder_tokenizer(ckpt).encode("The quick brown fox")], dtype=np.int64)
+    assert np.isfinite(mc.load_model(ckpt).forward(ids)).all()
+
+    monkeypatch.undo()
+    assert main(argv) == 0
+    a, _ = read_metrics(full.output_dir)
+    b, _ = read_metrics(part.output_dir)
+    assert [r["step"] for r in b] == list(range(1, 13))
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-6, atol=0)
+    assert b[-1]["loss"] == pytest.approx(a[-1]["loss"], rel=1e-6)
+    wa = mc.load_model(full.output_dir / "checkpoints" / ck.step_dir_name(12))
+    wb = mc.load_model(part.output_dir / "checkpoints" / ck.step_dir_name(12))
+    for name in wa.parameter_names():
+        np.testing.assert_allclose(wb.get_parameter(name), wa.get_parameter(name), rtol=1e-5, atol=1e-7)
+
+
+def test_ctrl_c_before_any_step_and_from_python(workdir, monkeypatch):
+    cfg = make_cfg(workdir, "early", steps=12, overrides=["train.resume=false"])
+    interrupt_at(monkeypatch, "between-steps", 0)
+    with pytest.raises(TrainingInterrupted, match="before the first step finished; nothing to save"):
+        run(cfg)
+    assert ck.list_checkpoints(cfg.output_dir / "checkpoints") == []
+    # With resume = false, running the same command again would start over, so the line says how
+    # to resume from the saved checkpoint instead.
+    monkeypatch.undo()
+    interrupt_at(monkeypatch, "during-step", 3)
+    with pytest.raises(KeyboardInterrupt) as e:
+        run(cfg)
+    ckpt = cfg.output_dir / "checkpoints" / ck.step_dir_name(3)
+    assert isinstance(e.value, TrainingInterrupted) and e.value.checkpoint == ckpt and e.value.step == 3
+    assert str(e.value).endswith(f"to resume, run it again with --set train.resume={ckpt}")
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 3
 
 
 def test_bpe_tokenizer_is_trained_and_saved(workdir):
@@ -232,7 +270,7 @@ def test_early_stopping_keeps_the_best_checkpoint(workdir):
 
 
 def test_epochs_set_the_number_of_steps(workdir):
-    text = SCRATCH.replace("max_steps = {steps}", "epochs = 0.1")
+    text = SCRATCH_TOML.replace("max_steps = {steps}", "epochs = 0.1")
     cfg = make_cfg(workdir, "ep", template=text)
     from metalcandle.tokenizers import CharTokenizer
 

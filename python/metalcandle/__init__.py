@@ -5,6 +5,13 @@ from metalcandle.chat import InteractivePrompt
 from metalcandle.generate import generate_text, stream_text
 from metalcandle.model import Model, load_model
 from metalcandle.optim import AdamW
+from metalcandle.quantize import (
+    QuantizationPlan,
+    dequantize_model,
+    is_model_quantized,
+    prepare_model_for_quantization,
+    quantize_model,
+)
 from metalcandle.sampling import next_token_probs
 from metalcandle.tokenizers import CharTokenizer, Tokenizer, load_tokenizer, train_bpe
 from metalcandle.trainer import StepStats, Trainer
@@ -17,6 +24,11 @@ __all__ += [
     "generate_text",
     "load_tokenizer",
     "next_token_probs",
+    "QuantizationPlan",
+    "dequantize_model",
+    "is_model_quantized",
+    "prepare_model_for_quantization",
+    "quantize_model",
     "stream_text",
     "train_bpe",
 ]

@@ -4,7 +4,8 @@ A checkpoint folder is itself loadable: the weights sit at its top level (a Hugg
 for full training, a PEFT adapter folder for LoRA) next to the tokenizer, so `load_model` and
 `load_tokenizer` take it directly. Beside them: `trainer_state/` (optimizer moments and step
 counters), `state.json` (step, data position, early-stopping counters), `run_config.toml` and
-`run_config.json` (the resolved config and its hash) and `metadata.json` (model lineage).
+`run_config.json` (the resolved config and its hash) and `metadata.json` (model lineage, run id
+and config hash).
 
 Every checkpoint is written into a hidden temp folder and renamed into place, so a crash mid-write
 leaves either the previous checkpoint or the new one, never a half-written one.

@@ -1,6 +1,7 @@
 """The `metalcandle` command line (also `python -m metalcandle`).
 
 Every user-facing failure becomes one line on stderr and exit code 2; `--debug` shows the traceback.
+Ctrl-C is one line and exit code 130 (`train` saves a checkpoint first and says how to resume).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from metalcandle.errors import UserError
+from metalcandle.errors import TrainingInterrupted, UserError
 
 EXIT_USAGE = 2
 
@@ -49,10 +50,58 @@ def build_parser() -> Parser:
     p.add_argument("config", metavar="CFG", help="TOML config (see `metalcandle init`)")
     _add_set(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though the config differs from the checkpoint's in keys that change the "
+        "run (hooks, data, optimizer, ...); without it such a resume is refused",
+    )
+
+    p = sub.add_parser(
+        "compare",
+        help="config differences and loss curves of two runs",
+        description="Prints the run ids, config hashes and every resolved-config key in which two runs "
+        "differ (key: A -> B), and plots both runs' training and validation loss in one PNG.",
+    )
+    p.add_argument("runs", nargs=2, metavar="RUN_DIR", help="a run's output folder (run.output_dir)")
+    p.add_argument("--out", metavar="PNG", help="where to write the plot (default: ./compare.png)")
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
     p.add_argument("config", metavar="CFG")
     p.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (default: the run's newest)")
+    _add_set(p)
+
+    from metalcandle.quantize import FORMATS
+
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a checkpoint or the [model] base into a GGUF file",
+        description="Quantizes every linear layer and the token embedding (matrices whose input size "
+        "the format cannot take stay float) and writes DIR/model.gguf with the tokenizer and config "
+        "embedded, plus DIR/tokenizer.json and DIR/config.json. A LoRA checkpoint is merged first.",
+    )
+    p.add_argument("config", metavar="CFG")
+    p.add_argument(
+        "--format",
+        default="q8_0",
+        type=str.lower,
+        choices=FORMATS,
+        metavar="FORMAT",
+        help=f"block format: {', '.join(FORMATS)} (default: q8_0)",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="checkpoint or model folder (default: the run's final checkpoint, else the [model] base)",
+    )
+    p.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="keep matching modules in float (repeatable; * matches anything), e.g. lm_head",
+    )
     _add_set(p)
 
     p = sub.add_parser("import-model", help="add a Hugging Face model folder (or hub id) to the registry")
@@ -103,7 +152,7 @@ def cmd_train(args) -> int:
     from metalcandle.train import train
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, progress=not args.quiet)
+    result = train(cfg, progress=not args.quiet, allow_config_change=args.allow_config_change)
     lines = [f"steps: {result.steps}"]
     if result.first_loss is not None:
         lines.append(f"train loss: {result.first_loss:.4f} -> {result.last_loss:.4f}")
@@ -128,6 +177,23 @@ def cmd_eval(args) -> int:
         raise UserError(f"--checkpoint: {ckpt} is not a folder")
     r = evaluate_checkpoint(cfg, ckpt)
     print(f"{r['model']}: val_loss {r['val_loss']:.4f}  val_ppl {r['val_ppl']:.3f}  ({r['windows']} windows)")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from metalcandle.config import load_config
+    from metalcandle.quantize import quantize_run
+
+    cfg = load_config(args.config, args.overrides)
+    print("\n".join(quantize_run(cfg, args.format, Path(args.out), args.checkpoint, args.skip)))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from metalcandle.runs import compare
+
+    lines, _ = compare(args.runs[0], args.runs[1], args.out)
+    print("\n".join(lines))
     return 0
 
 
@@ -307,6 +373,8 @@ def cmd_generate(args) -> int:
 COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
+    "compare": cmd_compare,
+    "quantize": cmd_quantize,
     "import-model": cmd_import_model,
     "models": cmd_models,
     "init": cmd_init,
@@ -325,8 +393,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        # 130 = 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C.
+        print(str(e) if isinstance(e, TrainingInterrupted) else "interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         if debug:

@@ -28,7 +28,7 @@ REQUIRED = object()  # default marker: the key must be given
 @dataclass(frozen=True)
 class Key:
     """One config key: its type ("int", "float", "str", "bool", "str_list", "float_pair",
-    "resume", "target_modules"), default, and optional range or choices."""
+    "resume", "target_modules", "hooks", "point_hooks"), default, and optional range or choices."""
 
     kind: str
     default: Any = None
@@ -123,6 +123,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "num_beams": Key("int", 1, min=1),
         "seed": Key("int", 0, min=0),
     },
+    # Experiment hooks, as arrays of tables ([[hooks.forward]] ...). Only their shape is checked
+    # here; which kinds exist is the hooks' own business. They are part of the resolved config,
+    # so of its hash: two runs with different hooks never look alike.
+    "hooks": {
+        "forward": Key("point_hooks", []),
+        "backward": Key("point_hooks", []),
+        "update": Key("hooks", []),
+        "aux_loss": Key("point_hooks", []),
+    },
 }
 
 OPTIONAL_SECTIONS = {"lora"}  # absent means: full training
@@ -177,6 +186,41 @@ class Config:
         """sha256 of the resolved config (canonical JSON), short form; stored with checkpoints."""
         blob = json.dumps(self.sections, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()  # the value, in a diff, of a key that one side does not have
+
+
+def diff_configs(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in a, value in b) for every leaf that differs between two resolved
+    configs, in a stable order. Hook lists of the same length are compared entry by entry, so a
+    changed hook parameter is named as `hooks.forward[0].scale`."""
+    out = []
+    for k in list(a) + [k for k in b if k not in a]:
+        dotted = f"{prefix}{k}"
+        va, vb = a.get(k, ABSENT), b.get(k, ABSENT)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_configs(va, vb, dotted + ".")
+        elif _same_length_tables(va, vb) and va != vb:
+            for i, (x, y) in enumerate(zip(va, vb, strict=True)):
+                out += diff_configs(x, y, f"{dotted}[{i}].")
+        elif va != vb:
+            out.append((dotted, va, vb))
+    return out
+
+
+def _same_length_tables(a: Any, b: Any) -> bool:
+    return (
+        isinstance(a, list)
+        and isinstance(b, list)
+        and len(a) == len(b)
+        and all(isinstance(x, dict) for x in a + b)
+    )
 
 
 def _where(source: Path | None) -> str:
@@ -248,6 +292,8 @@ def _check_value(where: str, dotted: str, key: Key, value: Any) -> Any:
         if not isinstance(value, list) or not value or not all(isinstance(s, str) for s in value):
             bad('"all-linear" or a non-empty list of module names like ["q_proj", "v_proj"]')
         return value
+    if k in ("hooks", "point_hooks"):
+        return _check_hooks(where, dotted, value, needs_point=k == "point_hooks")
     if k == "resume":
         if value is False or value in ("auto", "false", "never"):
             return False if value in (False, "false", "never") else "auto"
@@ -255,6 +301,42 @@ def _check_value(where: str, dotted: str, key: Key, value: Any) -> Any:
             return value
         bad('"auto", false, or a checkpoint path')
     raise AssertionError(f"unknown key kind {k}")
+
+
+def _check_hooks(where: str, dotted: str, value: Any, needs_point: bool) -> list[dict]:
+    if not isinstance(value, list):
+        raise UserError(
+            f'{where}{dotted} must be an array of tables ([[{dotted}]] with kind = "..."), got {value!r}'
+        )
+    for i, entry in enumerate(value):
+        at = f"{dotted}[{i}]"
+        if not isinstance(entry, dict):
+            raise UserError(f'{where}{at} must be a table with kind = "...", got {entry!r}')
+        if not isinstance(entry.get("kind"), str) or not entry["kind"]:
+            raise UserError(f'{where}{at} needs kind = "..." (a string), got {entry.get("kind")!r}')
+        if needs_point and (not isinstance(entry.get("point"), str) or not entry["point"]):
+            raise UserError(
+                f'{where}{at} needs point = "..." (a named point like "layers.0.mlp_out" or a glob like '
+                f'"layers.*.mlp_out"), got {entry.get("point")!r}'
+            )
+        for name, v in entry.items():
+            _check_hook_param(where, f"{at}.{name}", v)
+    return copy.deepcopy(value)
+
+
+def _check_hook_param(where: str, dotted: str, value: Any) -> None:
+    # The resolved config is hashed as JSON and compared key by key on resume: TOML dates would not
+    # serialize, and a NaN never equals itself.
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_hook_param(where, f"{dotted}.{k}", v)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_hook_param(where, f"{dotted}[{i}]", v)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where}{dotted} must be a finite number, got {value!r}")
+    elif not isinstance(value, str | int | float | bool):
+        raise UserError(f"{where}{dotted} must be a number, string, boolean, list or table, got {value!r}")
 
 
 def _validate_table(where: str, section: str, table: Any, keys: dict[str, Key]) -> dict[str, Any]:
@@ -420,7 +502,12 @@ def to_toml(sections: dict) -> str:
             return json.dumps(v)
         if isinstance(v, list):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
+        if isinstance(v, dict):  # hook entries, as inline tables
+            return "{" + ", ".join(f"{key(k)} = {fmt(x)}" for k, x in v.items()) + "}"
         return repr(v)
+
+    def key(k: str) -> str:
+        return k if k and all(c.isascii() and (c.isalnum() or c in "_-") for c in k) else json.dumps(k)
 
     lines = []
     for name, table in sections.items():

@@ -29,6 +29,7 @@ class Model:
     def __init__(self, core: _core.Model):
         self._core = core
         self.config: dict = json.loads(core.config_json())
+        self.last_quantization_report: dict | None = None
 
     @classmethod
     def from_config(cls, config: dict, seed: int = 0, device: str = "cpu") -> Model:
@@ -135,15 +136,88 @@ class Model:
         """Writes config.json and model.safetensors that `transformers` loads."""
         self._core.save_pretrained(os.fspath(path))
 
+    # Quantization ------------------------------------------------------------------------
+
+    @property
+    def is_quantized(self) -> bool:
+        """True when at least one matrix is stored in a quantized block format."""
+        return self._core.is_quantized
+
+    def quantization_info(self) -> dict:
+        """{"quantized": bool, "layers": {module: {"format", "bits_per_weight", "shape", "bytes"}},
+        "float_layers": [module, ...], "quantized_bytes", "float_bytes"} for the token embedding, the
+        linear layers and the LM head, plus "format" (the one format used, "mixed", or None) and
+        "bits_per_weight" (storage bits per weight over the quantized matrices, or None)."""
+        info = json.loads(self._core.quantization_info())
+        layers = info["layers"].values()
+        formats = sorted({layer["format"] for layer in layers})
+        info["format"] = formats[0] if len(formats) == 1 else ("mixed" if formats else None)
+        weights = sum(int(np.prod(layer["shape"])) for layer in layers)
+        info["bits_per_weight"] = 8 * info["quantized_bytes"] / weights if weights else None
+        return info
+
+    def save_gguf(self, path: str | os.PathLike, tokenizer=None) -> None:
+        """Writes the model (float, quantized or mixed) as one GGUF file in llama.cpp's conventions,
+        with the config embedded and, when given, the tokenizer (a metalcandle tokenizer, a folder
+        holding tokenizer.json, or a tokenizer.json file). `load_model(path)` and
+        `load_tokenizer(path)` read it back."""
+        if isinstance(tokenizer, (str, os.PathLike)) and os.path.isdir(tokenizer):
+            from metalcandle.tokenizers import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer)
+        self._core.save_gguf(
+            os.fspath(path),
+            _tokenizer_json(tokenizer),
+            getattr(tokenizer, "chat_template", None),
+            getattr(tokenizer, "pad_token_id", None),
+        )
+
     def __repr__(self) -> str:
         return f"Model(architecture={self.architecture!r}, parameters={self.num_parameters():,})"
 
 
+GGUF_FILE = "model.gguf"
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """A file that starts with GGUF's magic bytes."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _tokenizer_json(tokenizer) -> str | None:
+    """tokenizer.json text of a metalcandle tokenizer, a folder holding tokenizer.json, or that file."""
+    if tokenizer is None:
+        return None
+    backend = getattr(tokenizer, "_backend", None)
+    if backend is not None:
+        return backend.to_str()
+    if isinstance(tokenizer, (str, os.PathLike)):
+        path = os.fspath(tokenizer)
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    raise TypeError(f"tokenizer must be a metalcandle tokenizer or a path, got {type(tokenizer).__name__}")
+
+
 def load_model(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu") -> Model:
-    """Loads a Hugging Face checkpoint folder (config.json + safetensors)."""
+    """Loads a Hugging Face checkpoint folder (config.json + safetensors), a GGUF file (its quantized
+    matrices stay quantized), or a folder holding model.gguf and no safetensors."""
     if dtype != "float32":
         raise ValueError(f"dtype {dtype!r} is not supported yet; weights are computed in float32")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model folder not found: {path}")
+    if os.path.isdir(path):
+        gguf = os.path.join(path, GGUF_FILE)
+        if os.path.isfile(gguf) and not any(n.endswith(".safetensors") for n in os.listdir(path)):
+            path = gguf
+    if os.path.isfile(path) and (path.lower().endswith(".gguf") or is_gguf(path)):
+        return Model(_core.Model.load_gguf(path, device))
     return Model(_core.Model.load(path, device))

@@ -1,4 +1,5 @@
-"""The loss-curve PNG written at the end of a run, from `metrics.jsonl`."""
+"""Loss-curve PNGs from `metrics.jsonl`: one run's at the end of training, two runs' for
+`metalcandle compare`."""
 
 from __future__ import annotations
 
@@ -20,18 +21,34 @@ def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, f
 
 
 def plot_loss(metrics_file: Path, png: Path, title: str = "") -> Path:
+    return plot_runs([("", metrics_file)], png, title)
+
+
+def plot_runs(runs: list[tuple[str, Path]], png: Path, title: str = "") -> Path:
+    """Training and validation loss of one or more runs, `(label, metrics.jsonl)`, on one chart;
+    each run in its own color, validation as markers on a dashed line."""
     # Agg: no display is needed (servers, CI); set before pyplot is imported.
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train, valid = read_metrics(metrics_file)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
-    if valid:
-        ax.plot(*zip(*valid, strict=True), "o-", label="validation loss", linewidth=1.5, markersize=3)
+    for i, (label, metrics_file) in enumerate(runs):
+        train, valid = read_metrics(metrics_file)
+        prefix = f"{label}: " if label else ""
+        color = f"C{i % 10}"
+        if train:
+            ax.plot(*zip(*train, strict=True), color=color, label=f"{prefix}train loss", linewidth=1)
+        if valid:
+            ax.plot(
+                *zip(*valid, strict=True),
+                "o--" if len(runs) > 1 else "o-",
+                color=f"C{(i + 1) % 10}" if len(runs) == 1 else color,
+                label=f"{prefix}validation loss",
+                linewidth=1.5,
+                markersize=3,
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)

@@ -306,8 +306,15 @@ def train_bpe(
 
 def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
     """The tokenizer in a model or checkpoint folder: tokenizer.json + tokenizer_config.json (with its chat
-    template, or a separate chat_template.jinja), or a char tokenizer metalcandle saved."""
+    template, or a separate chat_template.jinja), or a char tokenizer metalcandle saved. A GGUF file
+    (or a folder holding only model.gguf) gives the tokenizer.json embedded in it."""
+    from metalcandle.model import GGUF_FILE, is_gguf
+
     folder = Path(folder)
+    if folder.is_file() and is_gguf(folder):
+        return _gguf_tokenizer(folder)
+    if not (folder / TOKENIZER_FILE).is_file() and (folder / GGUF_FILE).is_file():
+        return _gguf_tokenizer(folder / GGUF_FILE)
     path = folder / TOKENIZER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {TOKENIZER_FILE} in {folder}")
@@ -319,4 +326,26 @@ def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
         config["chat_template"] = template_path.read_text(encoding="utf-8")
     if (folder / CHAR_FILE).is_file():
         return CharTokenizer(backend, config)
+    return Tokenizer(backend, config)
+
+
+def _gguf_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer.json a GGUF file embeds. GGUF keeps special tokens as ids (llama.cpp's
+    `tokenizer.ggml.*_token_id`) and the template as `tokenizer.chat_template`, so the
+    tokenizer_config fields come back from those keys where the file has them."""
+    from metalcandle import _core
+
+    text = _core.gguf_tokenizer_json(str(path))
+    if text is None:
+        raise FileNotFoundError(f"{path}: the GGUF file embeds no tokenizer (tokenizer.huggingface.json)")
+    backend = _Backend.from_str(text)
+    metadata = json.loads(_core.gguf_metadata(str(path)))
+    config: dict = {}
+    keys = {"bos_token": "bos", "eos_token": "eos", "pad_token": "padding", "unk_token": "unknown"}
+    for name, key in keys.items():
+        token_id = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        if isinstance(token_id, int):
+            config[name] = backend.id_to_token(token_id)
+    if isinstance(metadata.get("tokenizer.chat_template"), str):
+        config["chat_template"] = metadata["tokenizer.chat_template"]
     return Tokenizer(backend, config)

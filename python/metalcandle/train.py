@@ -7,10 +7,15 @@ everything here is bookkeeping whose state fits in `state.json`, which is what m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +24,10 @@ import numpy as np
 
 from metalcandle import checkpoint as ck
 from metalcandle import data as D
+from metalcandle import runs as R
 from metalcandle.adapters import architecture_type_of
 from metalcandle.config import Config, to_toml
-from metalcandle.errors import UserError
+from metalcandle.errors import TrainingInterrupted, UserError
 from metalcandle.loading import (
     BaseModel,
     build_tokenizer,
@@ -54,6 +60,8 @@ class RunState:
     evals_since_best: int = 0
     model_id: str = field(default_factory=new_model_id)
     stopped_early: bool = False  # so a resumed run that had already stopped early stays stopped
+    run_id: str = ""  # given when the run starts fresh; kept across resumes
+    run_created_at: str = ""
 
 
 @dataclass
@@ -174,8 +182,9 @@ def sample_continuations(model, tokenizer, prompts: list[str], gen_opts: dict) -
 class MetricsLog:
     """`metrics.jsonl`: one JSON object per line, appended and flushed as the run goes."""
 
-    def __init__(self, path: Path, resume_step: int | None):
+    def __init__(self, path: Path, resume_step: int | None, stamp: dict | None = None):
         self.path = path
+        self.stamp = stamp or {}  # on every line: which run, under which config, wrote it
         if resume_step is not None and path.exists():
             # Lines past the checkpoint came from the interrupted attempt; the resumed run redoes them.
             kept = [
@@ -189,7 +198,7 @@ class MetricsLog:
 
     def write(self, row: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps({**row, **self.stamp}) + "\n")
 
 
 def metadata_for(cfg: Config, state: RunState, base: BaseModel | None, architecture: str) -> dict:
@@ -202,6 +211,8 @@ def metadata_for(cfg: Config, state: RunState, base: BaseModel | None, architect
         "architecture_type": architecture,
         "training": "lora" if cfg.is_lora else ("full" if base is not None else "from-scratch"),
         "license": None if base is None else (base.entry.get("license") or read_license(base.path)),
+        "run_id": state.run_id,
+        "config_hash": cfg.hash(),
     }
 
 
@@ -250,27 +261,54 @@ def build_model(cfg: Config, base: BaseModel | None, tokenizer, resume_from: Pat
     return load_model_dir(resume_from or base.path, device)
 
 
-# Sections that define the weights and the data order; resuming with any of them changed would
-# silently train a different run.
-FIXED_ON_RESUME = ("model", "tokenizer", "data", "lora", "optimizer", "scheduler")
+@contextlib.contextmanager
+def sigint_deferred():
+    """Holds Ctrl-C back until the block ends, then delivers it. The core does not check for signals,
+    so a Ctrl-C during a step surfaces right after the weights were updated and before the step
+    was counted; a checkpoint written then would pair step-k weights with step k-1 bookkeeping."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # installed outside Python: it cannot be put back
+        yield
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        signal.raise_signal(signal.SIGINT)  # to whatever handler was there before, usually KeyboardInterrupt
 
 
-def check_resumable(cfg: Config, checkpoint: Path) -> None:
-    saved = ck.read_json(checkpoint / RUN_CONFIG_JSON)["config"]
-    changed = []
-    for section in FIXED_ON_RESUME:
-        old, new = saved.get(section) or {}, cfg.to_dict().get(section) or {}
-        changed += [f"{section}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    if changed:
-        raise UserError(
-            f"cannot resume from {checkpoint}: it was trained with different {', '.join(changed)}; "
-            "use another run.output_dir, or --set train.resume=false to start over"
+def training_interrupted(cfg: Config, step: int, checkpoint: Path | None, saved: bool) -> TrainingInterrupted:
+    """The one line for the user: where the work is and the command that continues it."""
+    if checkpoint is None:
+        return TrainingInterrupted(
+            "interrupted before the first step finished; nothing to save", checkpoint=None, step=step
         )
+    resume = cfg["train"]["resume"]
+    if resume == "auto" or (resume and Path(os.path.expanduser(resume)).absolute() == checkpoint):
+        how = "run the same command again to resume"
+    else:
+        # Rerunning as is would start over (resume = false) or go back to the older checkpoint.
+        how = f"to resume, run it again with --set {shlex.quote(f'train.resume={checkpoint}')}"
+    what = f"checkpoint saved in {checkpoint}" if saved else f"no step finished since {checkpoint}"
+    return TrainingInterrupted(f"interrupted at step {step}: {what}; {how}", checkpoint=checkpoint, step=step)
 
 
-def train(cfg: Config, progress: bool = True, stop_at_step: int | None = None, log=None) -> TrainResult:
+def train(
+    cfg: Config,
+    progress: bool = True,
+    stop_at_step: int | None = None,
+    log=None,
+    allow_config_change: bool = False,
+) -> TrainResult:
     """Runs (or resumes) the training described by `cfg`. `stop_at_step` ends the run early after
-    saving a checkpoint there, as an interruption would (used to test exact resume)."""
+    saving a checkpoint there, as an interruption would (used to test exact resume). A resume under
+    a config that differs in more than `runs.FREE_ON_RESUME` keys needs `allow_config_change`."""
     import metalcandle as mc
 
     def say(msg: str):
@@ -283,14 +321,26 @@ def train(cfg: Config, progress: bool = True, stop_at_step: int | None = None, l
     base = resolve_base(cfg)
 
     state = RunState()
+    resumed = None
     if resume_from is not None:
         saved = ck.read_json(resume_from / ck.STATE_FILE)
-        if saved.get("config_hash") != cfg.hash():
-            check_resumable(cfg, resume_from)
-            say(f"note: [train]/[generate]/[run] settings differ from those of {resume_from}; resuming")
-        saved.pop("config_hash", None)
+        saved_hash = saved.pop("config_hash", None)
+        changed = []
+        if saved_hash != cfg.hash():
+            saved_config = ck.read_json(resume_from / RUN_CONFIG_JSON)["config"]
+            changed = R.check_resume(cfg, saved_config, resume_from, allow_config_change, say)
         state = RunState(**saved)
+        resumed = {
+            "at": R.utc_now(),
+            "step": state.step,
+            "checkpoint": str(resume_from),
+            "config_hash_before": saved_hash,
+            "changed": changed,
+        }
         say(f"resuming from {resume_from} (step {state.step})")
+    if not state.run_id:  # a fresh run, or a checkpoint from before run ids
+        state.run_id, state.run_created_at = R.new_run_id(cfg["run"]["name"]), R.utc_now()
+    R.write_run_file(out, cfg, state.run_id, state.run_created_at, resumed)
 
     tokenizer = (
         load_folder_tokenizer(resume_from)
@@ -314,7 +364,11 @@ def train(cfg: Config, progress: bool = True, stop_at_step: int | None = None, l
     prompts = sample_prompts(data.valid, tokenizer)
     gen_opts = generation_options(cfg["generate"])
     meta = metadata_for(cfg, state, base, architecture_type_of(model))
-    metrics = MetricsLog(out / "metrics.jsonl", state.step if resume_from is not None else None)
+    metrics = MetricsLog(
+        out / "metrics.jsonl",
+        state.step if resume_from is not None else None,
+        stamp={"run_id": state.run_id, "config_hash": cfg.hash()},
+    )
     ckpt_root = out / "checkpoints"
     s = cfg["scheduler"]
 
@@ -332,6 +386,7 @@ def train(cfg: Config, progress: bool = True, stop_at_step: int | None = None, l
     first_loss = last_loss = None
     stopped_early = state.stopped_early
     window_tokens, window_time, run_tokens, run_time = 0, 0.0, 0, 0.0
+    start_step, saved_step = state.step, None
     try:
         while state.step < max_steps and not stopped_early:
             step = state.step + 1
@@ -340,40 +395,41 @@ def train(cfg: Config, progress: bool = True, stop_at_step: int | None = None, l
             )
             opt.lr = lr
             micro = [stream.next() for _ in range(t["grad_accum"])]
-            t0 = time.perf_counter()
-            if len(micro) == 1:
-                stats = trainer.step(micro[0][0], labels=micro[0][1])
-            else:
-                stats = trainer.step([m[0] for m in micro], labels=[m[1] for m in micro])
-            dt = time.perf_counter() - t0
-            n_tok = sum(m[0].size for m in micro)
-            window_tokens += n_tok
-            window_time += dt
-            run_tokens += n_tok
-            run_time += dt
-            state.step = step
-            state.data_position = stream.position
-            state.tokens_seen += n_tok
-            loss = float(stats.loss)
-            if not math.isfinite(loss):
-                raise UserError(f"training diverged at step {step} (loss {loss}); lower optimizer.lr")
-            first_loss = loss if first_loss is None else first_loss
-            last_loss = loss
-            tps = window_tokens / max(window_time, 1e-9)
-            bar.update(step, loss, lr, tps)
-            if step % t["log_every"] == 0 or step == max_steps:
-                metrics.write(
-                    {
-                        "step": step,
-                        "loss": loss,
-                        "lr": lr,
-                        "grad_norm": float(stats.grad_norm),
-                        "tokens_per_s": tps,
-                        "tokens_seen": state.tokens_seen,
-                        "epoch": stream.epoch,
-                    }
-                )
-                window_tokens, window_time = 0, 0.0
+            with sigint_deferred():  # the update and its bookkeeping happen together or not at all
+                t0 = time.perf_counter()
+                if len(micro) == 1:
+                    stats = trainer.step(micro[0][0], labels=micro[0][1])
+                else:
+                    stats = trainer.step([m[0] for m in micro], labels=[m[1] for m in micro])
+                dt = time.perf_counter() - t0
+                n_tok = sum(m[0].size for m in micro)
+                window_tokens += n_tok
+                window_time += dt
+                run_tokens += n_tok
+                run_time += dt
+                state.step = step
+                state.data_position = stream.position
+                state.tokens_seen += n_tok
+                loss = float(stats.loss)
+                if not math.isfinite(loss):
+                    raise UserError(f"training diverged at step {step} (loss {loss}); lower optimizer.lr")
+                first_loss = loss if first_loss is None else first_loss
+                last_loss = loss
+                tps = window_tokens / max(window_time, 1e-9)
+                bar.update(step, loss, lr, tps)
+                if step % t["log_every"] == 0 or step == max_steps:
+                    metrics.write(
+                        {
+                            "step": step,
+                            "loss": loss,
+                            "lr": lr,
+                            "grad_norm": float(stats.grad_norm),
+                            "tokens_per_s": tps,
+                            "tokens_seen": state.tokens_seen,
+                            "epoch": stream.epoch,
+                        }
+                    )
+                    window_tokens, window_time = 0, 0.0
 
             if step % t["eval_every"] == 0 or step == max_steps:
                 val_loss, val_ppl = evaluate(trainer, valid_batches)
@@ -403,9 +459,25 @@ def train(cfg: Config, progress: bool = True, stop_at_step: int | None = None, l
                 save_checkpoint(
                     ckpt_root / ck.step_dir_name(step), cfg, model, trainer, tokenizer, state, meta
                 )
-                ck.prune(ckpt_root, t["keep_last"])
+                saved_step = step
+                with sigint_deferred():  # or Ctrl-C could leave a half-deleted step folder behind
+                    ck.prune(ckpt_root, t["keep_last"])
             if stopped_early or interrupted:
                 break
+    except KeyboardInterrupt as e:
+        # The state is that of the last finished step (see sigint_deferred), so it is saved as is.
+        # A step's pending evaluation is not redone on resume; training itself continues exactly.
+        if state.step == start_step:
+            where, saved = resume_from, False
+        else:
+            where, saved = ckpt_root / ck.step_dir_name(state.step), True
+            if saved_step != state.step:
+                save_checkpoint(where, cfg, model, trainer, tokenizer, state, meta)
+            # Pruning keeps the highest steps: with a newer one left by an earlier attempt, it would
+            # remove the checkpoint just saved.
+            if ck.list_checkpoints(ckpt_root)[-1][1] == where:
+                ck.prune(ckpt_root, t["keep_last"])
+        raise training_interrupted(cfg, state.step, where, saved) from e
     finally:
         bar.close()
 

@@ -1,11 +1,13 @@
 //! metalcandle-core: decoder-only transformers on candle, with the kernels training needs.
 
 pub mod error;
+pub mod hooks;
 pub mod lora;
 pub mod model;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+pub mod quant;
 pub mod rng;
 pub mod spec;
 pub mod train;

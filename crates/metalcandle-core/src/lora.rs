@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::Decoder;
-use crate::nn::Linear;
+use crate::nn::{Linear, Weight};
 use crate::rng::Rng;
 use crate::spec::Architecture;
 use candle_core::{Device, Tensor};
@@ -111,6 +111,16 @@ impl Lora {
     }
 }
 
+/// The float weight an adapter merges into; a quantized base cannot take a merge without
+/// requantizing, which would lose the adapter's small update in the rounding.
+fn float_base<'a>(module: &str, w: &'a mut Weight) -> Result<&'a mut Tensor> {
+    w.float_mut().ok_or_else(|| {
+        Error::Input(format!(
+            "{module}: cannot merge an adapter into a quantized weight; dequantize the model first"
+        ))
+    })
+}
+
 pub fn peft_name(module: &str, which: &str) -> String {
     format!("base_model.model.{module}.{which}.weight")
 }
@@ -118,6 +128,17 @@ pub fn peft_name(module: &str, which: &str) -> String {
 impl Decoder {
     pub fn has_adapter(&self) -> bool {
         self.lora_config.is_some()
+    }
+
+    /// An adapter is attached and not folded into the base weights.
+    pub fn has_unmerged_adapter(&self) -> bool {
+        self.blocks.iter().any(|b| {
+            b.attn
+                .linears()
+                .into_iter()
+                .chain(b.mlp.linears())
+                .any(|l| l.lora.as_ref().is_some_and(|a| !a.merged))
+        })
     }
 
     /// Attaches fresh adapters (PEFT init) to every targeted linear.
@@ -190,7 +211,8 @@ impl Decoder {
         for lin in self.adapted()? {
             let lora = lin.lora.as_mut().unwrap();
             if !lora.merged {
-                lin.weight = (&lin.weight + lora.delta()?.detach())?;
+                let w = float_base(&lin.name, &mut lin.weight)?;
+                *w = (&*w + lora.delta()?.detach())?;
                 lora.merged = true;
             }
         }
@@ -201,7 +223,8 @@ impl Decoder {
         for lin in self.adapted()? {
             let lora = lin.lora.as_mut().unwrap();
             if lora.merged {
-                lin.weight = (&lin.weight - lora.delta()?.detach())?;
+                let w = float_base(&lin.name, &mut lin.weight)?;
+                *w = (&*w - lora.delta()?.detach())?;
                 lora.merged = false;
             }
         }

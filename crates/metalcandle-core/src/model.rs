@@ -6,8 +6,7 @@ use crate::nn::attention::QkvProj;
 use crate::nn::embedding::sinusoidal;
 use crate::nn::mask::attention_mask;
 use crate::nn::rope::RotaryTables;
-use crate::nn::{Attention, Embedding, LayerCache, Linear, Mlp, Norm};
-use crate::ops;
+use crate::nn::{Attention, Embedding, LayerCache, Linear, Mlp, Norm, Weight};
 use crate::spec::{MlpKind, ModelSpec, NormKind, Positions};
 use crate::weights::names::{self, ParamKind};
 use candle_core::{DType, Device, Tensor};
@@ -36,6 +35,8 @@ pub struct Decoder {
     rope: Option<Vec<RotaryTables>>,
     /// Set while LoRA adapters are attached.
     pub lora_config: Option<crate::lora::LoraConfig>,
+    /// Intervention points (see `hooks`); empty by default.
+    pub hooks: crate::hooks::Hooks,
     pub device: Device,
     pub dtype: DType,
 }
@@ -104,7 +105,7 @@ impl Decoder {
                       conv1d: bool|
          -> Result<Linear> {
             Ok(Linear {
-                weight: take(&format!("{module}.weight"))?,
+                weight: Weight::Float(take(&format!("{module}.weight"))?),
                 bias: if bias {
                     Some(take(&format!("{module}.bias"))?)
                 } else {
@@ -114,6 +115,7 @@ impl Decoder {
                 conv1d,
                 lora: None,
                 training: false,
+                observer: None,
             })
         };
         let norm = |take: &mut dyn FnMut(&str) -> Result<Tensor>,
@@ -133,12 +135,12 @@ impl Decoder {
         };
         let embed = Embedding {
             name: n.embed(),
-            weight: take(&format!("{}.weight", n.embed()))?,
+            weight: Weight::Float(take(&format!("{}.weight", n.embed()))?),
         };
         let pos_embed = match spec.positions {
             Positions::Learned => Some(Embedding {
                 name: n.pos_embed(),
-                weight: take(&format!("{}.weight", n.pos_embed()))?,
+                weight: Weight::Float(take(&format!("{}.weight", n.pos_embed()))?),
             }),
             _ => None,
         };
@@ -208,6 +210,7 @@ impl Decoder {
             lm_head,
             rope,
             lora_config: None,
+            hooks: Default::default(),
             device: device.clone(),
             dtype,
         })
@@ -236,14 +239,12 @@ impl Decoder {
         this.visit_mut(&mut |name, t| f(name, t));
     }
 
-    /// Visits every parameter tensor mutably (to make it trainable, or to replace it).
+    /// Visits every float parameter tensor mutably (to make it trainable, or to replace it).
+    /// Quantized weights are not parameters in this sense: nothing trains or replaces them.
     pub fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
-        f(
-            &format!("{}.weight", self.embed.name),
-            &mut self.embed.weight,
-        );
+        visit_weight(&self.embed.name, &mut self.embed.weight, f);
         if let Some(p) = &mut self.pos_embed {
-            f(&format!("{}.weight", p.name), &mut p.weight);
+            visit_weight(&p.name, &mut p.weight, f);
         }
         let norm = |n: &mut Norm, f: &mut dyn FnMut(&str, &mut Tensor)| {
             f(&format!("{}.weight", n.name), &mut n.weight);
@@ -276,11 +277,19 @@ impl Decoder {
         out
     }
 
+    /// Every weight and bias, float or quantized.
     pub fn num_parameters(&self) -> usize {
-        self.named_parameters()
+        let float: usize = self
+            .named_parameters()
             .iter()
             .map(|(_, t)| t.elem_count())
-            .sum()
+            .sum();
+        let quantized: usize = self
+            .quantized_weights()
+            .iter()
+            .map(|(_, w)| w.elem_count())
+            .sum();
+        float + quantized
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -358,6 +367,14 @@ impl Decoder {
                 .flat_map(|_| (past..past + t).map(|p| p as i64))
                 .collect(),
         };
+        let hooked = self.hooks.active();
+        let at = |name: &dyn Fn() -> String, x: Tensor| -> Result<Tensor> {
+            if hooked {
+                self.hooks.apply(&name(), x)
+            } else {
+                Ok(x)
+            }
+        };
         let mut x = self.embed.forward(ids)?;
         match (&self.spec.positions, &self.pos_embed) {
             (Positions::Learned, Some(pe)) => {
@@ -379,6 +396,7 @@ impl Decoder {
             }
             _ => {}
         }
+        x = at(&|| "embed".into(), x)?;
         let mut hidden = vec![];
         if opts.output_hidden_states {
             hidden.push(x.clone());
@@ -409,20 +427,31 @@ impl Decoder {
                 None => None,
             };
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let attn_in = at(
+                &|| format!("layers.{i}.attn_in"),
+                block.attn_norm.forward(&x)?,
+            )?;
+            let inner = |name: &str, t: Tensor| -> candle_core::Result<Tensor> {
+                self.hooks
+                    .apply(&format!("layers.{i}.{name}"), t)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            };
             let h = block.attn.forward(
-                &block.attn_norm.forward(&x)?,
+                &attn_in,
                 rope,
                 &masks[&window],
                 layer_cache,
+                if hooked { Some(&inner) } else { None },
             )?;
-            x = (x + h)?;
+            x = (x + at(&|| format!("layers.{i}.attn_out"), h)?)?;
             let h = block.mlp.forward(&block.mlp_norm.forward(&x)?)?;
-            x = (x + h)?;
+            x = (x + at(&|| format!("layers.{i}.mlp_out"), h)?)?;
+            x = at(&|| format!("layers.{i}.residual"), x)?;
             if opts.output_hidden_states && i + 1 < self.blocks.len() {
                 hidden.push(x.clone());
             }
         }
-        let last_hidden = self.final_norm.forward(&x)?;
+        let last_hidden = at(&|| "final_norm".into(), self.final_norm.forward(&x)?)?;
         if opts.output_hidden_states {
             hidden.push(last_hidden.clone());
         }
@@ -434,10 +463,14 @@ impl Decoder {
 
     /// The LM head: [.., hidden] -> [.., vocab].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(head) => head.forward(hidden)?,
-            None => ops::frozen_linear(hidden, &self.embed.weight)?,
-        })
+            None => self.embed.weight.linear(hidden)?,
+        };
+        if self.hooks.active() {
+            return self.hooks.apply("logits", logits);
+        }
+        Ok(logits)
     }
 
     pub fn forward(
@@ -465,8 +498,14 @@ impl Decoder {
     }
 }
 
+fn visit_weight(module: &str, w: &mut Weight, f: &mut dyn FnMut(&str, &mut Tensor)) {
+    if let Some(t) = w.float_mut() {
+        f(&format!("{module}.weight"), t);
+    }
+}
+
 fn visit_linear(l: &mut Linear, f: &mut dyn FnMut(&str, &mut Tensor)) {
-    f(&format!("{}.weight", l.name), &mut l.weight);
+    visit_weight(&l.name, &mut l.weight, f);
     if let Some(b) = &mut l.bias {
         f(&format!("{}.bias", l.name), b);
     }

@@ -88,6 +88,11 @@ impl AdamW {
             .any(|p| name.contains(p.as_str()))
     }
 
+    /// Steps taken so far (the largest per-parameter count).
+    pub fn step_count(&self) -> u64 {
+        self.state.values().map(|s| s.step).max().unwrap_or(0)
+    }
+
     /// The step count of each parameter updated so far.
     pub fn steps(&self) -> BTreeMap<String, u64> {
         self.state

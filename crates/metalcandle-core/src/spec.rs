@@ -329,12 +329,14 @@ fn rope_from_hf(c: &Cfg) -> Result<Positions> {
                     original_max_position_embeddings: num("original_max_position_embeddings")?
                         as usize,
                 },
-                other => return Err(c.err(
-                    &format!("{key}.rope_type"),
-                    format!(
+                other => {
+                    return Err(c.err(
+                        &format!("{key}.rope_type"),
+                        format!(
                         "unsupported RoPE scaling `{other}` (supported: default, linear, llama3)"
                     ),
-                )),
+                    ))
+                }
             }
         }
     };

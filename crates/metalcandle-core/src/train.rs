@@ -40,12 +40,38 @@ impl Batch {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StepStats {
+    /// The main (cross-entropy) loss.
     pub loss: f64,
     /// Total gradient norm before clipping.
     pub grad_norm: f64,
     pub tokens: usize,
+    /// Each auxiliary loss, unweighted, token-weighted over the micro-batches like `loss`.
+    pub aux: Vec<(String, f64)>,
+}
+
+/// The main loss and the auxiliary losses of one batch.
+pub struct LossParts {
+    /// Mean cross-entropy over the label tokens (a tracked scalar when training).
+    pub main: Tensor,
+    /// (name, weight, unweighted value) per auxiliary loss.
+    pub aux: Vec<(String, f64, Tensor)>,
+    pub tokens: usize,
+}
+
+impl LossParts {
+    /// What the backward pass differentiates: main + sum of weight x aux. Zero-weight terms are
+    /// left out of the graph, so they change nothing, not even the rounding.
+    pub fn objective(&self) -> Result<Tensor> {
+        let mut total = self.main.clone();
+        for (_, w, v) in &self.aux {
+            if *w != 0.0 {
+                total = (total + v.affine(*w, 0.0)?)?;
+            }
+        }
+        Ok(total)
+    }
 }
 
 impl Decoder {
@@ -62,6 +88,13 @@ impl Decoder {
             }
             Err(e) => err = Some(e),
         };
+        if !self.has_adapter() && self.is_quantized() {
+            return Err(Error::Input(
+                "a quantized model cannot be trained in full: attach a LoRA adapter (the base \
+                 stays quantized) or dequantize the model first"
+                    .into(),
+            ));
+        }
         if self.has_adapter() {
             self.visit_mut(&mut |_, t| *t = t.detach());
             self.visit_adapter_mut(&mut to_var);
@@ -85,19 +118,50 @@ impl Decoder {
     /// Mean cross-entropy of the next-token predictions over every label token of `batch`,
     /// as a tracked scalar when the model holds variables.
     pub fn loss(&self, batch: &Batch) -> Result<(Tensor, usize)> {
+        let parts = self.loss_parts(batch)?;
+        Ok((parts.main, parts.tokens))
+    }
+
+    /// The main loss and every auxiliary loss the hooks ask for.
+    pub fn loss_parts(&self, batch: &Batch) -> Result<LossParts> {
         let labels = batch.shifted_labels()?;
         let n = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
         let opts = ForwardOptions {
             attention_mask: batch.attention_mask.as_deref(),
             ..Default::default()
         };
+        self.hooks.take_collected();
         let out = self.forward_hidden(&batch.ids, &opts, None)?;
         let logits = self.logits(&out.last_hidden)?;
         let (b, t, v) = logits.dims3()?;
-        Ok((
-            ops::cross_entropy(&logits.reshape((b * t, v))?, &labels)?,
-            n,
-        ))
+        let flat = logits.reshape((b * t, v))?;
+        let main = ops::cross_entropy(&flat, &labels)?;
+        let mut aux = vec![];
+        let losses = self.hooks.aux_losses();
+        if !losses.is_empty() {
+            let collected = self.hooks.take_collected();
+            let rows: Vec<u32> = (0..labels.len() as u32)
+                .filter(|&i| labels[i as usize] != IGNORE_INDEX)
+                .collect();
+            let label_logits = flat.index_select(&Tensor::new(rows, flat.device())?, 0)?;
+            for (id, loss) in losses {
+                let values: Vec<Tensor> = collected
+                    .iter()
+                    .filter(|(i, _)| i == id)
+                    .map(|(_, t)| t.clone())
+                    .collect();
+                aux.push((
+                    loss.name(),
+                    loss.weight(),
+                    loss.value(&values, &label_logits)?,
+                ));
+            }
+        }
+        Ok(LossParts {
+            main,
+            aux,
+            tokens: n,
+        })
     }
 
     /// Token-weighted mean loss over batches, without gradients.
@@ -144,10 +208,18 @@ pub fn train_step(
             "no label tokens to train on (all labels are -100)".into(),
         ));
     }
+    model.hooks.set_step(opt.step_count());
     model.set_training(true);
     let result = accumulate(model, &vars, micro_batches, total);
     model.set_training(false);
-    let (loss, mut grads) = result?;
+    let (loss, aux, mut grads) = result?;
+    if !model.hooks.update_transforms().is_empty() {
+        let params: HashMap<String, Tensor> = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .collect();
+        model.hooks.transform_grads(&params, &mut grads)?;
+    }
 
     // torch's clip_grad_norm_: total = ||all grads||, coef = min(1, max/(total + 1e-6)).
     let mut sq = 0f64;
@@ -172,26 +244,40 @@ pub fn train_step(
         loss,
         grad_norm,
         tokens: total,
+        aux,
     })
 }
+
+type Accumulated = (f64, Vec<(String, f64)>, HashMap<String, Tensor>);
 
 fn accumulate(
     model: &Decoder,
     vars: &[(String, Var)],
     micro_batches: &[Batch],
     total: usize,
-) -> Result<(f64, HashMap<String, Tensor>)> {
+) -> Result<Accumulated> {
     let mut grads: HashMap<String, Tensor> = HashMap::new();
     let mut loss_sum = 0f64;
+    let mut aux_sum: Vec<(String, f64)> = vec![];
+    let scalar = |t: &Tensor| -> Result<f64> {
+        Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+    };
     for b in micro_batches {
-        let (loss, n) = model.loss(b)?;
+        let parts = model.loss_parts(b)?;
+        let n = parts.tokens;
         if n == 0 {
             continue;
         }
-        let weighted = loss.affine(n as f64 / total as f64, 0.0)?;
-        loss_sum += weighted
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
+        let share = n as f64 / total as f64;
+        loss_sum += scalar(&parts.main.affine(share, 0.0)?)?;
+        for (i, (name, _, v)) in parts.aux.iter().enumerate() {
+            let v = scalar(v)? * share;
+            match aux_sum.get_mut(i) {
+                Some((_, acc)) => *acc += v,
+                None => aux_sum.push((name.clone(), v)),
+            }
+        }
+        let weighted = parts.objective()?.affine(share, 0.0)?;
         let store = weighted.backward()?;
         for (name, var) in vars {
             if let Some(g) = store.get(var) {
@@ -203,5 +289,5 @@ fn accumulate(
             }
         }
     }
-    Ok((loss_sum, grads))
+    Ok((loss_sum, aux_sum, grads))
 }

@@ -3,6 +3,7 @@
 
 mod convert;
 mod model;
+mod quant;
 mod train;
 
 use pyo3::prelude::*;
@@ -14,6 +15,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<train::PyAdamW>()?;
     m.add_function(wrap_pyfunction!(train::train_step, m)?)?;
     m.add_function(wrap_pyfunction!(train::eval_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::gguf_tokenizer_json, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::gguf_metadata, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -1,14 +1,18 @@
 //! `_core.Model` and `_core.KvCache`.
 
 use crate::convert::{ids_tensor, read_i64_2d, to_numpy, to_py_err};
+use crate::quant;
 use candle_core::{Device, Tensor};
 use metalcandle_core::lora::LoraConfig;
 use metalcandle_core::model::ForwardOptions;
+use metalcandle_core::quant::gguf::{load_gguf, save_gguf, GgufTokenizer};
+use metalcandle_core::quant::parse_format;
 use metalcandle_core::weights::{load_hf_folder, save_hf_folder};
 use metalcandle_core::{Decoder, KvCache, ModelSpec};
 use numpy::{PyArrayDyn, PyReadonlyArray2};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
@@ -155,7 +159,18 @@ impl PyModel {
             .into_iter()
             .find(|(n, _)| n == name)
             .map(|(_, t)| t)
-            .ok_or_else(|| PyValueError::new_err(format!("no parameter named `{name}`")))?;
+            .ok_or_else(|| {
+                let quantized = self
+                    .inner
+                    .quantized_weights()
+                    .iter()
+                    .any(|(m, _)| format!("{m}.weight") == name);
+                PyValueError::new_err(if quantized {
+                    format!("`{name}` is quantized: dequantize the model to read it as an array")
+                } else {
+                    format!("no parameter named `{name}`")
+                })
+            })?;
         to_numpy(py, &t)
     }
 
@@ -296,4 +311,95 @@ impl PyModel {
         py.detach(|| save_hf_folder(model, &path))
             .map_err(to_py_err)
     }
+
+    /// Quantizes matrices in place: `default` for every one, `overrides` (module name or glob
+    /// -> format, or "f32" to keep float) before it, `skip` globs kept float. Returns the
+    /// report as JSON text.
+    #[pyo3(signature = (default, overrides, skip))]
+    fn quantize(
+        &mut self,
+        py: Python<'_>,
+        default: Option<String>,
+        overrides: HashMap<String, String>,
+        skip: Vec<String>,
+    ) -> PyResult<String> {
+        let choose = quant::chooser(default.as_deref(), &overrides, &skip).map_err(to_py_err)?;
+        let model = &mut self.inner;
+        let report = py.detach(|| model.quantize(&*choose)).map_err(to_py_err)?;
+        json_text(&report)
+    }
+
+    fn dequantize(&mut self, py: Python<'_>) -> PyResult<()> {
+        let model = &mut self.inner;
+        py.detach(|| model.dequantize()).map_err(to_py_err)
+    }
+
+    #[getter]
+    fn is_quantized(&self) -> bool {
+        self.inner.is_quantized()
+    }
+
+    fn quantization_info(&self) -> PyResult<String> {
+        json_text(&self.inner.quantization_info())
+    }
+
+    /// Records each matrix's inputs on `batches` and measures every candidate format's
+    /// output error on them; JSON text per module, with the chosen format.
+    fn calibrate(
+        &mut self,
+        py: Python<'_>,
+        batches: Vec<PyReadonlyArray2<'_, i64>>,
+        candidates: Vec<String>,
+        tolerance: f64,
+    ) -> PyResult<String> {
+        let ids = batches
+            .iter()
+            .map(|b| {
+                let (v, shape) = read_i64_2d(b);
+                ids_tensor(&v, shape, self.inner.spec.vocab_size, &self.inner.device)
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let formats = candidates
+            .iter()
+            .map(|c| parse_format(c))
+            .collect::<metalcandle_core::Result<Vec<_>>>()
+            .map_err(to_py_err)?;
+        let model = &mut self.inner;
+        let out = py
+            .detach(|| model.calibrate(&ids, &formats, tolerance))
+            .map_err(to_py_err)?;
+        json_text(&out)
+    }
+
+    /// Writes the model (float, quantized or mixed) as one GGUF file, with the tokenizer.
+    #[pyo3(signature = (path, tokenizer_json = None, chat_template = None, pad_token_id = None))]
+    fn save_gguf(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        tokenizer_json: Option<String>,
+        chat_template: Option<String>,
+        pad_token_id: Option<u32>,
+    ) -> PyResult<()> {
+        let model = &self.inner;
+        let tokenizer = GgufTokenizer {
+            json: tokenizer_json,
+            chat_template,
+            pad_token_id,
+        };
+        py.detach(|| save_gguf(model, &path, &tokenizer))
+            .map_err(to_py_err)
+    }
+
+    #[staticmethod]
+    #[pyo3(signature = (path, device = "cpu"))]
+    fn load_gguf(py: Python<'_>, path: PathBuf, device: &str) -> PyResult<Self> {
+        let dev = self::device(device)?;
+        let inner = py.detach(|| load_gguf(&path, &dev)).map_err(to_py_err)?;
+        Ok(Self { inner })
+    }
+}
+
+fn json_text<T: serde::Serialize>(value: &T) -> PyResult<String> {
+    serde_json::to_string(value).map_err(|e| PyValueError::new_err(e.to_string()))
 }

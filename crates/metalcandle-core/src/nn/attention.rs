@@ -7,6 +7,8 @@ use crate::ops;
 use crate::spec::AttentionSpec;
 use candle_core::{Result, Tensor, D};
 
+// One per layer, built once: the size of the smaller variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum QkvProj {
     Separate {
@@ -17,6 +19,9 @@ pub enum QkvProj {
     /// GPT-2's `c_attn`: q | k | v along the output dimension.
     Fused(Linear),
 }
+
+/// Runs the hooks of an attention-internal point (`attn_scores`, `attn_probs`) of this layer.
+pub type PointHook<'a> = dyn Fn(&str, Tensor) -> Result<Tensor> + 'a;
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -53,6 +58,7 @@ impl Attention {
         rope: Option<&(Tensor, Tensor)>,
         mask: &Tensor,
         cache: Option<&mut LayerCache>,
+        hook: Option<&PointHook>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let AttentionSpec {
@@ -93,8 +99,15 @@ impl Attention {
         let g = nh / nkv;
         let q = q.reshape((b, nkv, g * t, hd))?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = scores.reshape((b, nh, t, kt))?.broadcast_add(mask)?;
-        let probs = ops::softmax_last_dim(&scores)?.reshape((b, nkv, g * t, kt))?;
+        let mut scores = scores.reshape((b, nh, t, kt))?.broadcast_add(mask)?;
+        if let Some(h) = hook {
+            scores = h("attn_scores", scores)?;
+        }
+        let mut probs = ops::softmax_last_dim(&scores)?;
+        if let Some(h) = hook {
+            probs = h("attn_probs", probs)?;
+        }
+        let probs = probs.reshape((b, nkv, g * t, kt))?;
         let out = probs
             .matmul(&v)?
             .reshape((b, nh, t, hd))?
@@ -114,11 +127,12 @@ mod tests {
     fn lin(name: &str, out: usize, inp: usize, seed: u64) -> Linear {
         Linear {
             name: name.into(),
-            weight: rand_tensor(&[out, inp], seed),
+            weight: crate::nn::Weight::Float(rand_tensor(&[out, inp], seed)),
             bias: None,
             conv1d: false,
             lora: None,
             training: false,
+            observer: None,
         }
     }
 
@@ -187,7 +201,7 @@ mod tests {
         };
         let x = rand_tensor(&[2, t, hidden], 5);
         let mask = attention_mask(2, t, 0, None, None, DType::F64, &Device::Cpu).unwrap();
-        let full = attn.forward(&x, None, &mask, None).unwrap();
+        let full = attn.forward(&x, None, &mask, None, None).unwrap();
         assert!(max_abs_diff(&full, &reference(&attn, &x)) < 1e-12);
         // Incremental: 3 tokens, then one at a time through the cache.
         let mut cache = LayerCache::default();
@@ -200,6 +214,7 @@ mod tests {
                     None,
                     &m,
                     Some(&mut cache),
+                    None,
                 )
                 .unwrap(),
             );

@@ -1,22 +1,19 @@
 //! Token embeddings and positional embeddings (learned tables or fixed sinusoids).
 
+use super::Weight;
 use candle_core::{DType, Device, Result, Tensor};
 
 #[derive(Debug, Clone)]
 pub struct Embedding {
     pub name: String,
     /// [rows, hidden]
-    pub weight: Tensor,
+    pub weight: Weight,
 }
 
 impl Embedding {
     /// Looks up `ids` [B, T] (u32) into [B, T, hidden].
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let h = self.weight.dim(1)?;
-        self.weight
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, h))
+        self.weight.rows(ids)
     }
 }
 
@@ -50,7 +47,7 @@ mod tests {
         let w = Tensor::new(&[[0f32, 1.], [2., 3.], [4., 5.]], &Device::Cpu).unwrap();
         let e = Embedding {
             name: "e".into(),
-            weight: w,
+            weight: Weight::Float(w),
         };
         let y = e
             .forward(&Tensor::new(&[[2u32, 0]], &Device::Cpu).unwrap())

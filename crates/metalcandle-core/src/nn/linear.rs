@@ -1,21 +1,24 @@
 //! A linear layer `y = x W^T + b`, W [out, in]. The weight goes through the frozen-weight
-//! kernel unless it is itself trainable.
+//! (or quantized) kernel unless it is itself trainable.
 
+use super::Weight;
 use crate::lora::Lora;
-use crate::ops;
+use crate::quant::calibrate::Observer;
 use candle_core::{Result, Tensor};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// Module path as in the checkpoint, e.g. `model.layers.0.self_attn.q_proj`.
     pub name: String,
-    pub weight: Tensor,
+    pub weight: Weight,
     pub bias: Option<Tensor>,
     /// The checkpoint stores the weight as [in, out] (GPT-2's Conv1D).
     pub conv1d: bool,
     pub lora: Option<Lora>,
     /// Training mode: LoRA dropout applies.
     pub training: bool,
+    /// Set while calibrating for quantization: records the inputs.
+    pub observer: Option<Observer>,
 }
 
 impl Linear {
@@ -28,7 +31,13 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = ops::frozen_linear(x, &self.weight)?;
+        if let Some(o) = &self.observer {
+            o.lock()
+                .unwrap()
+                .record(x)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        }
+        let mut y = self.weight.linear(x)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -50,11 +59,12 @@ mod tests {
         let b = Tensor::new(&[0.5f32, -1., 0.], &Device::Cpu).unwrap();
         let lin = Linear {
             name: "l".into(),
-            weight: w,
+            weight: Weight::Float(w),
             bias: Some(b),
             conv1d: false,
             lora: None,
             training: false,
+            observer: None,
         };
         let y = lin
             .forward(&Tensor::new(&[[[1f32, -1.]]], &Device::Cpu).unwrap())

@@ -50,11 +50,12 @@ mod tests {
     fn lin(w: &[[f64; 1]; 1]) -> Linear {
         Linear {
             name: "l".into(),
-            weight: Tensor::new(w, &Device::Cpu).unwrap(),
+            weight: crate::nn::Weight::Float(Tensor::new(w, &Device::Cpu).unwrap()),
             bias: None,
             conv1d: false,
             lora: None,
             training: false,
+            observer: None,
         }
     }
 

@@ -7,9 +7,11 @@ pub mod mask;
 pub mod mlp;
 pub mod norm;
 pub mod rope;
+pub mod weight;
 
 pub use attention::{Attention, LayerCache};
 pub use embedding::Embedding;
 pub use linear::Linear;
 pub use mlp::Mlp;
 pub use norm::Norm;
+pub use weight::Weight;

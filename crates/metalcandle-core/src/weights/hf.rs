@@ -168,6 +168,12 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
 
 /// Saves `config.json` and `model.safetensors` in the checkpoint's own names and layouts.
 pub fn save_hf_folder(model: &Decoder, dir: &Path) -> Result<()> {
+    if model.is_quantized() {
+        return Err(Error::Input(format!(
+            "{}: the model is quantized; save it as GGUF, or dequantize it first to write safetensors",
+            dir.display()
+        )));
+    }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let specs: HashMap<String, bool> = param_specs(&model.spec)
         .into_iter()

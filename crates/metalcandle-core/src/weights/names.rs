@@ -225,3 +225,45 @@ pub fn is_ignorable(name: &str, spec: &ModelSpec) -> bool {
         || name.ends_with("rotary_emb.inv_freq")
         || (spec.tie_word_embeddings && name == "lm_head.weight")
 }
+
+/// `*` matches any run of characters (module names contain dots, so `layers.*.mlp` spans one
+/// index and `*` alone spans everything).
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
+        return false;
+    }
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*", "lm_head"));
+        assert!(glob_match(
+            "model.layers.*.mlp.*",
+            "model.layers.1.mlp.up_proj"
+        ));
+        assert!(!glob_match(
+            "model.layers.*.mlp.*",
+            "model.layers.1.self_attn.q_proj"
+        ));
+        assert!(glob_match("*q_proj", "model.layers.0.self_attn.q_proj"));
+        assert!(!glob_match("q_proj", "model.layers.0.self_attn.q_proj"));
+        assert!(glob_match("layers.*.mlp_out", "layers.11.mlp_out"));
+    }
+}

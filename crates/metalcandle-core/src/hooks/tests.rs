@@ -1,0 +1,296 @@
+//! Each hook kind changes what it should and nothing else.
+
+use super::*;
+use crate::model::{Decoder, ForwardOptions};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::spec::ModelSpec;
+use crate::train::{train_step, Batch};
+use candle_core::Device;
+use serde_json::json;
+
+fn tiny() -> Decoder {
+    let config = json!({
+        "model_type": "llama", "vocab_size": 48, "hidden_size": 32,
+        "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": false
+    });
+    let spec = ModelSpec::from_hf_config(&config, "config").unwrap();
+    Decoder::random(spec, config, 11, &Device::Cpu).unwrap()
+}
+
+fn batch() -> Batch {
+    let ids: Vec<u32> = vec![3, 9, 27, 1, 44, 8, 15, 2, 30, 7, 19, 5];
+    Batch {
+        ids: Tensor::from_vec(ids.clone(), (2, 6), &Device::Cpu).unwrap(),
+        labels: ids.iter().map(|&x| x as i64).collect(),
+        attention_mask: None,
+    }
+}
+
+fn ids() -> Tensor {
+    batch().ids
+}
+
+fn logits(m: &Decoder) -> Tensor {
+    m.detached()
+        .forward(&ids(), &ForwardOptions::default(), None)
+        .unwrap()
+        .0
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// Losses of `steps` AdamW steps, and the final weights.
+fn trajectory(m: &mut Decoder, steps: usize) -> (Vec<f64>, Vec<Vec<f32>>) {
+    let mut opt = AdamW::new(AdamWConfig {
+        lr: 1e-2,
+        ..Default::default()
+    })
+    .unwrap();
+    let losses = (0..steps)
+        .map(|_| train_step(m, &mut opt, &[batch()], Some(1.0)).unwrap().loss)
+        .collect();
+    let weights = m
+        .named_parameters()
+        .iter()
+        .map(|(_, t)| t.flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    (losses, weights)
+}
+
+#[test]
+fn identity_hooks_and_zero_weight_aux_leave_the_trajectory_bit_identical() {
+    let want = trajectory(&mut tiny(), 3);
+    let mut m = tiny();
+    m.hooks.add_forward("*", ForwardAction::Scale(1.0));
+    m.hooks
+        .add_forward("*", ForwardAction::Capture { full: false });
+    m.hooks.add_forward(
+        "layers.*.mlp_out",
+        ForwardAction::Custom(Arc::new(|_, _| Ok(None))),
+    );
+    m.hooks.add_forward(
+        "layers.0.attn_out",
+        ForwardAction::Custom(Arc::new(|_, x| Ok(Some(x.copy()?)))),
+    );
+    m.hooks
+        .add_backward("layers.1.residual", BackwardAction::Scale(1.0));
+    m.hooks.add_aux(AuxLoss::ZLoss { weight: 0.0 });
+    m.hooks.add_aux(AuxLoss::ActivationL2 {
+        point: "layers.*.mlp_out".into(),
+        weight: 0.0,
+    });
+    assert_eq!(trajectory(&mut m, 3), want);
+}
+
+#[test]
+fn stop_gradient_zeroes_exactly_the_gradients_upstream_of_its_point() {
+    let mut m = tiny();
+    m.hooks
+        .add_backward("layers.0.residual", BackwardAction::StopGradient);
+    let vars = m.make_trainable().unwrap();
+    let (loss, _) = m.loss(&batch()).unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, v) in &vars {
+        let upstream = name.starts_with("model.embed_tokens") || name.contains("layers.0.");
+        let g = grads.get(v);
+        if upstream {
+            assert!(g.is_none(), "{name} has a gradient upstream of the stop");
+        } else {
+            let norm = g.expect(name).abs().unwrap().sum_all().unwrap();
+            assert!(norm.to_scalar::<f32>().unwrap() > 0.0, "{name}");
+        }
+    }
+}
+
+#[test]
+fn backward_scale_multiplies_every_upstream_gradient() {
+    let grads_of = |m: &mut Decoder| {
+        let vars = m.make_trainable().unwrap();
+        let (loss, _) = m.loss(&batch()).unwrap();
+        let store = loss.backward().unwrap();
+        vars.iter()
+            .map(|(_, v)| store.get(v).unwrap().clone())
+            .collect::<Vec<_>>()
+    };
+    let base = grads_of(&mut tiny());
+    let mut m = tiny();
+    m.hooks.add_backward("logits", BackwardAction::Scale(2.0));
+    for (a, b) in base.iter().zip(grads_of(&mut m)) {
+        let want = a.affine(2.0, 0.0).unwrap();
+        assert!(max_diff(&want, &b) <= 1e-6 * (1.0 + max_diff(&want, &want.zeros_like().unwrap())));
+    }
+}
+
+#[test]
+fn zeroed_branches_leave_embedding_final_norm_and_head() {
+    // With every attention and MLP output scaled by 0 the residual stream is the embedding,
+    // so the logits are head(final_norm(embed(ids))), computed here by hand.
+    let mut m = tiny();
+    m.hooks
+        .add_forward("layers.*.attn_out", ForwardAction::Scale(0.0));
+    m.hooks
+        .add_forward("layers.*.mlp_out", ForwardAction::Scale(0.0));
+    let want = m
+        .logits(
+            &m.final_norm
+                .forward(&m.embed.forward(&ids()).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+    assert!(max_diff(&logits(&m), &want) < 1e-6);
+}
+
+#[test]
+fn ablating_every_head_equals_zeroing_the_attention_output() {
+    // llama's o_proj has no bias: no heads in, nothing out.
+    let mut a = tiny();
+    a.hooks.add_forward(
+        "layers.1.attn_probs",
+        ForwardAction::AblateHeads(vec![0, 1, 2, 3]),
+    );
+    let mut b = tiny();
+    b.hooks
+        .add_forward("layers.1.attn_out", ForwardAction::Scale(0.0));
+    assert!(max_diff(&logits(&a), &logits(&b)) < 1e-6);
+    let mut c = tiny();
+    c.hooks
+        .add_forward("layers.1.attn_probs", ForwardAction::AblateHeads(vec![1]));
+    assert!(max_diff(&logits(&c), &logits(&tiny())) > 1e-4);
+}
+
+#[test]
+fn capture_matches_hidden_states_and_removal_detaches() {
+    let mut m = tiny();
+    let id = m
+        .hooks
+        .add_forward("layers.0.residual", ForwardAction::Capture { full: true });
+    let opts = ForwardOptions {
+        output_hidden_states: true,
+        ..Default::default()
+    };
+    let (_, hidden) = m.forward(&ids(), &opts, None).unwrap();
+    let Captured::Full(c) = &m.hooks.take_captured()["layers.0.residual"] else {
+        panic!("full capture expected")
+    };
+    assert_eq!(max_diff(c, &hidden[1]), 0.0);
+    assert!(m.hooks.remove(id));
+    assert!(!m.hooks.active());
+    m.forward(&ids(), &opts, None).unwrap();
+    assert!(m.hooks.take_captured().is_empty());
+}
+
+#[test]
+fn patching_an_activation_reproduces_the_run_it_came_from() {
+    // Patch run A's residual after block 0 into run B (other ids): B's last block then sees
+    // A's stream, so B's logits become A's.
+    let mut src = tiny();
+    src.hooks
+        .add_forward("layers.0.residual", ForwardAction::Capture { full: true });
+    let a_logits = logits(&src);
+    let Captured::Full(stored) = src
+        .hooks
+        .take_captured()
+        .remove("layers.0.residual")
+        .unwrap()
+    else {
+        panic!()
+    };
+    let mut m = tiny();
+    m.hooks
+        .add_forward("layers.0.residual", ForwardAction::Patch(stored));
+    let other = Tensor::from_vec(vec![1u32; 12], (2, 6), &Device::Cpu).unwrap();
+    let (b_logits, _) = m.forward(&other, &Default::default(), None).unwrap();
+    assert!(max_diff(&a_logits, &b_logits) < 1e-6);
+}
+
+#[test]
+fn aux_losses_have_their_closed_forms_and_are_reported_apart() {
+    let mut m = tiny();
+    m.hooks
+        .add_forward("layers.0.mlp_out", ForwardAction::Capture { full: true });
+    m.hooks.add_aux(AuxLoss::ActivationL2 {
+        point: "layers.0.mlp_out".into(),
+        weight: 0.5,
+    });
+    m.hooks.add_aux(AuxLoss::AttentionEntropy {
+        point: "layers.*.attn_probs".into(),
+        weight: 0.0,
+    });
+    let parts = m.detached().loss_parts(&batch()).unwrap();
+    let Captured::Full(x) = &m.hooks.take_captured()["layers.0.mlp_out"] else {
+        panic!()
+    };
+    let want: f32 = x.sqr().unwrap().mean_all().unwrap().to_scalar().unwrap();
+    let got: f32 = parts.aux[0].2.to_scalar().unwrap();
+    assert!((got - want).abs() < 1e-6 * want.max(1.0));
+    // Entropy of a causal attention row over k keys lies in [0, ln k]; the first row has one key.
+    let h: f32 = parts.aux[1].2.to_scalar().unwrap();
+    assert!(h > 0.0 && h < (6f32).ln(), "{h}");
+    let objective: f32 = parts.objective().unwrap().to_scalar().unwrap();
+    let main: f32 = parts.main.to_scalar().unwrap();
+    assert!((objective - (main + 0.5 * want)).abs() < 1e-5);
+}
+
+#[test]
+fn update_hooks_freeze_and_transform_named_gradients() {
+    let mut m = tiny();
+    let before = m.named_parameters();
+    m.hooks
+        .add_update("model.layers.0.*", GradTransform::Freeze);
+    m.hooks.add_update("*", GradTransform::Sign);
+    let mut opt = AdamW::new(AdamWConfig {
+        lr: 1e-2,
+        weight_decay: 0.0,
+        ..Default::default()
+    })
+    .unwrap();
+    train_step(&mut m, &mut opt, &[batch()], None).unwrap();
+    let steps = opt.steps();
+    for ((name, a), (_, b)) in before.iter().zip(m.named_parameters()) {
+        let moved = max_diff(a, &b);
+        if name.starts_with("model.layers.0.") {
+            assert_eq!(moved, 0.0, "{name} is frozen");
+            assert!(!steps.contains_key(name));
+        } else {
+            // AdamW's first step on a sign gradient moves every entry by lr (where g != 0).
+            assert!((moved - 1e-2).abs() < 1e-4, "{name}: {moved}");
+        }
+    }
+}
+
+#[test]
+fn noise_is_reproducible_from_seed_and_step() {
+    let run = || {
+        let mut m = tiny();
+        m.hooks.add_forward(
+            "layers.*.mlp_out",
+            ForwardAction::Noise { std: 0.1, seed: 5 },
+        );
+        m.hooks
+            .add_backward("embed", BackwardAction::Noise { std: 0.01, seed: 6 });
+        trajectory(&mut m, 2)
+    };
+    let (a, b) = (run(), run());
+    assert_eq!(a, b);
+    assert_ne!(a.0, trajectory(&mut tiny(), 2).0);
+}
+
+#[test]
+fn bad_points_are_named() {
+    let e = Hooks::check_point("layers.9.mlp_out", 2)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("layers.9.mlp_out") && e.contains("N < 2"), "{e}");
+    Hooks::check_point("layers.*.attn_probs", 2).unwrap();
+}

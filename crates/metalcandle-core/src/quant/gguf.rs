@@ -1,0 +1,640 @@
+//! GGUF files in llama.cpp's conventions: `general.*` and `{arch}.*` metadata, `blk.N.*`
+//! tensor names, q/k rows permuted for the llama architecture (llama.cpp rotates interleaved
+//! pairs there, Hugging Face rotates halves), and the tokenizer as `tokenizer.ggml.*` plus the
+//! whole `tokenizer.json` under `tokenizer.huggingface.json`. The Hugging Face config is kept
+//! under `metalcandle.config_json` so a model comes back exactly; files without it (written by
+//! other tools) get a config rebuilt from the llama.cpp keys.
+
+use crate::error::{Error, Result};
+use crate::model::Decoder;
+use crate::nn::Weight;
+use crate::spec::{Architecture, ModelSpec, Positions, RopeScaling};
+use crate::weights::names::{param_specs, Naming, ParamKind};
+use crate::weights::write_atomic;
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+const CONFIG_KEY: &str = "metalcandle.config_json";
+const TOKENIZER_KEY: &str = "tokenizer.huggingface.json";
+
+/// llama.cpp's architecture name: Mistral checkpoints are converted as llama.
+fn gguf_arch(a: Architecture) -> &'static str {
+    match a {
+        Architecture::Qwen2 => "qwen2",
+        Architecture::Llama | Architecture::Mistral => "llama",
+        Architecture::Gpt2 => "gpt2",
+        Architecture::CustomTransformer => "custom-transformer",
+    }
+}
+
+/// HF module name -> GGUF tensor prefix, for every module of the spec.
+fn module_names(spec: &ModelSpec) -> HashMap<String, String> {
+    let n = Naming::of(spec);
+    let mut m = HashMap::from([
+        (n.embed(), "token_embd".to_string()),
+        (n.pos_embed(), "position_embd".to_string()),
+        (n.final_norm(), "output_norm".to_string()),
+        ("lm_head".to_string(), "output".to_string()),
+    ]);
+    for (i, l) in spec.layers.iter().enumerate() {
+        m.insert(n.attn_norm(i), format!("blk.{i}.attn_norm"));
+        m.insert(n.mlp_norm(i), format!("blk.{i}.ffn_norm"));
+        let mut kinds = vec![
+            (ParamKind::O, "attn_output"),
+            (ParamKind::Up, "ffn_up"),
+            (ParamKind::Down, "ffn_down"),
+        ];
+        if l.attention.fused_qkv {
+            kinds.push((ParamKind::Qkv, "attn_qkv"));
+        } else {
+            kinds.extend([
+                (ParamKind::Q, "attn_q"),
+                (ParamKind::K, "attn_k"),
+                (ParamKind::V, "attn_v"),
+            ]);
+        }
+        if l.mlp.kind == crate::spec::MlpKind::Gated {
+            kinds.push((ParamKind::Gate, "ffn_gate"));
+        }
+        for (kind, g) in kinds {
+            m.insert(n.linear(i, kind), format!("blk.{i}.{g}"));
+        }
+    }
+    m
+}
+
+/// `model.layers.0.self_attn.q_proj.weight` -> `blk.0.attn_q.weight`.
+fn gguf_name(modules: &HashMap<String, String>, hf: &str) -> Result<String> {
+    let (module, suffix) = hf
+        .rsplit_once('.')
+        .ok_or_else(|| Error::Weights(format!("unexpected tensor name `{hf}`")))?;
+    let prefix = modules
+        .get(module)
+        .ok_or_else(|| Error::Weights(format!("no GGUF name for tensor `{hf}`")))?;
+    Ok(format!("{prefix}.{suffix}"))
+}
+
+/// The row order llama.cpp's llama architecture expects for q or k: within each head, the
+/// rotate-half pairs (j, j + d/2) become adjacent rows (2j, 2j + 1). `inverse` undoes it.
+fn rope_permutation(rows: usize, heads: usize, inverse: bool) -> Vec<usize> {
+    let hd = rows / heads;
+    let mut perm = vec![0; rows];
+    for h in 0..heads {
+        for j in 0..hd / 2 {
+            for s in 0..2 {
+                let (llama_cpp, hf) = (h * hd + 2 * j + s, h * hd + s * (hd / 2) + j);
+                if inverse {
+                    perm[hf] = llama_cpp;
+                } else {
+                    perm[llama_cpp] = hf;
+                }
+            }
+        }
+    }
+    perm
+}
+
+/// Row i of the result is row perm[i] of `q`, copying the raw blocks (each row is whole blocks).
+fn permute_rows(q: &QTensor, perm: &[usize]) -> Result<QTensor> {
+    let dims = q.shape().dims().to_vec();
+    let data = q.data()?;
+    let row_bytes = data.len() / dims[0];
+    let mut out = Vec::with_capacity(data.len());
+    for &r in perm {
+        out.extend_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
+    }
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(out), &q.device(), q.dtype())?;
+    Ok(QTensor::new(storage, dims)?)
+}
+
+/// The number of heads whose rows `hf` holds, when llama.cpp permutes it.
+fn permuted_heads(spec: &ModelSpec, hf: &str) -> Option<usize> {
+    if gguf_arch(spec.architecture) != "llama" {
+        return None;
+    }
+    let layer: usize = hf
+        .strip_prefix("model.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()?;
+    let a = spec.layers.get(layer)?.attention;
+    if hf.contains(".self_attn.q_proj.") {
+        Some(a.num_heads)
+    } else if hf.contains(".self_attn.k_proj.") {
+        Some(a.num_kv_heads)
+    } else {
+        None
+    }
+}
+
+fn u32v(x: usize) -> Value {
+    Value::U32(x as u32)
+}
+
+/// `general.*`, `{arch}.*` metadata from the spec.
+fn model_metadata(spec: &ModelSpec, file_type: u32) -> Vec<(String, Value)> {
+    let arch = gguf_arch(spec.architecture);
+    let l0 = &spec.layers[0];
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut md = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (
+            "general.name".into(),
+            Value::String(spec.architecture.as_str().into()),
+        ),
+        ("general.file_type".into(), Value::U32(file_type)),
+        ("general.quantization_version".into(), Value::U32(2)),
+        (key("context_length"), u32v(spec.max_position_embeddings)),
+        (key("embedding_length"), u32v(spec.hidden_size)),
+        (key("block_count"), u32v(spec.layers.len())),
+        (key("feed_forward_length"), u32v(l0.mlp.intermediate_size)),
+        (key("attention.head_count"), u32v(l0.attention.num_heads)),
+        (
+            key("attention.head_count_kv"),
+            u32v(l0.attention.num_kv_heads),
+        ),
+        (key("vocab_size"), u32v(spec.vocab_size)),
+    ];
+    match l0.norm.kind {
+        crate::spec::NormKind::RmsNorm => md.push((
+            key("attention.layer_norm_rms_epsilon"),
+            Value::F32(l0.norm.eps as f32),
+        )),
+        crate::spec::NormKind::LayerNorm => md.push((
+            key("attention.layer_norm_epsilon"),
+            Value::F32(l0.norm.eps as f32),
+        )),
+    }
+    if let Positions::Rope { theta, scaling } = &spec.positions {
+        md.push((key("rope.freq_base"), Value::F32(*theta as f32)));
+        md.push((key("rope.dimension_count"), u32v(l0.attention.head_dim)));
+        if let RopeScaling::Linear { factor } = scaling {
+            md.push((key("rope.scaling.type"), Value::String("linear".into())));
+            md.push((key("rope.scaling.factor"), Value::F32(*factor as f32)));
+        }
+    }
+    if let Some(b) = spec.bos_token_id {
+        md.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
+    }
+    if let Some(&e) = spec.eos_token_ids.first() {
+        md.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
+    }
+    md
+}
+
+/// llama.cpp's `general.file_type` for a model whose matrices are mostly `dtype`.
+fn file_type(dtype: Option<GgmlDType>) -> u32 {
+    match dtype {
+        None | Some(GgmlDType::F32) => 0,
+        Some(GgmlDType::F16) => 1,
+        Some(GgmlDType::Q4_0) => 2,
+        Some(GgmlDType::Q4_1) => 3,
+        Some(GgmlDType::Q8_0) => 7,
+        Some(GgmlDType::Q5_0) => 8,
+        Some(GgmlDType::Q5_1) => 9,
+        Some(GgmlDType::Q2K) => 10,
+        Some(GgmlDType::Q3K) => 12,
+        Some(GgmlDType::Q4K) => 15,
+        Some(GgmlDType::Q5K) => 17,
+        Some(GgmlDType::Q6K) => 18,
+        Some(_) => 0,
+    }
+}
+
+/// `tokenizer.ggml.*` for a byte-level BPE `tokenizer.json` (the "gpt2" tokenizer model of
+/// llama.cpp); other tokenizer kinds are carried in `tokenizer.huggingface.json` only.
+fn tokenizer_metadata(spec: &ModelSpec, text: &str) -> Result<Vec<(String, Value)>> {
+    let mut md = vec![(TOKENIZER_KEY.to_string(), Value::String(text.into()))];
+    let tok: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| Error::Input(format!("tokenizer.json: invalid JSON: {e}")))?;
+    let model = &tok["model"];
+    if model["type"] != "BPE" {
+        return Ok(md);
+    }
+    let mut tokens: Vec<(u64, String, i32)> = vec![];
+    if let Some(vocab) = model["vocab"].as_object() {
+        for (t, id) in vocab {
+            tokens.push((id.as_u64().unwrap_or(0), t.clone(), 1));
+        }
+    }
+    for a in tok["added_tokens"].as_array().into_iter().flatten() {
+        let (Some(id), Some(t)) = (a["id"].as_u64(), a["content"].as_str()) else {
+            continue;
+        };
+        // llama.cpp's token types: 3 control (special), 4 user-defined.
+        let kind = if a["special"].as_bool().unwrap_or(false) {
+            3
+        } else {
+            4
+        };
+        tokens.retain(|(i, _, _)| *i != id);
+        tokens.push((id, t.to_string(), kind));
+    }
+    tokens.sort_by_key(|(id, _, _)| *id);
+    // llama.cpp takes the vocabulary size from the token list: pad the embedding rows the
+    // tokenizer never produces, as its converter does (type 5, unused).
+    for id in tokens.len()..spec.vocab_size {
+        tokens.push((id as u64, format!("[PAD{id}]"), 5));
+    }
+    let merges: Vec<Value> = model["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| match m {
+            serde_json::Value::String(s) => Some(Value::String(s.clone())),
+            serde_json::Value::Array(p) => Some(Value::String(format!(
+                "{} {}",
+                p.first()?.as_str()?,
+                p.get(1)?.as_str()?
+            ))),
+            _ => None,
+        })
+        .collect();
+    let pre = match spec.architecture {
+        Architecture::Qwen2 => "qwen2",
+        Architecture::Gpt2 => "gpt-2",
+        _ => "default",
+    };
+    md.extend([
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String(pre.into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.iter().map(|t| Value::String(t.1.clone())).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(tokens.iter().map(|t| Value::I32(t.2)).collect()),
+        ),
+        ("tokenizer.ggml.merges".into(), Value::Array(merges)),
+    ]);
+    Ok(md)
+}
+
+/// What a GGUF file carries of the tokenizer.
+#[derive(Debug, Default, Clone)]
+pub struct GgufTokenizer {
+    /// The Hugging Face `tokenizer.json` text.
+    pub json: Option<String>,
+    pub chat_template: Option<String>,
+    pub pad_token_id: Option<u32>,
+}
+
+/// Writes `model` (float, quantized or mixed) as one GGUF file, atomically.
+pub fn save_gguf(model: &Decoder, path: &Path, tokenizer: &GgufTokenizer) -> Result<()> {
+    if model.has_unmerged_adapter() {
+        return Err(Error::Input(format!(
+            "{}: the model has an unmerged LoRA adapter, which GGUF cannot hold: merge it \
+             first (merge_adapter) or save it on its own (save_adapter)",
+            path.display()
+        )));
+    }
+    let spec = &model.spec;
+    let modules = module_names(spec);
+    let weights: HashMap<String, Weight> = model
+        .matrices()
+        .into_iter()
+        .map(|(n, w)| (format!("{n}.weight"), w))
+        .collect();
+    let floats: HashMap<String, Tensor> = model.named_parameters().into_iter().collect();
+    let mut tensors: Vec<(String, QTensor)> = vec![];
+    let mut counts: HashMap<GgmlDType, usize> = HashMap::new();
+    for p in param_specs(spec) {
+        if p.name == "lm_head.weight" && spec.tie_word_embeddings {
+            continue;
+        }
+        let q = match weights.get(&p.name) {
+            Some(Weight::Quantized(q)) => {
+                *counts.entry(q.dtype()).or_default() += 1;
+                QTensor::new(
+                    QStorage::from_data(q.data()?, &Device::Cpu, q.dtype())?,
+                    q.shape().clone(),
+                )?
+            }
+            _ => {
+                let t = floats.get(&p.name).ok_or_else(|| {
+                    Error::Weights(format!("tensor `{}` is missing from the model", p.name))
+                })?;
+                let t = t.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+                QTensor::quantize(&t.contiguous()?, GgmlDType::F32)?
+            }
+        };
+        let q = match permuted_heads(spec, &p.name) {
+            Some(heads) => permute_rows(&q, &rope_permutation(p.shape[0], heads, false))?,
+            None => q,
+        };
+        tensors.push((gguf_name(&modules, &p.name)?, q));
+    }
+    let main = counts.into_iter().max_by_key(|(_, c)| *c).map(|(d, _)| d);
+    let mut md = model_metadata(spec, file_type(main));
+    let config = serde_json::to_string(&model.config).map_err(|e| Error::Msg(e.to_string()))?;
+    md.push((CONFIG_KEY.into(), Value::String(config)));
+    if let Some(tok) = &tokenizer.json {
+        md.extend(tokenizer_metadata(spec, tok)?);
+    }
+    if let Some(t) = &tokenizer.chat_template {
+        md.push(("tokenizer.chat_template".into(), Value::String(t.clone())));
+    }
+    if let Some(id) = tokenizer.pad_token_id {
+        md.push(("tokenizer.ggml.padding_token_id".into(), Value::U32(id)));
+    }
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    write_atomic(path, |tmp| {
+        let file = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+        let mut w = std::io::BufWriter::new(file);
+        gguf_file::write(&mut w, &md_refs, &t_refs)?;
+        use std::io::Write;
+        w.flush().map_err(|e| Error::io(tmp, e))
+    })
+}
+
+fn read_content(path: &Path) -> Result<(gguf_file::Content, std::fs::File)> {
+    if !path.is_file() {
+        return Err(Error::NotFound(path.to_path_buf()));
+    }
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let content = gguf_file::Content::read(&mut f).map_err(|e| {
+        Error::Weights(format!("{}: not a readable GGUF file: {e}", path.display()))
+    })?;
+    Ok((content, f))
+}
+
+/// The `tokenizer.json` text a GGUF file carries, if any.
+pub fn gguf_tokenizer_json(path: &Path) -> Result<Option<String>> {
+    let (c, _) = read_content(path)?;
+    Ok(c.metadata
+        .get(TOKENIZER_KEY)
+        .and_then(|v| v.to_string().ok())
+        .cloned())
+}
+
+/// The metadata as JSON; arrays (vocabularies, merges) are summarised by their length.
+pub fn gguf_metadata(path: &Path) -> Result<serde_json::Value> {
+    let (c, _) = read_content(path)?;
+    let mut out = serde_json::Map::new();
+    for (k, v) in &c.metadata {
+        let j = match v {
+            Value::Array(a) => json!({ "array_len": a.len() }),
+            // Embedded documents (tokenizer.json) would drown the rest.
+            Value::String(s) if s.len() > 4096 => json!({ "string_len": s.len() }),
+            Value::String(s) => json!(s),
+            Value::Bool(b) => json!(b),
+            Value::F32(x) => json!(x),
+            Value::F64(x) => json!(x),
+            Value::I8(_) | Value::I16(_) | Value::I32(_) | Value::I64(_) => {
+                json!(number(v).map(|x| x as i64))
+            }
+            _ => json!(number(v).map(|x| x as u64)),
+        };
+        out.insert(k.clone(), j);
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
+fn number(v: &Value) -> Option<f64> {
+    Some(match v {
+        Value::U8(x) => *x as f64,
+        Value::I8(x) => *x as f64,
+        Value::U16(x) => *x as f64,
+        Value::I16(x) => *x as f64,
+        Value::U32(x) => *x as f64,
+        Value::I32(x) => *x as f64,
+        Value::U64(x) => *x as f64,
+        Value::I64(x) => *x as f64,
+        Value::F32(x) => *x as f64,
+        Value::F64(x) => *x,
+        _ => return None,
+    })
+}
+
+/// A Hugging Face config from llama.cpp's keys, for files other tools wrote.
+fn config_from_metadata(md: &HashMap<String, Value>, path: &Path) -> Result<serde_json::Value> {
+    let get = |k: &str| md.get(k);
+    let arch = get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or_else(|| {
+            Error::config(
+                path.display().to_string(),
+                "general.architecture",
+                "missing",
+            )
+        })?;
+    let num = |k: &str| -> Result<f64> {
+        let key = format!("{arch}.{k}");
+        let v =
+            get(&key).ok_or_else(|| Error::config(path.display().to_string(), &key, "missing"))?;
+        number(v).ok_or_else(|| Error::config(path.display().to_string(), &key, "not a number"))
+    };
+    let vocab = match num("vocab_size") {
+        Ok(v) => v as usize,
+        Err(_) => match get("tokenizer.ggml.tokens") {
+            Some(Value::Array(a)) => a.len(),
+            _ => {
+                return Err(Error::config(
+                    path.display().to_string(),
+                    "tokenizer.ggml.tokens",
+                    "missing (needed for the vocabulary size)",
+                ))
+            }
+        },
+    };
+    let token_id = |k: &str| get(k).and_then(|v| v.to_u32().ok());
+    let model_type = match arch.as_str() {
+        "qwen2" | "llama" => arch.clone(),
+        other => {
+            return Err(Error::config(
+                path.display().to_string(),
+                "general.architecture",
+                format!("`{other}` files need `{CONFIG_KEY}` (only qwen2 and llama are rebuilt from llama.cpp keys)"),
+            ))
+        }
+    };
+    Ok(json!({
+        "model_type": model_type,
+        "vocab_size": vocab,
+        "hidden_size": num("embedding_length")? as usize,
+        "intermediate_size": num("feed_forward_length")? as usize,
+        "num_hidden_layers": num("block_count")? as usize,
+        "num_attention_heads": num("attention.head_count")? as usize,
+        "num_key_value_heads": num("attention.head_count_kv")? as usize,
+        "max_position_embeddings": num("context_length")? as usize,
+        "rms_norm_eps": num("attention.layer_norm_rms_epsilon")?,
+        "rope_theta": num("rope.freq_base").unwrap_or(10000.0),
+        "tie_word_embeddings": !md.contains_key("output.weight"),
+        "bos_token_id": token_id("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": token_id("tokenizer.ggml.eos_token_id"),
+    }))
+}
+
+/// Loads a GGUF file: float tensors as float32, block-quantized ones stay quantized.
+pub fn load_gguf(path: &Path, device: &Device) -> Result<Decoder> {
+    let (content, mut file) = read_content(path)?;
+    let mut config = match content.metadata.get(CONFIG_KEY) {
+        Some(v) => serde_json::from_str(v.to_string()?)
+            .map_err(|e| Error::config(path.display().to_string(), CONFIG_KEY, e.to_string()))?,
+        None => config_from_metadata(&content.metadata, path)?,
+    };
+    if !content.metadata.contains_key(CONFIG_KEY) {
+        config["tie_word_embeddings"] = json!(!content.tensor_infos.contains_key("output.weight"));
+    }
+    let spec = ModelSpec::from_hf_config(&config, &path.display().to_string())?;
+    let modules = module_names(&spec);
+    let mut floats: HashMap<String, Tensor> = HashMap::new();
+    let mut quantized: HashMap<String, Arc<QTensor>> = HashMap::new();
+    let mut problems = vec![];
+    for p in param_specs(&spec) {
+        if p.name == "lm_head.weight" && spec.tie_word_embeddings {
+            continue;
+        }
+        let name = gguf_name(&modules, &p.name)?;
+        if !content.tensor_infos.contains_key(&name) {
+            problems.push(format!("missing tensor `{name}` (for `{}`)", p.name));
+            continue;
+        }
+        let q = content
+            .tensor(&mut file, &name, device)
+            .map_err(|e| Error::Weights(format!("{}: tensor `{name}`: {e}", path.display())))?;
+        if q.shape().dims() != p.shape.as_slice() {
+            problems.push(format!(
+                "tensor `{name}` has shape {:?}, expected {:?}",
+                q.shape().dims(),
+                p.shape
+            ));
+            continue;
+        }
+        let q = match permuted_heads(&spec, &p.name) {
+            Some(heads) => permute_rows(&q, &rope_permutation(p.shape[0], heads, true))?,
+            None => q,
+        };
+        match q.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                floats.insert(p.name, q.dequantize(device)?);
+            }
+            _ => {
+                // A zero-stride stand-in: the decoder is built from float tensors, then the
+                // quantized matrix replaces it, so no float copy is ever allocated.
+                let zero = Tensor::zeros((), DType::F32, device)?.broadcast_as(p.shape.clone())?;
+                floats.insert(p.name.clone(), zero);
+                quantized.insert(p.name, Arc::new(q));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::Weights(format!(
+            "{}: {}",
+            path.display(),
+            problems.join("; ")
+        )));
+    }
+    let mut model = Decoder::from_tensors(spec, config, floats, device)?;
+    for (name, w) in model.quantizable_mut() {
+        if let Some(q) = quantized.remove(&format!("{name}.weight")) {
+            *w = Weight::Quantized(q);
+        }
+    }
+    Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_llama() -> Decoder {
+        let config = json!({
+            "model_type": "llama", "vocab_size": 96, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, "tie_word_embeddings": false
+        });
+        let spec = ModelSpec::from_hf_config(&config, "config").unwrap();
+        Decoder::random(spec, config, 3, &Device::Cpu).unwrap()
+    }
+
+    fn logits(m: &Decoder) -> Vec<f32> {
+        let ids = Tensor::new(&[[3u32, 17, 42, 8, 91]], &Device::Cpu).unwrap();
+        let (l, _) = m.forward(&ids, &Default::default(), None).unwrap();
+        l.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("mc-gguf-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d.join("m.gguf")
+    }
+
+    #[test]
+    fn float_and_quantized_models_round_trip_exactly() {
+        let mut m = tiny_llama();
+        let path = tmp("rt");
+        save_gguf(&m, &path, &GgufTokenizer::default()).unwrap();
+        assert_eq!(logits(&load_gguf(&path, &Device::Cpu).unwrap()), logits(&m));
+        m.quantize(&|n| {
+            Some(if n.contains("mlp") {
+                GgmlDType::Q4_0
+            } else {
+                GgmlDType::Q8_0
+            })
+        })
+        .unwrap();
+        save_gguf(&m, &path, &GgufTokenizer::default()).unwrap();
+        let back = load_gguf(&path, &Device::Cpu).unwrap();
+        assert_eq!(logits(&back), logits(&m));
+        let info = back.quantization_info();
+        assert_eq!(info.layers["model.layers.1.mlp.up_proj"].format, "q4_0");
+        assert_eq!(info.layers["lm_head"].format, "q8_0");
+    }
+
+    #[test]
+    fn files_without_our_config_are_rebuilt_from_llama_cpp_keys() {
+        // As another tool would write it: the same tensors and llama.cpp keys, no HF config.
+        let m = tiny_llama();
+        let path = tmp("foreign");
+        save_gguf(&m, &path, &GgufTokenizer::default()).unwrap();
+        let (c, mut f) = read_content(&path).unwrap();
+        let md: Vec<(&str, &Value)> = c
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.as_str() != CONFIG_KEY)
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
+        let tensors: Vec<(String, QTensor)> = c
+            .tensor_infos
+            .keys()
+            .map(|k| (k.clone(), c.tensor(&mut f, k, &Device::Cpu).unwrap()))
+            .collect();
+        let t: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let foreign = path.with_file_name("foreign.gguf");
+        gguf_file::write(&mut std::fs::File::create(&foreign).unwrap(), &md, &t).unwrap();
+        let back = load_gguf(&foreign, &Device::Cpu).unwrap();
+        let (a, b) = (logits(&back), logits(&m));
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        // rms_norm_eps travels as f32 in GGUF: 1e-6 comes back as 9.9999997e-7.
+        assert!(d < 1e-5, "{d}");
+    }
+
+    #[test]
+    fn rope_permutation_pairs_halves_and_inverts() {
+        // One head of 8 rows: HF rows (0..4 | 4..8) rotate as pairs (j, j+4).
+        let p = rope_permutation(8, 1, false);
+        assert_eq!(p, vec![0, 4, 1, 5, 2, 6, 3, 7]);
+        let inv = rope_permutation(8, 1, true);
+        let round: Vec<usize> = (0..8).map(|i| p[inv[i]]).collect();
+        assert_eq!(round, (0..8).collect::<Vec<_>>());
+        assert_eq!(
+            rope_permutation(16, 2, false)[8..],
+            [8, 12, 9, 13, 10, 14, 11, 15]
+        );
+    }
+}

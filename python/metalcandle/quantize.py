@@ -1,0 +1,315 @@
+"""Post-training quantization: every linear layer (attention, MLP, LM head) and the token embedding
+into llama.cpp's block formats (q8_0, q4_0, ...), computed by the Rust core with candle's kernels.
+
+    model = mc.load_model("tiny-qwen2")
+    mc.quantize_model(model, "q8_0")           # in place; returns the model
+    model.quantization_info()["layers"]        # format, bits per weight, shape, bytes of each matrix
+    model.save_gguf("model.gguf", tokenizer)   # loads back with mc.load_model("model.gguf")
+
+Mixed precision comes from a calibration plan (`prepare_model_for_quantization`) or a dict of
+module names / glob patterns to formats."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from metalcandle.model import Model, as_ids
+
+# llama.cpp's names; storage bits per weight include the per-block scales (and mins).
+BITS_PER_WEIGHT = {
+    "q2_k": 2.625,
+    "q3_k": 3.4375,
+    "q4_0": 4.5,
+    "q4_k": 4.5,
+    "q4_1": 5.0,
+    "q5_0": 5.5,
+    "q5_k": 5.5,
+    "q5_1": 6.0,
+    "q6_k": 6.5625,
+    "q8_0": 8.5,
+}
+FORMATS = tuple(BITS_PER_WEIGHT)
+# Formats that keep a matrix in float when used in a plan or a {module: format} dict.
+FLOAT_FORMATS = ("f32", "float", "none")
+
+NOT_SELECTED = "not selected"
+
+
+def glob_match(pattern: str, name: str) -> bool:
+    """The core's module patterns: `*` matches any run of characters (dots included), nothing else is
+    special."""
+    return re.fullmatch(".*".join(re.escape(p) for p in pattern.split("*")), name) is not None
+
+
+def _check_model(model) -> Model:
+    if not isinstance(model, Model):
+        raise TypeError(f"expected a metalcandle Model, got {type(model).__name__}")
+    return model
+
+
+def _format_name(fmt: str, what: str) -> str:
+    name = str(fmt).lower()
+    if name not in FORMATS and name not in FLOAT_FORMATS:
+        raise ValueError(
+            f"{what}: unknown quantization format {fmt!r} (expected one of: {', '.join(FORMATS)}, or f32)"
+        )
+    return name
+
+
+@dataclass
+class QuantizationPlan:
+    """Per-layer formats chosen by `prepare_model_for_quantization`, with the calibration statistics
+    behind each choice. Edit `formats` freely before passing the plan to `quantize_model`."""
+
+    formats: dict[str, str]
+    """module name -> format ("f32" keeps the matrix in float)."""
+    stats: dict[str, dict] = field(default_factory=dict)
+    """module name -> {"rows", "input_absmax", "input_rms", "errors": {format: relative error or None}}."""
+    candidates: tuple[str, ...] = ()
+    tolerance: float | None = None
+
+    def counts(self) -> dict[str, int]:
+        """How many layers each format was chosen for."""
+        return dict(sorted(Counter(self.formats.values()).items()))
+
+    def summary(self) -> str:
+        head = f"quantization plan: {len(self.formats)} layers"
+        if self.candidates:
+            head += f", candidates {', '.join(self.candidates)}"
+        if self.tolerance is not None:
+            head += f", tolerance {self.tolerance:g}"
+        lines = [head, "  " + ", ".join(f"{fmt}: {n}" for fmt, n in self.counts().items())]
+        width = max((len(n) for n in self.formats), default=0)
+        for name, fmt in self.formats.items():
+            s = self.stats.get(name, {})
+            err = (s.get("errors") or {}).get(fmt)
+            detail = f"error {err:.4f}" if err is not None else "float"
+            if s.get("rows"):
+                detail += f"  input absmax {s['input_absmax']:.3g} rms {s['input_rms']:.3g}"
+            lines.append(f"  {name.ljust(width)}  {fmt:5}  {detail}")
+        return "\n".join(lines)
+
+    __str__ = summary
+
+    def to_dict(self) -> dict:
+        return {
+            "formats": dict(self.formats),
+            "stats": self.stats,
+            "candidates": list(self.candidates),
+            "tolerance": self.tolerance,
+        }
+
+
+def _batches(batches) -> list[np.ndarray]:
+    """The calibration inputs as int64 [B, T] arrays: one 2-D array, a 3-D array (batches along axis
+    0), or an iterable of batches, each an array-like [B, T] or an (input_ids, labels) pair."""
+    if isinstance(batches, np.ndarray):
+        if batches.ndim == 3:
+            return [as_ids("batches[i]", b) for b in batches]
+        return [as_ids("batches", batches)]
+    out = []
+    for i, b in enumerate(batches):
+        if isinstance(b, tuple):
+            b = b[0]
+        out.append(as_ids(f"batches[{i}]", b))
+    if not out:
+        raise ValueError("prepare_model_for_quantization needs at least one batch of input ids")
+    return out
+
+
+def prepare_model_for_quantization(
+    model: Model,
+    batches,
+    candidates: Sequence[str] = ("q4_0", "q5_0", "q8_0"),
+    tolerance: float = 0.05,
+    skip: Iterable[str] = (),
+) -> QuantizationPlan:
+    """Chooses a quantization format for each matrix from how it behaves on sample inputs.
+
+    What it does, exactly:
+      1. Runs the float model forward on each batch of `batches` (int64 ids [B, T]; a 3-D array or a
+         list of batches, (input_ids, labels) pairs accepted) with no cache, no mask and no gradient.
+      2. Records for every linear layer, and for the LM head (the tied token embedding when the
+         head is tied), the inputs it received: row count, max |x|, RMS of x, and up to 128 input
+         rows spread over the batches.
+      3. For every candidate format, quantizes the weight W and measures the relative output error
+         ||X W^T - X Q(W)^T|| / ||X W^T|| (Frobenius norms) on those rows with the quantized kernel
+         itself, so the 8-bit rounding of the activations that inference applies is included. An
+         untied token embedding, used only as a lookup table, is measured on its table instead:
+         ||Q(E) - E|| / ||E||. A format whose block size does not divide the input size is skipped.
+      4. Picks, per matrix, the candidate with the fewest bits per weight whose error is at most
+         `tolerance`; if none is, the most precise candidate that fits; if none fits, "f32".
+         Modules matching a glob in `skip` are set to "f32".
+
+    The model's weights are not changed. Pass the returned plan to `quantize_model(model, plan)`.
+    The model must be in float (not already quantized)."""
+    _check_model(model)
+    if model.is_quantized:
+        raise ValueError("the model is already quantized; calibrate the float model (dequantize_model first)")
+    if isinstance(candidates, str):
+        candidates = [candidates]
+    names = [_format_name(c, "candidates") for c in candidates]
+    if not names or any(n in FLOAT_FORMATS for n in names):
+        raise ValueError(
+            f"candidates must be quantization formats ({', '.join(FORMATS)}), got {list(candidates)!r}"
+        )
+    tolerance = float(tolerance)
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be > 0, got {tolerance}")
+    report = json.loads(model._core.calibrate(_batches(batches), names, tolerance))
+    skip = list(skip)
+    formats, stats = {}, {}
+    for name, layer in report.items():
+        keep = any(glob_match(pattern, name) for pattern in skip)
+        formats[name] = "f32" if keep else layer["format"]
+        stats[name] = {k: v for k, v in layer.items() if k != "format"}
+    return QuantizationPlan(formats, stats, tuple(names), tolerance)
+
+
+def quantize_model(
+    model: Model,
+    spec: str | QuantizationPlan | Mapping[str, str] = "q8_0",
+    skip: Iterable[str] = (),
+) -> Model:
+    """Quantizes the model's matrices in place and returns the same model.
+
+    `spec` is a format name for every matrix (token embedding, attention and MLP linears, LM head),
+    a `QuantizationPlan`, or a dict {module name or glob pattern: format}; "f32" keeps a module in
+    float, and modules a dict does not match stay float. Where several keys match a module, an exact
+    name wins, then the longest pattern. `skip` lists glob patterns (`*` matches any run of characters,
+    dots included) to keep in float when no dict key names the module. A matrix whose input size is
+    not a multiple of the format's block size (32 for q*_0/q*_1, 256 for the k-quants) stays float
+    too: a warning names it, and `model.last_quantization_report` holds {"quantized": {module: format},
+    "kept_float": {module: reason}}. Matrices already quantized keep their format."""
+    _check_model(model)
+    skip = [str(s) for s in ([skip] if isinstance(skip, str) else skip)]
+    if isinstance(spec, QuantizationPlan):
+        default, overrides = None, dict(spec.formats)
+    elif isinstance(spec, Mapping):
+        default, overrides = None, {str(k): str(v) for k, v in spec.items()}
+    elif isinstance(spec, str):
+        default, overrides = spec, {}
+    else:
+        raise TypeError(
+            "quantize_model: spec must be a format name, a QuantizationPlan or a dict, "
+            f"got {type(spec).__name__}"
+        )
+    if default is not None:
+        _format_name(default, "format")
+    for name, fmt in overrides.items():
+        _format_name(fmt, f"format for {name!r}")
+    report: dict[str, Any] = json.loads(model._core.quantize(default, overrides, skip))
+    model.last_quantization_report = report
+    unsupported = {k: v for k, v in report["kept_float"].items() if v != NOT_SELECTED}
+    if unsupported:
+        listed = "; ".join(f"{k}: {v}" for k, v in unsupported.items())
+        warnings.warn(f"kept in float32 ({len(unsupported)} matrices): {listed}", stacklevel=2)
+    return model
+
+
+def dequantize_model(model: Model) -> Model:
+    """Replaces every quantized matrix by its float32 values (what the format stores), in place; returns
+    the model, which then trains, merges and saves as a standard float model."""
+    _check_model(model)._core.dequantize()
+    return model
+
+
+def is_model_quantized(model: Model) -> bool:
+    """True when at least one matrix of the model is stored in a quantized format."""
+    return _check_model(model).is_quantized
+
+
+# --- `metalcandle quantize` -----------------------------------------------------------------------------
+
+
+def _run_source(cfg, checkpoint):
+    """What `metalcandle quantize` reads: --checkpoint, else the run's final checkpoint (its best one
+    when training stopped early), else the [model] base."""
+    from pathlib import Path
+
+    from metalcandle import checkpoint as ck
+    from metalcandle.errors import UserError
+    from metalcandle.loading import resolve_base
+
+    if checkpoint is not None:
+        folder = Path(checkpoint).absolute()
+        if not folder.exists():
+            raise UserError(f"--checkpoint: {folder} does not exist")
+        return folder
+    ckpts = ck.list_checkpoints(cfg.output_dir / "checkpoints")
+    if ckpts:
+        last = ckpts[-1][1]
+        best = cfg.output_dir / "best"
+        stopped_early = ck.read_json(last / ck.STATE_FILE).get("stopped_early")
+        return best if stopped_early and ck.is_checkpoint(best) else last
+    base = resolve_base(cfg)
+    if base is None:
+        raise UserError(
+            f"{cfg.source}: a from-scratch model has no weights until trained; no checkpoint in "
+            f"{cfg.output_dir / 'checkpoints'} (train first, or pass --checkpoint DIR)"
+        )
+    return base.path
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def quantize_run(cfg, fmt: str, out, checkpoint=None, skip: Iterable[str] = ()) -> list[str]:
+    """Quantizes the model a run config resolves to and writes out/model.gguf (tokenizer and config
+    embedded), out/tokenizer.json (+ tokenizer_config.json) and out/config.json. Returns the summary
+    lines the command prints."""
+    from pathlib import Path
+
+    from metalcandle.errors import UserError
+    from metalcandle.loading import device_of, load_folder_tokenizer, load_model_dir
+    from metalcandle.model import GGUF_FILE
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} exists and is not a folder")
+    source = _run_source(cfg, checkpoint)
+    if source.is_file():
+        from metalcandle.model import load_model
+        from metalcandle.tokenizers import load_tokenizer
+
+        model, tokenizer = load_model(source, device=device_of(cfg)), load_tokenizer(source)
+    else:
+        model, tokenizer = load_model_dir(source, device_of(cfg)), load_folder_tokenizer(source)
+    lines = [f"model: {source}"]
+    if model.has_adapter:
+        # GGUF has no place for an adapter: its delta goes into the float weights before rounding.
+        model.merge_adapter()
+        model.remove_adapter()
+        lines.append("LoRA adapter merged into the base weights before quantizing")
+    before = 4 * model.num_parameters()
+    with warnings.catch_warnings():
+        # The summary below lists what stayed float and why.
+        warnings.simplefilter("ignore")
+        quantize_model(model, fmt, skip=skip)
+    report = model.last_quantization_report
+    info = model.quantization_info()
+    out.mkdir(parents=True, exist_ok=True)
+    gguf = out / GGUF_FILE
+    model.save_gguf(gguf, tokenizer)
+    tokenizer.save(out)
+    (out / "config.json").write_text(json.dumps(model.config, indent=2) + "\n", encoding="utf-8")
+
+    quantized_weights = sum(int(np.prod(layer["shape"])) for layer in info["layers"].values())
+    after = info["quantized_bytes"] + 4 * (model.num_parameters() - quantized_weights)
+    lines.append(f"format: {fmt}")
+    lines.append(f"layers: {len(report['quantized'])} quantized, {len(report['kept_float'])} kept float")
+    lines += [f"  kept float: {name} ({why})" for name, why in report["kept_float"].items()]
+    ratio = before / after if after else float("inf")
+    lines.append(f"weights: {_mib(before)} float32 -> {_mib(after)} ({ratio:.2f}x smaller)")
+    lines.append(f"file: {gguf} ({_mib(gguf.stat().st_size)}, tokenizer and config included)")
+    lines.append(f"also wrote: {out / 'tokenizer.json'}, {out / 'config.json'}")
+    return lines
