@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -24,28 +23,10 @@ import time
 import warnings
 
 import numpy as np
-from train_step import QWEN25_05B
+from common import QWEN25_05B, current_rss_mib, mib, peak_rss_mib
 
 PROMPT_TOKENS = 16
 NEW_TOKENS = 64
-
-
-def _mib(n: float) -> float:
-    return round(n / 2**20, 1)
-
-
-def peak_rss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS bytes.
-    return _mib(peak if sys.platform == "darwin" else peak * 1024)
-
-
-def current_rss_mib() -> float | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return _mib(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
-    except OSError:
-        return None  # no procfs (macOS): only the peak is reported
 
 
 def model_config(layers: int | None) -> dict:
@@ -81,7 +62,7 @@ def weight_bytes(model) -> int:
 def worker_save(fmt: str, layers: int | None, path: str) -> dict:
     model, stats = build(fmt, layers)
     model.save_gguf(path)
-    stats["gguf_mib"] = _mib(os.path.getsize(path))
+    stats["gguf_mib"] = mib(os.path.getsize(path))
     return stats
 
 
@@ -95,7 +76,7 @@ def worker_decode(fmt: str, layers: int | None, runs: int, gguf: str | None) -> 
     else:
         model, stats = build(fmt, layers)
     stats["rss_ready_mib"] = current_rss_mib()
-    stats["weights_mib"] = _mib(weight_bytes(model))
+    stats["weights_mib"] = mib(weight_bytes(model))
     stats["parameters"] = model.num_parameters()
     prompt = np.random.default_rng(0).integers(0, QWEN25_05B["vocab_size"], size=(1, PROMPT_TOKENS))
     times, outputs = [], []

@@ -171,12 +171,12 @@ kind = "scale"
 point = "layers.*.mlp_out"
 factor = 0.5
 [[hooks.aux_loss]]
-kind = "l1"
+kind = "activation_l2"
 point = "layers.0.mlp_out"
 weight = 1e-3
 [[hooks.update]]
 kind = "freeze"
-params = ["layers.0.*"]
+pattern = "model.layers.0.*"
 """
 
 
@@ -188,10 +188,44 @@ def test_hooks_default_empty_and_are_stored_as_given(tmp_path):
         "aux_loss": [],
     }
     cfg = load_config(write(tmp_path, MINIMAL + HOOKS))
-    # Kinds are not checked against a list: any string is kept, with its free-form parameters.
     assert cfg["hooks"]["forward"] == [{"kind": "scale", "point": "layers.*.mlp_out", "factor": 0.5}]
-    assert cfg["hooks"]["update"] == [{"kind": "freeze", "params": ["layers.0.*"]}]
+    assert cfg["hooks"]["aux_loss"] == [
+        {"kind": "activation_l2", "point": "layers.0.mlp_out", "weight": 1e-3}
+    ]
+    assert cfg["hooks"]["update"] == [{"kind": "freeze", "pattern": "model.layers.0.*"}]
     assert cfg["hooks"]["backward"] == []
+
+
+def test_hook_defaults_are_filled_in(tmp_path):
+    text = (
+        MINIMAL
+        + """
+[[hooks.forward]]
+kind = "noise"
+point = "embed"
+std = 0.1
+[[hooks.update]]
+kind = "sign"
+[[hooks.aux_loss]]
+kind = "attention_entropy"
+weight = 0.01
+[[hooks.aux_loss]]
+kind = "z_loss"
+weight = 1e-4
+"""
+    )
+    hooks = load_config(write(tmp_path, text))["hooks"]
+    assert hooks["forward"] == [{"kind": "noise", "point": "embed", "std": 0.1, "seed": 0}]
+    assert hooks["update"] == [{"kind": "sign", "pattern": "*"}]
+    assert hooks["aux_loss"] == [
+        {"kind": "attention_entropy", "point": "layers.*.attn_probs", "weight": 0.01},
+        {"kind": "z_loss", "weight": 1e-4},
+    ]
+    # Spelling out a default is the same config.
+    explicit = text.replace('kind = "sign"', 'kind = "sign"\npattern = "*"')
+    assert (
+        load_config(write(tmp_path, explicit, "e.toml")).hash() == load_config(write(tmp_path, text)).hash()
+    )
 
 
 def test_hooks_count_in_the_hash_and_round_trip(tmp_path):
@@ -212,11 +246,57 @@ def test_hooks_count_in_the_hash_and_round_trip(tmp_path):
         ("[hooks.forward]\nkind = 'x'\n", "hooks.forward must be an array of tables ([[hooks.forward]]"),
         ("[hooks]\nbackward = [1]\n", "hooks.backward[0] must be a table"),
         ("[[hooks.update]]\nparams = ['a']\n", 'hooks.update[0] needs kind = "..." (a string)'),
-        ("[[hooks.aux_loss]]\nkind = 'l1'\n", 'hooks.aux_loss[0] needs point = "..."'),
-        ("[[hooks.forward]]\nkind = 'x'\npoint = 'p'\nat = 1979-05-27\n", "hooks.forward[0].at must be"),
-        ("[[hooks.forward]]\nkind = 'x'\npoint = 'p'\nw = nan\n", "hooks.forward[0].w must be a finite"),
+        ("[[hooks.aux_loss]]\nkind = 'activation_l2'\nweight = 1\n", 'hooks.aux_loss[0] needs point = "..."'),
+        ("[[hooks.forward]]\nkind = 'scale'\nfactor = 2\n", 'hooks.forward[0] needs point = "..."'),
+        ("[[hooks.forward]]\nkind = 'scale'\npoint = 'p'\nat = 1979-05-27\n", "hooks.forward[0].at must be"),
+        (
+            "[[hooks.forward]]\nkind = 'scale'\npoint = 'p'\nfactor = nan\n",
+            "hooks.forward[0].factor must be a finite",
+        ),
         ("[hook]\n", "unknown section [hook] (did you mean 'hooks'?)"),
     ],
 )
 def test_hook_structure_errors(tmp_path, text, needle):
+    assert needle in error_of(tmp_path, MINIMAL + text)
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        (
+            "[[hooks.forward]]\nkind = 'scal'\npoint = 'embed'\n",
+            'hooks.forward[0].kind must be one of "capture", "scale", "noise", "clamp", '
+            "\"ablate_heads\", got 'scal' (did you mean 'scale'?)",
+        ),
+        ("[[hooks.backward]]\nkind = 'clip'\npoint = 'embed'\n", "hooks.backward[0].kind must be one of"),
+        ("[[hooks.update]]\nkind = 'frezee'\n", "hooks.update[0].kind must be one of"),
+        ("[[hooks.update]]\nkind = 'frezee'\n", "(did you mean 'freeze'?)"),
+        ("[[hooks.aux_loss]]\nkind = 'zloss'\nweight = 1\n", "(did you mean 'z_loss'?)"),
+        ("[[hooks.forward]]\nkind = 'python'\npoint = 'embed'\n", 'hooks.forward[0].kind = "python" is only'),
+        ("[[hooks.update]]\nkind = 'python'\n", "only available from Python (it runs a Python function"),
+        ("[[hooks.forward]]\nkind = 'patch'\npoint = 'embed'\n", "needs the activation array"),
+        (
+            "[[hooks.forward]]\nkind = 'scale'\npoint = 'embed'\n",
+            "missing required key 'hooks.forward[0].factor'",
+        ),
+        (
+            "[[hooks.forward]]\nkind = 'scale'\npoint = 'embed'\nfactr = 2\n",
+            "unknown key 'hooks.forward[0].factr' (did you mean 'factor'?)",
+        ),
+        ("[[hooks.update]]\nkind = 'freeze'\nparams = ['a']\n", "unknown key 'hooks.update[0].params'"),
+        ("[[hooks.update]]\nkind = 'freeze'\npoint = 'embed'\n", "unknown key 'hooks.update[0].point'"),
+        ("[[hooks.aux_loss]]\nkind = 'z_loss'\nweight = 1\npoint = 'logits'\n", "z_loss takes no point"),
+        ("[[hooks.aux_loss]]\nkind = 'z_loss'\n", "missing required key 'hooks.aux_loss[0].weight'"),
+        ("[[hooks.forward]]\nkind = 'noise'\npoint = 'embed'\nstd = -1\n", "hooks.forward[0].std must be a"),
+        ("[[hooks.forward]]\nkind = 'noise'\npoint = 'e'\nstd = 1\nseed = 1.5\n", ".seed must be an integer"),
+        ("[[hooks.backward]]\nkind = 'clip_norm'\npoint = 'embed'\nmax = 0\n", ".max must be a number > 0"),
+        ("[[hooks.forward]]\nkind = 'clamp'\npoint = 'embed'\n", "clamp needs min, max or both"),
+        (
+            "[[hooks.forward]]\nkind = 'ablate_heads'\npoint = 'e'\nheads = [-1]\n",
+            ".heads must be a non-empty",
+        ),
+        ("[[hooks.forward]]\nkind = 'capture'\npoint = 'embed'\nfull = 1\n", ".full must be true or false"),
+    ],
+)
+def test_hook_kind_and_parameter_errors(tmp_path, text, needle):
     assert needle in error_of(tmp_path, MINIMAL + text)

@@ -21,6 +21,7 @@ from typing import Any
 import tomllib
 
 from metalcandle.errors import UserError
+from metalcandle.hooks import check_entry
 
 REQUIRED = object()  # default marker: the key must be given
 
@@ -28,7 +29,7 @@ REQUIRED = object()  # default marker: the key must be given
 @dataclass(frozen=True)
 class Key:
     """One config key: its type ("int", "float", "str", "bool", "str_list", "float_pair",
-    "resume", "target_modules", "hooks", "point_hooks"), default, and optional range or choices."""
+    "resume", "target_modules", "hooks"), default, and optional range or choices."""
 
     kind: str
     default: Any = None
@@ -123,14 +124,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "num_beams": Key("int", 1, min=1),
         "seed": Key("int", 0, min=0),
     },
-    # Experiment hooks, as arrays of tables ([[hooks.forward]] ...). Only their shape is checked
-    # here; which kinds exist is the hooks' own business. They are part of the resolved config,
-    # so of its hash: two runs with different hooks never look alike.
+    # Experiment hooks, as arrays of tables ([[hooks.forward]] ...), each checked against the kinds
+    # and parameters in `metalcandle.hooks` (whether a point exists depends on the model, so that is
+    # checked when the hooks are attached). They are part of the resolved config, so of its hash:
+    # two runs with different hooks never look alike.
     "hooks": {
-        "forward": Key("point_hooks", []),
-        "backward": Key("point_hooks", []),
+        "forward": Key("hooks", []),
+        "backward": Key("hooks", []),
         "update": Key("hooks", []),
-        "aux_loss": Key("point_hooks", []),
+        "aux_loss": Key("hooks", []),
     },
 }
 
@@ -292,8 +294,8 @@ def _check_value(where: str, dotted: str, key: Key, value: Any) -> Any:
         if not isinstance(value, list) or not value or not all(isinstance(s, str) for s in value):
             bad('"all-linear" or a non-empty list of module names like ["q_proj", "v_proj"]')
         return value
-    if k in ("hooks", "point_hooks"):
-        return _check_hooks(where, dotted, value, needs_point=k == "point_hooks")
+    if k == "hooks":
+        return _check_hooks(where, dotted, value)
     if k == "resume":
         if value is False or value in ("auto", "false", "never"):
             return False if value in (False, "false", "never") else "auto"
@@ -303,25 +305,26 @@ def _check_value(where: str, dotted: str, key: Key, value: Any) -> Any:
     raise AssertionError(f"unknown key kind {k}")
 
 
-def _check_hooks(where: str, dotted: str, value: Any, needs_point: bool) -> list[dict]:
+def _check_hooks(where: str, dotted: str, value: Any) -> list[dict]:
     if not isinstance(value, list):
         raise UserError(
             f'{where}{dotted} must be an array of tables ([[{dotted}]] with kind = "..."), got {value!r}'
         )
+    out = []
     for i, entry in enumerate(value):
         at = f"{dotted}[{i}]"
         if not isinstance(entry, dict):
             raise UserError(f'{where}{at} must be a table with kind = "...", got {entry!r}')
         if not isinstance(entry.get("kind"), str) or not entry["kind"]:
             raise UserError(f'{where}{at} needs kind = "..." (a string), got {entry.get("kind")!r}')
-        if needs_point and (not isinstance(entry.get("point"), str) or not entry["point"]):
-            raise UserError(
-                f'{where}{at} needs point = "..." (a named point like "layers.0.mlp_out" or a glob like '
-                f'"layers.*.mlp_out"), got {entry.get("point")!r}'
-            )
         for name, v in entry.items():
             _check_hook_param(where, f"{at}.{name}", v)
-    return copy.deepcopy(value)
+        try:
+            # With its defaults filled in, like every other key, so spelling one out changes no hash.
+            out.append(check_entry(dotted.split(".", 1)[1], entry, at))
+        except ValueError as e:
+            raise UserError(f"{where}{e}") from None
+    return out
 
 
 def _check_hook_param(where: str, dotted: str, value: Any) -> None:

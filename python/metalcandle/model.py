@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from metalcandle import _core
+from metalcandle import hooks as _hooks
 
 
 def as_ids(name: str, array: Any) -> np.ndarray:
@@ -30,6 +31,8 @@ class Model:
         self._core = core
         self.config: dict = json.loads(core.config_json())
         self.last_quantization_report: dict | None = None
+        self._captures: list = []  # open `capture` blocks
+        self._captured: dict = {}  # captured values no open block asked for
 
     @classmethod
     def from_config(cls, config: dict, seed: int = 0, device: str = "cpu") -> Model:
@@ -135,6 +138,63 @@ class Model:
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Writes config.json and model.safetensors that `transformers` loads."""
         self._core.save_pretrained(os.fspath(path))
+
+    # Experiment hooks ---------------------------------------------------------------------
+    # Points, kinds and how gradients flow through them: see `metalcandle.hooks`. A model with no
+    # hook attached runs exactly as without this machinery, at no cost.
+
+    def add_forward_hook(self, point: str, fn, *, array=None, **params) -> _hooks.HookHandle:
+        """Runs at every point `point` matches (a name like "layers.0.mlp_out" or a glob like
+        "layers.*.mlp_out"), in every forward: inference, generation, evaluation and training.
+
+        `fn` is a Python function `fn(point_name, array) -> array | None` (None keeps the value),
+        or a built-in kind with its parameters: "capture" (full=True; read with `take_captured`),
+        "scale" (factor), "noise" (std, seed=0), "clamp" (min and/or max), "ablate_heads" (heads,
+        at attn_scores/attn_probs points) or "patch" (array=, an activation of the point's shape).
+
+        During training a function's replacement is straight-through: the forward uses `f(x)` and
+        the gradient passes as if `f` were the identity, `y = x + (f(x) - x).detach()`. Hooks cost
+        nothing while none is attached. Returns a handle; `handle.remove()` detaches the hook."""
+        return _hooks.add_forward_hook(self, point, fn, array=array, **params)
+
+    def add_backward_hook(self, point: str, fn, **params) -> _hooks.HookHandle:
+        """Rewrites the gradient arriving at the points `point` matches before it flows upstream:
+        `fn(point_name, grad) -> grad` (None keeps it), or "scale" (factor), "clip_value" (max),
+        "clip_norm" (max), "stop_gradient", "straight_through" (the forward hooks at the point are
+        skipped by the gradient) or "noise" (std, seed=0). The forward value is unchanged."""
+        return _hooks.add_backward_hook(self, point, fn, **params)
+
+    def add_update_hook(self, pattern: str, fn, **params) -> _hooks.HookHandle:
+        """Transforms the gradient of each trainable parameter whose name `pattern` matches
+        ("model.layers.0.*", "*lora_B*"), after the backward pass and before global-norm clipping
+        and the optimizer, in the order added: `fn(name, param, grad) -> grad` (None keeps it),
+        or "clip_value" (max), "clip_norm" (max), "noise" (std, seed=0), "sign", "normalize",
+        "centralize" or "freeze" (no update, and the optimizer state is left alone)."""
+        return _hooks.add_update_hook(self, pattern, fn, **params)
+
+    def add_aux_loss(self, kind: str, weight: float, point: str | None = None) -> _hooks.HookHandle:
+        """Adds `weight` x an auxiliary loss to the training objective: "activation_l2" (mean
+        square of the values at `point`), "z_loss" (mean squared logsumexp of the logits at the
+        label positions) or "attention_entropy" (mean entropy of the attention rows at `point`,
+        default "layers.*.attn_probs"). `Trainer.step(...).aux` reports each one unweighted by
+        name ("z_loss", "activation_l2[layers.*.mlp_out]"); `.loss` stays the main loss alone."""
+        return _hooks.add_aux_loss(self, kind, weight, point)
+
+    def capture(self, points, full: bool = True) -> _hooks.Capture:
+        """`with model.capture(["layers.0.mlp_out", "layers.*.attn_probs"]) as cap: model(ids)`
+        leaves each matching point's value from the block's latest forward in `cap[point]` (a
+        dict-like), as a numpy array, or with `full=False` as statistics (shape, mean, std, min,
+        max, absmax). The capture hooks are detached when the block ends."""
+        return _hooks.Capture(self, points, full)
+
+    def take_captured(self) -> dict:
+        """What "capture" forward hooks recorded outside `capture` blocks since the last call:
+        point -> array or statistics."""
+        return _hooks.take_captured(self)
+
+    def clear_hooks(self) -> None:
+        """Detaches every hook of every kind."""
+        self._core.clear_hooks()
 
     # Quantization ------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from metalcandle import runs as R
 from metalcandle.adapters import architecture_type_of
 from metalcandle.config import Config, to_toml
 from metalcandle.errors import TrainingInterrupted, UserError
+from metalcandle.hooks import attach_hooks
 from metalcandle.loading import (
     BaseModel,
     build_tokenizer,
@@ -353,6 +354,7 @@ def train(
     max_steps = total_steps(cfg, len(data.train))
 
     model = build_model(cfg, base, tokenizer, resume_from)
+    attach_hooks(model, cfg["hooks"], cfg.source)  # before the first step, fresh or resumed alike
     opt = make_optimizer(cfg)
     trainer = mc.Trainer(model, opt, max_grad_norm=t["max_grad_norm"] or None)
     if resume_from is not None:
@@ -416,7 +418,8 @@ def train(
                 first_loss = loss if first_loss is None else first_loss
                 last_loss = loss
                 tps = window_tokens / max(window_time, 1e-9)
-                bar.update(step, loss, lr, tps)
+                aux = {f"aux/{name}": float(v) for name, v in stats.aux.items()}
+                bar.update(step, loss, lr, tps, aux)
                 if step % t["log_every"] == 0 or step == max_steps:
                     metrics.write(
                         {
@@ -427,6 +430,7 @@ def train(
                             "tokens_per_s": tps,
                             "tokens_seen": state.tokens_seen,
                             "epoch": stream.epoch,
+                            **aux,
                         }
                     )
                     window_tokens, window_time = 0, 0.0

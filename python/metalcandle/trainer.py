@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from metalcandle import _core
 from metalcandle.model import Model, as_ids
@@ -19,6 +19,8 @@ class StepStats:
     """Total gradient norm before clipping."""
     tokens: int
     """Label tokens the loss averaged over."""
+    aux: dict = field(default_factory=dict)
+    """Each auxiliary loss (hooks), unweighted; `loss` is the main loss alone."""
 
 
 def _micro_batches(name, value, like=None):
@@ -51,11 +53,11 @@ class Trainer:
         ids = _micro_batches("input_ids", input_ids)
         labs = _micro_batches("labels", labels if labels is not None else ids, ids)
         mask = _micro_batches("attention_mask", attention_mask, ids)
-        loss, norm, tokens = _core.train_step(
+        loss, norm, tokens, aux = _core.train_step(
             self.model._core, self.optimizer._core, ids, labs, mask, self.max_grad_norm
         )
         self.step_count += 1
-        return StepStats(loss=loss, grad_norm=norm, tokens=tokens)
+        return StepStats(loss=loss, grad_norm=norm, tokens=tokens, aux=dict(aux))
 
     def eval_loss(self, input_ids, labels=None, attention_mask=None) -> float:
         ids = _micro_batches("input_ids", input_ids)

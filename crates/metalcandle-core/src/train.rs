@@ -122,6 +122,21 @@ impl Decoder {
         Ok((parts.main, parts.tokens))
     }
 
+    /// The LM head's weight when the loss may take the fused head + cross-entropy kernel: a
+    /// plain float head on the CPU, and no hook or aux loss that needs the logits themselves.
+    fn fused_head_weight(&self) -> Option<&Tensor> {
+        if self.hooks.needs_logits() || !ops::use_cpu_kernel_dtype(self.dtype, &self.device) {
+            return None;
+        }
+        match &self.lm_head {
+            Some(l) if l.bias.is_none() && l.lora.as_ref().is_none_or(|a| a.merged) => {
+                l.weight.float()
+            }
+            Some(_) => None,
+            None => self.embed.weight.float(),
+        }
+    }
+
     /// The main loss and every auxiliary loss the hooks ask for.
     pub fn loss_parts(&self, batch: &Batch) -> Result<LossParts> {
         let labels = batch.shifted_labels()?;
@@ -130,20 +145,40 @@ impl Decoder {
             attention_mask: batch.attention_mask.as_deref(),
             ..Default::default()
         };
-        self.hooks.take_collected();
-        let out = self.forward_hidden(&batch.ids, &opts, None)?;
-        let logits = self.logits(&out.last_hidden)?;
-        let (b, t, v) = logits.dims3()?;
-        let flat = logits.reshape((b * t, v))?;
-        let main = ops::cross_entropy(&flat, &labels)?;
+        let collect = !self.hooks.aux_losses().is_empty();
+        self.hooks.set_collecting(collect);
+        let out = self.forward_hidden(&batch.ids, &opts, None);
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => {
+                self.hooks.set_collecting(false);
+                return Err(e);
+            }
+        };
+        let (b, t, h) = out.last_hidden.dims3()?;
+        let hidden = out.last_hidden.reshape((b * t, h))?;
+        let (main, flat) = match self.fused_head_weight() {
+            Some(w) => (ops::lm_head_cross_entropy(&hidden, w, &labels)?, None),
+            None => {
+                let flat = self.logits(&hidden)?;
+                (ops::cross_entropy(&flat, &labels)?, Some(flat))
+            }
+        };
         let mut aux = vec![];
         let losses = self.hooks.aux_losses();
         if !losses.is_empty() {
             let collected = self.hooks.take_collected();
-            let rows: Vec<u32> = (0..labels.len() as u32)
-                .filter(|&i| labels[i as usize] != IGNORE_INDEX)
-                .collect();
-            let label_logits = flat.index_select(&Tensor::new(rows, flat.device())?, 0)?;
+            self.hooks.set_collecting(false);
+            // Only the z-loss reads logits, and it turns the fused head off (needs_logits).
+            let label_logits = match &flat {
+                Some(f) => {
+                    let rows: Vec<u32> = (0..labels.len() as u32)
+                        .filter(|&i| labels[i as usize] != IGNORE_INDEX)
+                        .collect();
+                    Some(f.index_select(&Tensor::new(rows, f.device())?, 0)?)
+                }
+                None => None,
+            };
             for (id, loss) in losses {
                 let values: Vec<Tensor> = collected
                     .iter()
@@ -153,7 +188,7 @@ impl Decoder {
                 aux.push((
                     loss.name(),
                     loss.weight(),
-                    loss.value(&values, &label_logits)?,
+                    loss.value(&values, label_logits.as_ref())?,
                 ));
             }
         }

@@ -2,6 +2,7 @@
 //! exceptions, and the GIL released while Rust computes. No model logic lives here.
 
 mod convert;
+mod hooks;
 mod model;
 mod quant;
 mod train;

@@ -1,8 +1,10 @@
 //! `_core.Model` and `_core.KvCache`.
 
 use crate::convert::{ids_tensor, read_i64_2d, to_numpy, to_py_err};
+use crate::hooks;
 use crate::quant;
 use candle_core::{Device, Tensor};
+use metalcandle_core::hooks::{Captured, Hooks};
 use metalcandle_core::lora::LoraConfig;
 use metalcandle_core::model::ForwardOptions;
 use metalcandle_core::quant::gguf::{load_gguf, save_gguf, GgufTokenizer};
@@ -12,6 +14,7 @@ use metalcandle_core::{Decoder, KvCache, ModelSpec};
 use numpy::{PyArrayDyn, PyReadonlyArray2};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -398,6 +401,96 @@ impl PyModel {
         let inner = py.detach(|| load_gguf(&path, &dev)).map_err(to_py_err)?;
         Ok(Self { inner })
     }
+
+    /// Attaches a forward hook (`kind` with JSON `params`; "python" takes `fn`, "patch` takes
+    /// `array`) at the points `point` matches; returns its id.
+    #[pyo3(signature = (point, kind, params_json, r#fn = None, array = None))]
+    fn add_forward_hook(
+        &mut self,
+        point: &str,
+        kind: &str,
+        params_json: &str,
+        r#fn: Option<Py<PyAny>>,
+        array: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<u64> {
+        Hooks::check_point(point, self.inner.blocks.len()).map_err(to_py_err)?;
+        let params = parse_params(params_json)?;
+        let array = hooks::patch_array(array.as_ref(), &self.inner.device)?;
+        let action = hooks::forward_action(kind, &params, r#fn, array).map_err(to_py_err)?;
+        Ok(self.inner.hooks.add_forward(point, action))
+    }
+
+    #[pyo3(signature = (point, kind, params_json, r#fn = None))]
+    fn add_backward_hook(
+        &mut self,
+        point: &str,
+        kind: &str,
+        params_json: &str,
+        r#fn: Option<Py<PyAny>>,
+    ) -> PyResult<u64> {
+        Hooks::check_point(point, self.inner.blocks.len()).map_err(to_py_err)?;
+        let params = parse_params(params_json)?;
+        let action = hooks::backward_action(kind, &params, r#fn).map_err(to_py_err)?;
+        Ok(self.inner.hooks.add_backward(point, action))
+    }
+
+    /// A gradient transform for the parameters whose names `pattern` matches.
+    #[pyo3(signature = (pattern, kind, params_json, r#fn = None))]
+    fn add_update_hook(
+        &mut self,
+        pattern: &str,
+        kind: &str,
+        params_json: &str,
+        r#fn: Option<Py<PyAny>>,
+    ) -> PyResult<u64> {
+        let params = parse_params(params_json)?;
+        let t = hooks::update_transform(kind, &params, r#fn).map_err(to_py_err)?;
+        Ok(self.inner.hooks.add_update(pattern, t))
+    }
+
+    #[pyo3(signature = (kind, weight, point = None))]
+    fn add_aux_loss(&mut self, kind: &str, weight: f64, point: Option<String>) -> PyResult<u64> {
+        if let Some(p) = &point {
+            Hooks::check_point(p, self.inner.blocks.len()).map_err(to_py_err)?;
+        }
+        let loss = hooks::aux_loss(kind, weight, point).map_err(to_py_err)?;
+        Ok(self.inner.hooks.add_aux(loss))
+    }
+
+    fn remove_hook(&mut self, id: u64) -> bool {
+        self.inner.hooks.remove(id)
+    }
+
+    fn clear_hooks(&mut self) {
+        self.inner.hooks.clear()
+    }
+
+    /// What capture hooks recorded since the last call: point -> array (full captures) or a
+    /// dict of statistics.
+    fn take_captured<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        for (point, c) in self.inner.hooks.take_captured() {
+            match c {
+                Captured::Full(t) => out.set_item(point, to_numpy(py, &t)?)?,
+                Captured::Stats(s) => {
+                    let d = PyDict::new(py);
+                    d.set_item("shape", s.shape)?;
+                    d.set_item("mean", s.mean)?;
+                    d.set_item("std", s.std)?;
+                    d.set_item("min", s.min)?;
+                    d.set_item("max", s.max)?;
+                    d.set_item("absmax", s.absmax)?;
+                    out.set_item(point, d)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn parse_params(text: &str) -> PyResult<serde_json::Value> {
+    serde_json::from_str(text)
+        .map_err(|e| PyValueError::new_err(format!("hook parameters: invalid JSON: {e}")))
 }
 
 fn json_text<T: serde::Serialize>(value: &T) -> PyResult<String> {

@@ -118,7 +118,11 @@ fn batches(
     Ok(out)
 }
 
-/// One optimizer step over micro-batches; returns (loss, pre-clip gradient norm, label tokens).
+/// (loss, pre-clip gradient norm, label tokens, aux losses).
+type StepResult = (f64, f64, usize, Vec<(String, f64)>);
+
+/// One optimizer step over micro-batches; returns (loss, pre-clip gradient norm, label tokens,
+/// [(aux loss name, unweighted value)]).
 #[pyfunction]
 #[pyo3(signature = (model, optimizer, input_ids, labels, attention_mask = None, max_grad_norm = None))]
 pub fn train_step(
@@ -129,13 +133,13 @@ pub fn train_step(
     labels: Vec<Arr<'_>>,
     attention_mask: Option<Vec<Arr<'_>>>,
     max_grad_norm: Option<f64>,
-) -> PyResult<(f64, f64, usize)> {
+) -> PyResult<StepResult> {
     let b = batches(&model, input_ids, labels, attention_mask)?;
     let (m, o) = (&mut model.inner, &mut optimizer.inner);
     let stats = py
         .detach(|| core_step(m, o, &b, max_grad_norm))
         .map_err(to_py_err)?;
-    Ok((stats.loss, stats.grad_norm, stats.tokens))
+    Ok((stats.loss, stats.grad_norm, stats.tokens, stats.aux))
 }
 
 /// Token-weighted mean loss without gradients.

@@ -42,7 +42,7 @@ impl AuxLoss {
 
     /// The unweighted loss from the values collected at its points, or from the logits
     /// [N, V] of the label positions.
-    pub fn value(&self, values: &[Tensor], label_logits: &Tensor) -> Result<Tensor> {
+    pub fn value(&self, values: &[Tensor], label_logits: Option<&Tensor>) -> Result<Tensor> {
         let mean_over = |f: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<Tensor> {
             if values.is_empty() {
                 return Err(Error::Input(format!(
@@ -71,7 +71,9 @@ impl AuxLoss {
                 Ok(plogp.sum(D::Minus1)?.neg()?.mean_all()?)
             }),
             AuxLoss::ZLoss { .. } => {
-                let z = label_logits.to_dtype(DType::F32)?.log_sum_exp(D::Minus1)?;
+                let logits = label_logits
+                    .ok_or_else(|| Error::Msg("z-loss: the logits were not materialized".into()))?;
+                let z = logits.to_dtype(DType::F32)?.log_sum_exp(D::Minus1)?;
                 Ok(z.sqr()?.mean_all()?)
             }
         }

@@ -101,8 +101,10 @@ pub struct Hooks {
     aux: Vec<(u64, AuxLoss)>,
     update: Vec<(u64, String, GradTransform)>,
     captured: Arc<Mutex<BTreeMap<String, Captured>>>,
-    /// Values at aux-loss points during the current loss forward, by aux id.
+    /// Values at aux-loss points during the current loss forward, by aux id; gathered only
+    /// while a loss is computed, so inference never accumulates them.
     collected: Arc<Mutex<Vec<(u64, Tensor)>>>,
+    collecting: Arc<std::sync::atomic::AtomicBool>,
     /// The optimizer step being computed, and calls within it, for reproducible noise.
     step: Arc<AtomicU64>,
     calls: Arc<AtomicU64>,
@@ -144,6 +146,22 @@ impl Hooks {
         !self.forward.is_empty()
             || !self.backward.is_empty()
             || self.aux.iter().any(|(_, a)| a.point().is_some())
+    }
+
+    /// Whether anything (a forward or backward hook, or an aux loss) needs the logits as a
+    /// tensor; when nothing does, training never materializes them.
+    pub fn needs_logits(&self) -> bool {
+        self.forward
+            .iter()
+            .any(|e| glob_match(&e.pattern, "logits"))
+            || self
+                .backward
+                .iter()
+                .any(|e| glob_match(&e.pattern, "logits"))
+            || self
+                .aux
+                .iter()
+                .any(|(_, a)| matches!(a, AuxLoss::ZLoss { .. }))
     }
 
     fn id(&mut self) -> u64 {
@@ -260,6 +278,14 @@ impl Hooks {
         std::mem::take(&mut *self.collected.lock().unwrap())
     }
 
+    /// Starts or stops gathering the values aux losses read.
+    pub(crate) fn set_collecting(&self, on: bool) {
+        self.collecting.store(on, Ordering::SeqCst);
+        if !on {
+            self.take_collected();
+        }
+    }
+
     /// Runs the hooks that match `point` on `x`.
     pub fn apply(&self, point: &str, x: Tensor) -> Result<Tensor> {
         let mut y = x.clone();
@@ -294,7 +320,7 @@ impl Hooks {
             .filter(|(_, a)| a.point().is_some_and(|p| glob_match(p, point)))
             .map(|(id, _)| *id)
             .collect();
-        if !wanted.is_empty() {
+        if !wanted.is_empty() && self.collecting.load(Ordering::SeqCst) {
             let mut c = self.collected.lock().unwrap();
             c.extend(wanted.into_iter().map(|id| (id, y.clone())));
         }

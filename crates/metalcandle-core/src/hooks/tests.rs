@@ -294,3 +294,18 @@ fn bad_points_are_named() {
     assert!(e.contains("layers.9.mlp_out") && e.contains("N < 2"), "{e}");
     Hooks::check_point("layers.*.attn_probs", 2).unwrap();
 }
+
+#[test]
+fn aux_inputs_are_kept_only_while_a_loss_is_computed() {
+    let mut m = tiny();
+    m.hooks.add_aux(AuxLoss::ActivationL2 {
+        point: "*".into(),
+        weight: 1.0,
+    });
+    for _ in 0..3 {
+        logits(&m);
+    }
+    assert!(m.hooks.take_collected().is_empty());
+    m.detached().loss_parts(&batch()).unwrap();
+    assert!(m.hooks.take_collected().is_empty());
+}

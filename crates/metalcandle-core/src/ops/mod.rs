@@ -7,6 +7,7 @@
 pub mod activation;
 pub mod cross_entropy;
 pub mod frozen_matmul;
+pub mod head_loss;
 pub mod layer_norm;
 pub mod quantized_matmul;
 pub mod rms_norm;
@@ -20,6 +21,7 @@ pub(crate) mod gradcheck;
 pub use activation::activation;
 pub use cross_entropy::cross_entropy;
 pub use frozen_matmul::frozen_linear;
+pub use head_loss::lm_head_cross_entropy;
 pub use layer_norm::layer_norm;
 pub use quantized_matmul::quantized_linear;
 pub use rms_norm::rms_norm;
@@ -101,6 +103,10 @@ pub(crate) fn for_each_row<T: Send>(
 /// Whether the op runs on our CPU kernels: CPU tensors in f32/f64.
 pub(crate) fn use_cpu_kernel(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+}
+
+pub(crate) fn use_cpu_kernel_dtype(dtype: candle_core::DType, dev: &candle_core::Device) -> bool {
+    dev.is_cpu() && matches!(dtype, candle_core::DType::F32 | candle_core::DType::F64)
 }
 
 pub(crate) fn needs_grad(ts: &[&Tensor]) -> bool {

@@ -1,0 +1,240 @@
+//! The LM head and the mean cross-entropy in one op, a chunk of rows at a time, so the full
+//! [N, vocab] logits, their softmax and their gradient never exist at once (for a 150k-token
+//! vocabulary they are the largest tensors of a training step). The loss is the end of the
+//! graph, so the forward computes the gradients too and the backward only scales them by the
+//! upstream scalar.
+
+use super::cross_entropy::IGNORE_INDEX;
+use super::{cpu_tensor, with_slices, Elem};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use num_traits::Float;
+
+/// Bytes of logits computed at once: a few chunks for a 150k vocabulary and a 256-token
+/// batch, so the matmuls stay large enough to run near full speed.
+const CHUNK_BYTES: usize = 64 << 20;
+
+struct Precomputed {
+    loss: Tensor,
+    dh: Option<Tensor>,
+    dw: Option<Tensor>,
+}
+
+impl CustomOp2 for Precomputed {
+    fn name(&self) -> &'static str {
+        "lm-head-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (s, _) = self.loss.storage_and_layout();
+        match &*s {
+            candle_core::Storage::Cpu(s) => Ok((s.clone(), Shape::from(()))),
+            _ => candle_core::bail!("lm-head-cross-entropy: CPU only"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _h: &Tensor,
+        _w: &Tensor,
+        _loss: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let scale = |t: &Option<Tensor>| t.as_ref().map(|t| t.affine(g, 0.0)).transpose();
+        Ok((scale(&self.dh)?, scale(&self.dw)?))
+    }
+}
+
+/// Per row: the loss, and (when wanted) the row turned into its gradient
+/// `(softmax - onehot) * scale`, in one pass over the logits.
+fn rows_loss_and_grad<T: Elem>(
+    logits: &[T],
+    labels: &[i64],
+    v: usize,
+    scale: T,
+    want_grad: bool,
+) -> (Vec<T>, Vec<T>) {
+    use rayon::prelude::*;
+    let lse = |row: &[T]| {
+        let max = row.iter().fold(T::neg_infinity(), |m, x| Float::max(m, *x));
+        max + row.iter().map(|x| (*x - max).exp()).sum::<T>().ln()
+    };
+    let mut row_loss = vec![T::zero(); labels.len()];
+    if !want_grad {
+        row_loss.par_iter_mut().enumerate().for_each(|(i, o)| {
+            if labels[i] != IGNORE_INDEX {
+                let row = &logits[i * v..(i + 1) * v];
+                *o = lse(row) - row[labels[i] as usize];
+            }
+        });
+        return (row_loss, vec![]);
+    }
+    let mut grad = logits.to_vec();
+    grad.par_chunks_mut(v)
+        .zip(row_loss.par_iter_mut())
+        .enumerate()
+        .for_each(|(i, (row, o))| {
+            if labels[i] == IGNORE_INDEX {
+                row.iter_mut().for_each(|x| *x = T::zero());
+                return;
+            }
+            let l = lse(row);
+            *o = l - row[labels[i] as usize];
+            for x in row.iter_mut() {
+                *x = (*x - l).exp() * scale;
+            }
+            row[labels[i] as usize] -= scale;
+        });
+    (row_loss, grad)
+}
+
+fn compute<T: Elem>(
+    h: &Tensor,
+    w: &Tensor,
+    labels: &[i64],
+    need_h: bool,
+    need_w: bool,
+) -> Result<Precomputed> {
+    let (n, _) = h.dims2()?;
+    let v = w.dim(0)?;
+    let n_valid = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+    let scale = T::from(1.0 / n_valid.max(1) as f64).unwrap();
+    let want_grad = need_h || need_w;
+    let wt = w.t()?;
+    // Row losses summed in row order at the end, as the unfused kernel does, so both paths
+    // give the same bits.
+    let mut row_losses: Vec<T> = Vec::with_capacity(n);
+    let (mut dh, mut dw) = (vec![], None::<Tensor>);
+    let per_chunk = n
+        .div_ceil((n * v * std::mem::size_of::<T>()).div_ceil(CHUNK_BYTES))
+        .max(1);
+    for start in (0..n).step_by(per_chunk) {
+        let len = per_chunk.min(n - start);
+        let labels = &labels[start..start + len];
+        if labels.iter().all(|&l| l == IGNORE_INDEX) {
+            row_losses.extend(std::iter::repeat_n(T::zero(), len));
+            if need_h {
+                dh.push(h.narrow(0, start, len)?.zeros_like()?);
+            }
+            continue;
+        }
+        let hc = h.narrow(0, start, len)?;
+        let logits = hc.matmul(&wt)?.contiguous()?;
+        let (l, grad) = with_slices::<T, _>(&[&logits], |s| {
+            Ok(rows_loss_and_grad(s[0], labels, v, scale, want_grad))
+        })?;
+        row_losses.extend(l);
+        if !want_grad {
+            continue;
+        }
+        let grad = cpu_tensor(grad, (len, v))?;
+        if need_h {
+            dh.push(grad.matmul(w)?);
+        }
+        if need_w {
+            let part = grad.t()?.matmul(&hc)?;
+            dw = Some(match dw {
+                Some(acc) => (acc + part)?,
+                None => part,
+            });
+        }
+    }
+    let loss = row_losses.into_iter().sum::<T>() / T::from(n_valid.max(1)).unwrap();
+    Ok(Precomputed {
+        loss: cpu_tensor(vec![loss], ())?,
+        dh: if need_h {
+            Some(Tensor::cat(&dh, 0)?)
+        } else {
+            None
+        },
+        dw: match (need_w, dw) {
+            (true, None) => Some(w.zeros_like()?),
+            (_, dw) => dw,
+        },
+    })
+}
+
+/// Mean cross-entropy of `h @ w^T` [N, V] against `labels`, for h [N, H] and w [V, H] on the
+/// CPU in f32/f64. Gradients reach `h` and, when it is trainable, `w`.
+pub fn lm_head_cross_entropy(h: &Tensor, w: &Tensor, labels: &[i64]) -> Result<Tensor> {
+    let (n, hd) = h.dims2()?;
+    let (v, wd) = w.dims2()?;
+    if hd != wd || labels.len() != n {
+        candle_core::bail!(
+            "lm-head cross-entropy: hidden {:?}, weight {:?}, {} labels",
+            h.dims(),
+            w.dims(),
+            labels.len()
+        );
+    }
+    if let Some(bad) = labels
+        .iter()
+        .find(|&&l| l != IGNORE_INDEX && (l < 0 || l as usize >= v))
+    {
+        candle_core::bail!("cross-entropy: label {bad} is outside the vocabulary [0, {v})");
+    }
+    let (need_h, need_w) = (h.track_op(), w.track_op());
+    let (hd_, wd_) = (h.detach().contiguous()?, w.detach().contiguous()?);
+    let p = match h.dtype() {
+        candle_core::DType::F32 => compute::<f32>(&hd_, &wd_, labels, need_h, need_w)?,
+        candle_core::DType::F64 => compute::<f64>(&hd_, &wd_, labels, need_h, need_w)?,
+        other => candle_core::bail!("lm-head cross-entropy: unsupported dtype {other:?}"),
+    };
+    if !need_h && !need_w {
+        return Ok(p.loss);
+    }
+    h.apply_op2(w, p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::cross_entropy::cross_entropy;
+    use crate::ops::gradcheck::{max_abs_diff, rand_tensor};
+    use candle_core::Var;
+
+    #[test]
+    fn matches_head_then_cross_entropy_with_gradients() {
+        // Several chunks (about 190k rows of 11 f64 logits each), one with every label
+        // ignored, and ignored rows elsewhere.
+        let rows = CHUNK_BYTES / (11 * 8);
+        let n = rows * 2 + 5;
+        let mut labels: Vec<i64> = (0..n as i64).map(|i| (i * 7) % 11).collect();
+        for l in labels.iter_mut().skip(rows + 3).take(rows - 3) {
+            *l = IGNORE_INDEX;
+        }
+        labels[3] = IGNORE_INDEX;
+        let h = Var::from_tensor(&rand_tensor(&[n, 6], 1)).unwrap();
+        let w = Var::from_tensor(&rand_tensor(&[11, 6], 2)).unwrap();
+        let fused = lm_head_cross_entropy(&h, &w, &labels).unwrap();
+        let reference = cross_entropy(&h.matmul(&w.t().unwrap()).unwrap(), &labels).unwrap();
+        assert!(max_abs_diff(&fused, &reference) < 1e-12);
+        let (gf, gr) = (
+            fused.affine(3.0, 0.0).unwrap().backward().unwrap(),
+            reference.affine(3.0, 0.0).unwrap().backward().unwrap(),
+        );
+        for v in [&h, &w] {
+            let d = max_abs_diff(gf.get(v).unwrap(), gr.get(v).unwrap());
+            assert!(d < 1e-12, "{d}");
+        }
+    }
+
+    #[test]
+    fn frozen_weight_gets_no_gradient() {
+        let labels = vec![1i64, 4, IGNORE_INDEX];
+        let h = Var::from_tensor(&rand_tensor(&[3, 5], 3)).unwrap();
+        let w = rand_tensor(&[7, 5], 4);
+        let g = lm_head_cross_entropy(&h, &w, &labels)
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(&h).is_some() && g.get(&w).is_none());
+    }
+}
+

@@ -1,0 +1,594 @@
+"""Experiment hooks: read, change or replace what flows through the decoder, its gradients, the
+parameter updates, and add auxiliary losses, from Python or from a run config's `[hooks]`.
+
+Points (`*` in a pattern matches any run of characters, dots included):
+
+- `embed`: token (+ position) embeddings, [B, T, H]
+- `layers.N.attn_in`: the normed input of block N's attention, [B, T, H]
+- `layers.N.attn_scores`, `layers.N.attn_probs`: [B, heads, T, keys] (scores after the mask)
+- `layers.N.attn_out`, `layers.N.mlp_out`: what each branch adds to the residual stream
+- `layers.N.residual`: the residual stream after block N
+- `final_norm`: the LM head's input; `logits`: [B, T, V]
+
+Four kinds of hook:
+
+- forward (`Model.add_forward_hook`): at a point, in the order added. Built-in kinds "capture",
+  "scale", "noise", "clamp", "ablate_heads", "patch", or a Python function
+  `fn(point_name, array) -> array | None` (None keeps the value).
+- backward (`Model.add_backward_hook`): rewrite the gradient arriving at a point before it flows
+  upstream: "scale", "clip_value", "clip_norm", "stop_gradient", "straight_through", "noise", or
+  `fn(point_name, grad) -> grad`.
+- update (`Model.add_update_hook`): transform each trainable parameter's gradient between the
+  backward pass and the optimizer (before global-norm clipping), for the parameters whose names a
+  pattern matches: "clip_value", "clip_norm", "noise", "sign", "normalize", "centralize",
+  "freeze", or `fn(name, param, grad) -> grad`.
+- auxiliary losses (`Model.add_aux_loss`): "activation_l2" (mean square at a point), "z_loss"
+  (mean squared logsumexp of the logits at the label positions), "attention_entropy" (mean
+  entropy of attention rows). The training objective is the main loss plus each weighted
+  auxiliary loss; `Trainer.step(...).aux` reports each one unweighted and `.loss` stays the main
+  loss alone.
+
+Gradients through a Python replacement: a forward function runs on plain arrays, outside the
+autograd graph, so during training its replacement `f(x)` enters the graph straight-through,
+`y = x + (f(x) - x).detach()`: the forward sees `f(x)` and the gradient passes as if `f` were the
+identity. The built-in kinds other than "patch" are differentiated exactly; a "patch" passes no
+gradient upstream unless a "straight_through" backward hook sits at the same point.
+
+Hooks cost nothing when none is attached: each point is one branch, and its name is never even
+formatted. Python functions are called with the array values copied out of the model; change
+what flows by returning a new array, not by writing into the one passed in. An exception raised
+inside a hook function surfaces as a RuntimeError naming the point and the original error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metalcandle.errors import UserError
+
+SECTIONS = ("forward", "backward", "update", "aux_loss")
+_POINTS_IN_A_LAYER = ("attn_in", "attn_scores", "attn_probs", "attn_out", "mlp_out", "residual")
+_NO_DEFAULT = object()
+
+
+@dataclass(frozen=True)
+class _Param:
+    """A hook parameter: "number", "int", "bool" or "ints" (a list of integers >= 0)."""
+
+    kind: str
+    default: Any = _NO_DEFAULT  # None: optional, and left out when not given
+    min: float | None = None
+    min_exclusive: bool = False
+
+
+_STD = _Param("number", min=0.0)
+_SEED = _Param("int", 0, min=0)
+_MAX = _Param("number", min=0.0, min_exclusive=True)
+
+# Kind -> its parameters, per section. "python" (a function) and "patch" (an array) cannot be
+# written in a config, so they are only in PYTHON_ONLY.
+KINDS: dict[str, dict[str, dict[str, _Param]]] = {
+    "forward": {
+        "capture": {"full": _Param("bool", True)},
+        "scale": {"factor": _Param("number")},
+        "noise": {"std": _STD, "seed": _SEED},
+        "clamp": {"min": _Param("number", None), "max": _Param("number", None)},
+        "ablate_heads": {"heads": _Param("ints")},
+    },
+    "backward": {
+        "scale": {"factor": _Param("number")},
+        "clip_value": {"max": _MAX},
+        "clip_norm": {"max": _MAX},
+        "stop_gradient": {},
+        "straight_through": {},
+        "noise": {"std": _STD, "seed": _SEED},
+    },
+    "update": {
+        "clip_value": {"max": _MAX},
+        "clip_norm": {"max": _MAX},
+        "noise": {"std": _STD, "seed": _SEED},
+        "sign": {},
+        "normalize": {},
+        "centralize": {},
+        "freeze": {},
+    },
+    "aux_loss": {
+        "activation_l2": {"weight": _Param("number")},
+        "z_loss": {"weight": _Param("number")},
+        "attention_entropy": {"weight": _Param("number")},
+    },
+}
+PYTHON_ONLY = {"forward": ("patch", "python"), "backward": ("python",), "update": ("python",)}
+_AUX_DEFAULT_POINT = {"attention_entropy": "layers.*.attn_probs"}
+_LABEL = {
+    "forward": "forward hook",
+    "backward": "backward hook",
+    "update": "update hook",
+    "aux_loss": "aux loss",
+}
+
+
+def _did_you_mean(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _quoted(names) -> str:
+    return ", ".join(f'"{n}"' for n in names)
+
+
+def check_entry(section: str, entry: dict, at: str | None = None) -> dict:
+    """One hook description (`kind`, `point` or `pattern`, parameters) checked against the kinds
+    of `section` and completed with its defaults. `at` names it in a config ("hooks.forward[0]");
+    without it the messages speak of keyword arguments. Raises ValueError with a one-line message."""
+    kinds = KINDS[section]
+    kind = entry.get("kind")
+    python_only = PYTHON_ONLY.get(section, ())
+    if at is not None and kind in python_only:
+        how = {
+            "python": "it runs a Python function",
+            "patch": "it needs the activation array to patch in",
+        }[kind]
+        raise ValueError(
+            f'{at}.kind = "{kind}" is only available from Python ({how}; see Model.add_{section}_hook)'
+        )
+    if not isinstance(kind, str) or kind not in kinds:
+        if at is not None:
+            raise ValueError(
+                f"{at}.kind must be one of {_quoted(kinds)}, got {kind!r}{_did_you_mean(str(kind), kinds)}"
+            )
+        known = list(kinds) + [k for k in python_only if k != "python"]
+        raise ValueError(
+            f"unknown {_LABEL[section]} kind {kind!r}{_did_you_mean(str(kind), known)} "
+            f"(kinds: {', '.join(known)}{'; or pass a function' if python_only else ''})"
+        )
+    label = f'{_LABEL[section]} "{kind}": '
+    name = (lambda k: f"{at}.{k}") if at is not None else (lambda k: f"{label}{k}")
+    out = {"kind": kind}
+
+    # Where the hook applies.
+    if section in ("forward", "backward") or (section == "aux_loss" and kind == "activation_l2"):
+        point = entry.get("point")
+        if not isinstance(point, str) or not point:
+            where = f"{at} needs point = " if at is not None else f"{label}needs point="
+            raise ValueError(
+                f'{where}"..." (a named point like "layers.0.mlp_out" or a glob like '
+                f'"layers.*.mlp_out"), got {point!r}'
+            )
+        out["point"] = point
+    elif kind == "z_loss":
+        if entry.get("point") is not None:
+            raise ValueError(
+                f"{at + '.point: ' if at else ''}z_loss takes no point (it is computed on the logits)"
+            )
+    elif section == "aux_loss":
+        point = entry.get("point", _AUX_DEFAULT_POINT[kind])
+        if not isinstance(point, str) or not point:
+            raise ValueError(f"{name('point')} must be a point name or glob, got {point!r}")
+        out["point"] = point
+    else:
+        pattern = entry.get("pattern", "*")
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(
+                f'{name("pattern")} must be a parameter name or glob like "model.layers.0.*", got {pattern!r}'
+            )
+        out["pattern"] = pattern
+
+    params = kinds[kind]
+    for key in entry:
+        if key in out or key in params:
+            continue
+        takes = ", ".join(params) or "no parameters"
+        if at is not None:
+            raise ValueError(f"unknown key '{at}.{key}'{_did_you_mean(key, params)} ({kind} takes {takes})")
+        raise ValueError(f"{label}unknown parameter {key!r}{_did_you_mean(key, params)} (it takes {takes})")
+    for key, p in params.items():
+        if key in entry:
+            out[key] = _check_param(name(key), p, entry[key])
+        elif p.default is _NO_DEFAULT:
+            raise ValueError(
+                f"missing required key '{at}.{key}'" if at is not None else f"{label}needs {key}="
+            )
+        elif p.default is not None:
+            out[key] = p.default
+    if kind == "clamp":
+        lo, hi = out.get("min"), out.get("max")
+        if lo is None and hi is None:
+            raise ValueError(f"{at + ' ' if at else label}clamp needs min, max or both")
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"{name('min')} ({lo}) must be <= max ({hi})")
+    return out
+
+
+def _check_param(dotted: str, p: _Param, value: Any) -> Any:
+    def bad(expected: str):
+        raise ValueError(f"{dotted} must be {expected}, got {value!r}")
+
+    if p.kind == "bool":
+        if not isinstance(value, bool):
+            bad("true or false")
+        return value
+    if p.kind == "ints":
+        if not isinstance(value, list | tuple) or not value:
+            bad("a non-empty list of integers")
+        if not all(isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= 0 for v in value):
+            bad("a non-empty list of integers >= 0")
+        return [int(v) for v in value]
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        bad("an integer" if p.kind == "int" else "a number")
+    if p.kind == "int" and not isinstance(value, int | np.integer):
+        bad("an integer")
+    if not np.isfinite(value):
+        bad("a finite number")
+    # Plain Python numbers, for the JSON the core reads.
+    value = int(value) if isinstance(value, int | np.integer) else float(value)
+    if p.min is not None and (value <= p.min if p.min_exclusive else value < p.min):
+        what = "an integer" if p.kind == "int" else "a number"
+        bad(f"{what} {'>' if p.min_exclusive else '>='} {p.min:g}")
+    return value
+
+
+# Points ---------------------------------------------------------------------------------------
+
+
+def point_names(num_layers: int) -> list[str]:
+    """Every point of a model with `num_layers` blocks, in the order a forward reaches them."""
+    inner = [f"layers.{i}.{p}" for i in range(num_layers) for p in _POINTS_IN_A_LAYER]
+    return ["embed", *inner, "final_norm", "logits"]
+
+
+def glob_match(pattern: str, name: str) -> bool:
+    """The core's matching: `*` is any run of characters (dots too); nothing else is special."""
+    parts = pattern.split("*")
+    if len(parts) == 1:
+        return pattern == name
+    first, last = parts[0], parts[-1]
+    if not name.startswith(first) or len(name) < len(first) + len(last) or not name.endswith(last):
+        return False
+    rest = name[len(first) : len(name) - len(last)]
+    for mid in parts[1:-1]:
+        i = rest.find(mid)
+        if i < 0:
+            return False
+        rest = rest[i + len(mid) :]
+    return True
+
+
+def matching_points(model, pattern: str) -> list[str]:
+    """The points of `model` that `pattern` matches; a ValueError naming the pattern if none."""
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"a hook point must be a non-empty string, got {pattern!r}")
+    names = point_names(model.num_layers)
+    found = [p for p in names if glob_match(pattern, p)]
+    if not found:
+        raise ValueError(
+            f'hook point "{pattern}" matches no point of this model{_did_you_mean(pattern, names)} '
+            f"(points: embed, layers.N.{{{','.join(_POINTS_IN_A_LAYER)}}} for N < {model.num_layers}, "
+            "final_norm, logits)"
+        )
+    return found
+
+
+def _check_attention_points(model, kind: str, pattern: str, heads=None) -> None:
+    # The core finds these out only in the middle of a forward; here they fail when attached.
+    points = matching_points(model, pattern)
+    wanted = ("attn_probs",) if kind == "attention_entropy" else ("attn_scores", "attn_probs")
+    other = [p for p in points if p.rsplit(".", 1)[-1] not in wanted]
+    if other:
+        raise ValueError(
+            f'{kind} at "{pattern}" needs {" or ".join(wanted)} points ([batch, heads, T, keys]), '
+            f'and "{other[0]}" is not one'
+        )
+    if heads:
+        layers = model.spec["layers"]
+        for p in points:
+            n = layers[int(p.split(".")[1])]["attention"]["num_heads"]
+            if max(heads) >= n:
+                raise ValueError(
+                    f'ablate_heads at "{p}": head {max(heads)} out of range (the layer has {n} heads)'
+                )
+
+
+def _trainable_names(model) -> list[str]:
+    # With an adapter only its matrices train; reading them is cheap. Without one every parameter
+    # trains, and their names come without copying any weights.
+    if model.has_adapter:
+        return list(model.trainable_parameters())
+    return model.parameter_names()
+
+
+# Handles --------------------------------------------------------------------------------------
+
+
+class HookHandle:
+    """An attached hook. `remove()` detaches it (True the first time); as a context manager it
+    detaches on exit: `with model.add_forward_hook("logits", fn): ...`."""
+
+    def __init__(self, model, hook_id: int, what: str):
+        self._model = model
+        self.id = int(hook_id)
+        self.what = what
+        self._removed = False
+
+    def remove(self) -> bool:
+        if self._removed:
+            return False
+        self._removed = True
+        return bool(self._model._core.remove_hook(self.id))
+
+    def __enter__(self) -> HookHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = ", removed" if self._removed else ""
+        return f"HookHandle(id={self.id}, {self.what}{state})"
+
+
+def _float32(value) -> np.ndarray:
+    # The core takes float32 only; numpy promotes to float64 easily (a float64 scalar, np.mean).
+    return np.asarray(value, dtype=np.float32)
+
+
+def _forward_fn(fn: Callable) -> Callable:
+    def call(point, x):
+        out = fn(point, x)
+        return None if out is None else _float32(out)
+
+    return call
+
+
+def _backward_fn(fn: Callable) -> Callable:
+    def call(point, grad):
+        out = fn(point, grad)
+        if out is None:
+            return grad
+        out = _float32(out)
+        # The core's own check of this shape fails inside autograd, as an untyped error; here it
+        # is a ValueError naming the shapes.
+        if out.shape != grad.shape:
+            raise ValueError(f"returned shape {out.shape}, expected {grad.shape}")
+        return out
+
+    return call
+
+
+def _update_fn(fn: Callable) -> Callable:
+    def call(name, param, grad):
+        out = fn(name, param, grad)
+        return grad if out is None else _float32(out)
+
+    return call
+
+
+def _params_json(spec: dict) -> str:
+    return json.dumps({k: v for k, v in spec.items() if k not in ("kind", "point", "pattern")})
+
+
+def add_forward_hook(model, point: str, fn_or_kind, array=None, **params) -> HookHandle:
+    """See `Model.add_forward_hook`."""
+    matching_points(model, point)
+    if callable(fn_or_kind):
+        if params or array is not None:
+            raise ValueError("a forward hook function takes no parameters; close over them instead")
+        hook_id = model._core.add_forward_hook(point, "python", "{}", _forward_fn(fn_or_kind))
+        return HookHandle(model, hook_id, f'forward {_name_of(fn_or_kind)} at "{point}"')
+    kind = fn_or_kind
+    if kind == "patch":
+        if params:
+            raise ValueError(f'forward hook "patch" takes only array=, got {", ".join(params)}')
+        if array is None:
+            raise ValueError(
+                'forward hook "patch" needs array= (the activation to patch in, of the point\'s shape)'
+            )
+        patch = np.ascontiguousarray(array, dtype=np.float32)
+        hook_id = model._core.add_forward_hook(point, "patch", "{}", None, patch)
+        return HookHandle(model, hook_id, f'forward "patch" at "{point}"')
+    if array is not None:
+        raise ValueError(f'array= is for the "patch" kind, not {kind!r}')
+    if kind == "python":
+        raise ValueError("pass the function itself: model.add_forward_hook(point, fn)")
+    spec = check_entry("forward", {"kind": kind, "point": point, **params})
+    if kind == "ablate_heads":
+        _check_attention_points(model, kind, point, spec["heads"])
+    hook_id = model._core.add_forward_hook(point, kind, _params_json(spec))
+    return HookHandle(model, hook_id, f'forward "{kind}" at "{point}"')
+
+
+def add_backward_hook(model, point: str, fn_or_kind, **params) -> HookHandle:
+    """See `Model.add_backward_hook`."""
+    matching_points(model, point)
+    if callable(fn_or_kind):
+        if params:
+            raise ValueError("a backward hook function takes no parameters; close over them instead")
+        hook_id = model._core.add_backward_hook(point, "python", "{}", _backward_fn(fn_or_kind))
+        return HookHandle(model, hook_id, f'backward {_name_of(fn_or_kind)} at "{point}"')
+    if fn_or_kind == "python":
+        raise ValueError("pass the function itself: model.add_backward_hook(point, fn)")
+    spec = check_entry("backward", {"kind": fn_or_kind, "point": point, **params})
+    hook_id = model._core.add_backward_hook(point, fn_or_kind, _params_json(spec))
+    return HookHandle(model, hook_id, f'backward "{fn_or_kind}" at "{point}"')
+
+
+def add_update_hook(model, pattern: str, fn_or_kind, **params) -> HookHandle:
+    """See `Model.add_update_hook`."""
+    names = _trainable_names(model)
+    if not isinstance(pattern, str) or not any(glob_match(pattern, n) for n in names):
+        hint = "; attach the LoRA adapter first" if "lora" in str(pattern) and not model.has_adapter else ""
+        raise ValueError(
+            f"update hook pattern {pattern!r} matches no trainable parameter"
+            f"{_did_you_mean(str(pattern), names)} (names look like {names[0]!r}{hint})"
+        )
+    if callable(fn_or_kind):
+        if params:
+            raise ValueError("an update hook function takes no parameters; close over them instead")
+        hook_id = model._core.add_update_hook(pattern, "python", "{}", _update_fn(fn_or_kind))
+        return HookHandle(model, hook_id, f"update {_name_of(fn_or_kind)} on {pattern!r}")
+    if fn_or_kind == "python":
+        raise ValueError("pass the function itself: model.add_update_hook(pattern, fn)")
+    spec = check_entry("update", {"kind": fn_or_kind, "pattern": pattern, **params})
+    hook_id = model._core.add_update_hook(pattern, fn_or_kind, _params_json(spec))
+    return HookHandle(model, hook_id, f'update "{fn_or_kind}" on {pattern!r}')
+
+
+def add_aux_loss(model, kind: str, weight: float, point: str | None = None) -> HookHandle:
+    """See `Model.add_aux_loss`."""
+    entry = {"kind": kind, "weight": weight}
+    if point is not None:
+        entry["point"] = point
+    spec = check_entry("aux_loss", entry)
+    if "point" in spec:
+        matching_points(model, spec["point"])
+        if kind == "attention_entropy":
+            _check_attention_points(model, kind, spec["point"])
+    hook_id = model._core.add_aux_loss(kind, float(spec["weight"]), spec.get("point"))
+    where = f' at "{spec["point"]}"' if "point" in spec else ""
+    return HookHandle(model, hook_id, f'aux loss "{kind}"{where}, weight {spec["weight"]}')
+
+
+def _name_of(fn) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+# Captures -------------------------------------------------------------------------------------
+
+
+def _drain(model) -> None:
+    """Moves what the core captured to the open captures that asked for it; the rest waits for
+    `Model.take_captured`."""
+    values = model._core.take_captured()
+    if not values:
+        return
+    for point, value in values.items():
+        claimed = False
+        for cap in model._captures:
+            if cap._wants(point):
+                cap._data[point] = value
+                claimed = True
+        if not claimed:
+            model._captured[point] = value
+
+
+def take_captured(model) -> dict:
+    """See `Model.take_captured`."""
+    _drain(model)
+    out, model._captured = model._captured, {}
+    return out
+
+
+class Capture(Mapping):
+    """The values at some points during the forwards of a `with` block: `cap[point]` is the latest
+    forward's value there, an array (`full=True`) or a dict of statistics (shape, mean, std, min,
+    max, absmax). Keys are point names; a glob in the request gives one key per matching point."""
+
+    def __init__(self, model, points, full: bool = True):
+        if isinstance(points, str):
+            points = [points]
+        if not isinstance(full, bool):
+            raise ValueError(f"capture: full must be true or false, got {full!r}")
+        self._model = model
+        self._patterns = list(points)
+        if not self._patterns:
+            raise ValueError("capture needs at least one point")
+        for p in self._patterns:
+            matching_points(model, p)
+        self._full = full
+        self._data: dict[str, Any] = {}
+        self._handles: list[HookHandle] = []
+
+    def _wants(self, point: str) -> bool:
+        return any(glob_match(p, point) for p in self._patterns)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> Capture:
+        if self.active:
+            raise RuntimeError("this capture is already open")
+        _drain(self._model)  # values from before the block belong to whoever captured them
+        try:
+            for p in self._patterns:
+                self._handles.append(add_forward_hook(self._model, p, "capture", full=self._full))
+        except BaseException:
+            self._close()
+            raise
+        self._model._captures.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _drain(self._model)
+        self._close()
+
+    def _close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self in self._model._captures:
+            self._model._captures.remove(self)
+
+    def _sync(self) -> None:
+        if self.active:
+            _drain(self._model)
+
+    def __getitem__(self, point: str):
+        self._sync()
+        if point not in self._data:
+            got = ", ".join(self._data) or "nothing yet (run a forward inside the with block)"
+            raise KeyError(f"no value captured at {point!r}; captured: {got}")
+        return self._data[point]
+
+    def __iter__(self) -> Iterator[str]:
+        self._sync()
+        return iter(list(self._data))
+
+    def __len__(self) -> int:
+        self._sync()
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        shapes = {k: v["shape"] if isinstance(v, dict) else v.shape for k, v in self.items()}
+        return f"Capture(shapes={shapes})"
+
+
+# Config ---------------------------------------------------------------------------------------
+
+
+def attach_hooks(model, hooks_cfg: dict | None, source: str | Path | None = None) -> list[HookHandle]:
+    """Attaches the hooks of a run config's `[hooks]` section (lists of tables per section) to
+    `model`; a UserError naming the entry (`hooks.forward[0]: ...`) for any that does not fit it."""
+    where = f"{source}: " if source else ""
+    handles = []
+    for section in SECTIONS:
+        for i, entry in enumerate((hooks_cfg or {}).get(section) or []):
+            at = f"hooks.{section}[{i}]"
+            try:
+                spec = check_entry(section, entry, at)
+            except ValueError as e:
+                raise UserError(f"{where}{e}") from None
+            params = {k: v for k, v in spec.items() if k not in ("kind", "point", "pattern")}
+            try:
+                if section == "forward":
+                    h = add_forward_hook(model, spec["point"], spec["kind"], **params)
+                elif section == "backward":
+                    h = add_backward_hook(model, spec["point"], spec["kind"], **params)
+                elif section == "update":
+                    h = add_update_hook(model, spec["pattern"], spec["kind"], **params)
+                else:
+                    h = add_aux_loss(model, spec["kind"], params["weight"], spec.get("point"))
+            except ValueError as e:
+                raise UserError(f"{where}{at}: {e}") from None
+            handles.append(h)
+    return handles
+
+
+__all__ = ["Capture", "HookHandle", "attach_hooks", "point_names"]
