@@ -4,7 +4,7 @@ from metalcandle._core import __version__
 from metalcandle.chat import InteractivePrompt
 from metalcandle.generate import generate_text, stream_text
 from metalcandle.model import Model, load_model
-from metalcandle.optim import AdamW
+from metalcandle.optim import SGD, AdamW, Lion, Optimizer
 from metalcandle.quantize import (
     QuantizationPlan,
     dequantize_model,
@@ -16,7 +16,7 @@ from metalcandle.sampling import next_token_probs
 from metalcandle.tokenizers import CharTokenizer, Tokenizer, load_tokenizer, train_bpe
 from metalcandle.trainer import StepStats, Trainer
 
-__all__ = ["AdamW", "Model", "StepStats", "Trainer", "load_model", "__version__"]
+__all__ = ["SGD", "AdamW", "Lion", "Optimizer", "Model", "StepStats", "Trainer", "load_model", "__version__"]
 __all__ += [
     "CharTokenizer",
     "InteractivePrompt",

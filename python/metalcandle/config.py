@@ -90,11 +90,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "use_rslora": Key("bool", False),
     },
     "optimizer": {
-        "name": Key("str", "adamw", choices=("adamw",)),
+        "name": Key("str", "adamw", choices=("adamw", "sgd", "lion")),
         "lr": Key("float", 1e-3, min=0.0, min_exclusive=True),
         "betas": Key("float_pair", [0.9, 0.999], min=0.0, max=1.0),
         "eps": Key("float", 1e-8, min=0.0, min_exclusive=True),
         "weight_decay": Key("float", 0.01, min=0.0),
+        # SGD only.
+        "momentum": Key("float", 0.0, min=0.0),
+        "nesterov": Key("bool", False),
     },
     "scheduler": {
         "name": Key("str", "cosine", choices=("constant", "linear", "cosine")),

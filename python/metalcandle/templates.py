@@ -4,7 +4,7 @@ from __future__ import annotations
 
 _COMMON_TAIL = """\
 [optimizer]
-name = "adamw"
+name = "adamw"                  # "adamw" | "sgd" (momentum, nesterov) | "lion"
 lr = {lr}                      # peak learning rate
 betas = [0.9, 0.999]
 eps = 1e-8

@@ -116,6 +116,12 @@ def make_optimizer(cfg: Config):
     import metalcandle as mc
 
     o = cfg["optimizer"]
+    if o["name"] == "sgd":
+        return mc.SGD(
+            lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"], nesterov=o["nesterov"]
+        )
+    if o["name"] == "lion":
+        return mc.Lion(lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
     return mc.AdamW(lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"])
 
 

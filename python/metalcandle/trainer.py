@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from metalcandle import _core
 from metalcandle.model import Model, as_ids
-from metalcandle.optim import AdamW
+from metalcandle.optim import Optimizer
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Trainer:
     of arrays accumulates gradients over micro-batches, each weighted by its share of the label
     tokens, so the step equals one step on the concatenated batch."""
 
-    def __init__(self, model: Model, optimizer: AdamW, max_grad_norm: float | None = 1.0):
+    def __init__(self, model: Model, optimizer: Optimizer, max_grad_norm: float | None = 1.0):
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         self.model = model

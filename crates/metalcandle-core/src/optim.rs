@@ -1,8 +1,11 @@
-//! AdamW with torch's semantics: per-parameter step counts, bias correction, decoupled weight
-//! decay applied before the moment update, and state that saves and loads exactly.
+//! Optimizers with torch's semantics and state that saves and loads exactly. Per-parameter
+//! step counts; parameters without a gradient are left alone.
 //!
-//! `t += 1; p *= 1 - lr*wd; m += (1-b1)(g-m); v = b2 v + (1-b2) g²;
+//! AdamW: `t += 1; p *= 1 - lr*wd; m += (1-b1)(g-m); v = b2 v + (1-b2) g²;
 //!  p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)`
+//! SGD (torch.optim.SGD, dampening 0): `g += wd*p; buf = g (first step) or mu*buf + g;
+//!  p -= lr * (nesterov ? g + mu*buf : buf)`
+//! Lion: `p *= 1 - lr*wd; p -= lr * sign(b1 m + (1-b1) g); m = b2 m + (1-b2) g`
 
 use crate::error::{Error, Result};
 use candle_core::{Device, Tensor, Var};
@@ -10,8 +13,22 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "name")]
+pub enum Algorithm {
+    #[default]
+    AdamW,
+    Sgd {
+        momentum: f64,
+        nesterov: bool,
+    },
+    Lion,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AdamWConfig {
+pub struct OptimizerConfig {
+    #[serde(default)]
+    pub algorithm: Algorithm,
     pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,
@@ -21,9 +38,10 @@ pub struct AdamWConfig {
     pub no_decay: Vec<String>,
 }
 
-impl Default for AdamWConfig {
+impl Default for OptimizerConfig {
     fn default() -> Self {
         Self {
+            algorithm: Algorithm::AdamW,
             lr: 1e-3,
             beta1: 0.9,
             beta2: 0.999,
@@ -34,11 +52,11 @@ impl Default for AdamWConfig {
     }
 }
 
-impl AdamWConfig {
+impl OptimizerConfig {
     // Negated comparisons also reject NaN.
     #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pub fn validate(&self) -> Result<()> {
-        let bad = |k: &str, m: String| Err(Error::config("AdamW", k, m));
+        let bad = |k: &str, m: String| Err(Error::config("optimizer", k, m));
         if !(self.lr >= 0.0) {
             return bad("lr", format!("must be >= 0, got {}", self.lr));
         }
@@ -50,6 +68,14 @@ impl AdamWConfig {
         if !(self.eps > 0.0) {
             return bad("eps", format!("must be > 0, got {}", self.eps));
         }
+        if let Algorithm::Sgd { momentum, nesterov } = self.algorithm {
+            if !(momentum >= 0.0) {
+                return bad("momentum", format!("must be >= 0, got {momentum}"));
+            }
+            if nesterov && momentum == 0.0 {
+                return bad("nesterov", "needs momentum > 0".into());
+            }
+        }
         if !(self.weight_decay >= 0.0) {
             return bad(
                 "weight_decay",
@@ -60,19 +86,21 @@ impl AdamWConfig {
     }
 }
 
+/// Per-parameter state: the first moment (AdamW, Lion) or momentum buffer (SGD), and the
+/// second moment (AdamW only).
 struct Moments {
-    m: Tensor,
-    v: Tensor,
+    m: Option<Tensor>,
+    v: Option<Tensor>,
     step: u64,
 }
 
-pub struct AdamW {
-    pub config: AdamWConfig,
+pub struct Optimizer {
+    pub config: OptimizerConfig,
     state: BTreeMap<String, Moments>,
 }
 
-impl AdamW {
-    pub fn new(config: AdamWConfig) -> Result<Self> {
+impl Optimizer {
+    pub fn new(config: OptimizerConfig) -> Result<Self> {
         config.validate()?;
         Ok(Self {
             config,
@@ -116,29 +144,20 @@ impl AdamW {
             } else {
                 0.0
             };
-            let st = match self.state.get_mut(name) {
-                Some(s) => s,
-                None => {
-                    let z = g.zeros_like()?;
-                    self.state.entry(name.clone()).or_insert(Moments {
-                        m: z.clone(),
-                        v: z,
-                        step: 0,
-                    })
-                }
-            };
+            let st = self.state.entry(name.clone()).or_insert(Moments {
+                m: None,
+                v: None,
+                step: 0,
+            });
             st.step += 1;
-            let t = st.step as i32;
-            let mut p = var.as_tensor().detach();
-            if wd != 0.0 {
-                p = p.affine(1.0 - c.lr * wd, 0.0)?;
-            }
-            st.m = (&st.m + (g - &st.m)?.affine(1.0 - c.beta1, 0.0)?)?;
-            st.v = (st.v.affine(c.beta2, 0.0)? + (g.affine(1.0 - c.beta2, 0.0)? * g)?)?;
-            let step_size = c.lr / (1.0 - c.beta1.powi(t));
-            let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
-            let denom = (st.v.sqrt()?.affine(1.0 / bc2_sqrt, 0.0)? + c.eps)?;
-            p = (p - (&st.m / &denom)?.affine(step_size, 0.0)?)?;
+            let p = var.as_tensor().detach();
+            let p = match c.algorithm {
+                Algorithm::AdamW => adamw(&c, wd, st, &p, g)?,
+                Algorithm::Sgd { momentum, nesterov } => {
+                    sgd(&c, wd, momentum, nesterov, st, &p, g)?
+                }
+                Algorithm::Lion => lion(&c, wd, st, &p, g)?,
+            };
             var.set(&p)?;
         }
         Ok(())
@@ -149,8 +168,12 @@ impl AdamW {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut tensors = HashMap::new();
         for (name, s) in &self.state {
-            tensors.insert(format!("{name}.exp_avg"), s.m.to_device(&Device::Cpu)?);
-            tensors.insert(format!("{name}.exp_avg_sq"), s.v.to_device(&Device::Cpu)?);
+            if let Some(m) = &s.m {
+                tensors.insert(format!("{name}.exp_avg"), m.to_device(&Device::Cpu)?);
+            }
+            if let Some(v) = &s.v {
+                tensors.insert(format!("{name}.exp_avg_sq"), v.to_device(&Device::Cpu)?);
+            }
         }
         crate::weights::write_atomic(&dir.join("optimizer.safetensors"), |tmp| {
             candle_core::safetensors::save(&tensors, tmp).map_err(Error::from)
@@ -166,7 +189,7 @@ impl AdamW {
         let meta_path = dir.join("optimizer.json");
         let meta = crate::weights::hf::read_json(&meta_path)?;
         let ctx = meta_path.display().to_string();
-        let config: AdamWConfig =
+        let config: OptimizerConfig =
             serde_json::from_value(meta.get("config").cloned().unwrap_or_default())
                 .map_err(|e| Error::config(&ctx, "config", e.to_string()))?;
         let steps: BTreeMap<String, u64> =
@@ -177,21 +200,98 @@ impl AdamW {
             .map_err(|e| Error::Weights(format!("{}: {e}", file.display())))?;
         let mut state = BTreeMap::new();
         for (name, step) in steps {
-            let mut take = |suffix: &str| {
-                tensors.remove(&format!("{name}.{suffix}")).ok_or_else(|| {
-                    Error::Weights(format!(
-                        "{}: missing tensor `{name}.{suffix}`",
-                        file.display()
-                    ))
-                })
-            };
-            let (m, v) = (take("exp_avg")?, take("exp_avg_sq")?);
+            let m = tensors.remove(&format!("{name}.exp_avg"));
+            let v = tensors.remove(&format!("{name}.exp_avg_sq"));
+            let needs_v = config.algorithm == Algorithm::AdamW;
+            let needs_m =
+                !matches!(config.algorithm, Algorithm::Sgd { momentum, .. } if momentum == 0.0);
+            if (needs_m && m.is_none()) || (needs_v && v.is_none()) {
+                let which = if needs_m && m.is_none() {
+                    "exp_avg"
+                } else {
+                    "exp_avg_sq"
+                };
+                return Err(Error::Weights(format!(
+                    "{}: missing tensor `{name}.{which}`",
+                    file.display()
+                )));
+            }
             state.insert(name, Moments { m, v, step });
         }
         self.config = config;
         self.state = state;
         Ok(())
     }
+}
+
+fn adamw(c: &OptimizerConfig, wd: f64, st: &mut Moments, p: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let t = st.step as i32;
+    let mut p = p.clone();
+    if wd != 0.0 {
+        p = p.affine(1.0 - c.lr * wd, 0.0)?;
+    }
+    let m = match &st.m {
+        Some(m) => (m + (g - m)?.affine(1.0 - c.beta1, 0.0)?)?,
+        None => g.affine(1.0 - c.beta1, 0.0)?,
+    };
+    let gg = (g.affine(1.0 - c.beta2, 0.0)? * g)?;
+    let v = match &st.v {
+        Some(v) => (v.affine(c.beta2, 0.0)? + gg)?,
+        None => gg,
+    };
+    let step_size = c.lr / (1.0 - c.beta1.powi(t));
+    let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
+    let denom = (v.sqrt()?.affine(1.0 / bc2_sqrt, 0.0)? + c.eps)?;
+    let p = (p - (&m / &denom)?.affine(step_size, 0.0)?)?;
+    (st.m, st.v) = (Some(m), Some(v));
+    Ok(p)
+}
+
+fn sgd(
+    c: &OptimizerConfig,
+    wd: f64,
+    momentum: f64,
+    nesterov: bool,
+    st: &mut Moments,
+    p: &Tensor,
+    g: &Tensor,
+) -> Result<Tensor> {
+    let g = if wd != 0.0 {
+        (g + p.affine(wd, 0.0)?)?
+    } else {
+        g.clone()
+    };
+    let d = if momentum != 0.0 {
+        let buf = match &st.m {
+            Some(b) => (b.affine(momentum, 0.0)? + &g)?,
+            None => g.clone(),
+        };
+        let d = if nesterov {
+            (&g + buf.affine(momentum, 0.0)?)?
+        } else {
+            buf.clone()
+        };
+        st.m = Some(buf);
+        d
+    } else {
+        g
+    };
+    Ok((p - d.affine(c.lr, 0.0)?)?)
+}
+
+fn lion(c: &OptimizerConfig, wd: f64, st: &mut Moments, p: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let mut p = p.clone();
+    if wd != 0.0 {
+        p = p.affine(1.0 - c.lr * wd, 0.0)?;
+    }
+    let m = match &st.m {
+        Some(m) => m.clone(),
+        None => g.zeros_like()?,
+    };
+    let update = (m.affine(c.beta1, 0.0)? + g.affine(1.0 - c.beta1, 0.0)?)?.sign()?;
+    let p = (p - update.affine(c.lr, 0.0)?)?;
+    st.m = Some((m.affine(c.beta2, 0.0)? + g.affine(1.0 - c.beta2, 0.0)?)?);
+    Ok(p)
 }
 
 #[cfg(test)]
@@ -202,12 +302,12 @@ mod tests {
     fn first_steps_follow_the_closed_form() {
         // With g constant, m_t/(1-b1^t) = g and v_t/(1-b2^t) = g², so each step moves p by
         // lr * g/(|g| + eps) after decay.
-        let cfg = AdamWConfig {
+        let cfg = OptimizerConfig {
             lr: 0.1,
             weight_decay: 0.5,
             ..Default::default()
         };
-        let mut opt = AdamW::new(cfg).unwrap();
+        let mut opt = Optimizer::new(cfg).unwrap();
         let var = Var::new(&[1.0f64, -2.0], &Device::Cpu).unwrap();
         let g = Tensor::new(&[0.5f64, -0.25], &Device::Cpu).unwrap();
         let grads: HashMap<String, Tensor> = [("w".to_string(), g)].into();
@@ -229,13 +329,13 @@ mod tests {
 
     #[test]
     fn no_decay_patterns_and_exact_state_round_trip() {
-        let cfg = AdamWConfig {
+        let cfg = OptimizerConfig {
             lr: 0.1,
             weight_decay: 0.5,
             no_decay: vec!["bias".into()],
             ..Default::default()
         };
-        let mut a = AdamW::new(cfg).unwrap();
+        let mut a = Optimizer::new(cfg).unwrap();
         assert!(
             !a.decays("model.layers.0.self_attn.q_proj.bias")
                 && a.decays("model.layers.0.self_attn.q_proj.weight")
@@ -246,7 +346,7 @@ mod tests {
         a.step(&[("w".into(), var.clone())], &grads).unwrap();
         let dir = std::env::temp_dir().join(format!("mc-adamw-{}", std::process::id()));
         a.save(&dir).unwrap();
-        let mut b = AdamW::new(AdamWConfig::default()).unwrap();
+        let mut b = Optimizer::new(OptimizerConfig::default()).unwrap();
         b.load(&dir, &Device::Cpu).unwrap();
         let var2 = Var::from_tensor(&var.as_tensor().copy().unwrap()).unwrap();
         a.step(&[("w".into(), var.clone())], &grads).unwrap();
@@ -257,5 +357,118 @@ mod tests {
         );
         assert_eq!(b.config, a.config);
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    fn run(algorithm: Algorithm, wd: f64, steps: usize) -> Vec<f64> {
+        let mut opt = Optimizer::new(OptimizerConfig {
+            algorithm,
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            weight_decay: wd,
+            ..Default::default()
+        })
+        .unwrap();
+        let var = Var::new(&[1.0f64, -2.0], &Device::Cpu).unwrap();
+        for k in 0..steps {
+            // A gradient that changes sign, so momentum and sign updates are exercised.
+            let s = if k % 2 == 0 { 1.0 } else { -0.5 };
+            let g = Tensor::new(&[0.5f64 * s, -0.25], &Device::Cpu).unwrap();
+            let grads: HashMap<String, Tensor> = [("w".to_string(), g)].into();
+            opt.step(&[("w".into(), var.clone())], &grads).unwrap();
+        }
+        var.as_tensor().to_vec1::<f64>().unwrap()
+    }
+
+    fn close(a: &[f64], b: &[f64]) -> bool {
+        a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-12)
+    }
+
+    #[test]
+    fn sgd_with_momentum_and_nesterov_follow_torch() {
+        // By hand, torch.optim.SGD(lr=0.1, momentum=0.9, weight_decay=0.1), dampening 0.
+        let grads = |k: usize| {
+            let s = if k % 2 == 0 { 1.0 } else { -0.5 };
+            [0.5 * s, -0.25]
+        };
+        for nesterov in [false, true] {
+            let mut p = [1.0f64, -2.0];
+            let mut buf: Option<[f64; 2]> = None;
+            for k in 0..3 {
+                let g0 = grads(k);
+                let g = [g0[0] + 0.1 * p[0], g0[1] + 0.1 * p[1]];
+                let b = match buf {
+                    Some(b) => [0.9 * b[0] + g[0], 0.9 * b[1] + g[1]],
+                    None => g,
+                };
+                buf = Some(b);
+                let d = if nesterov {
+                    [g[0] + 0.9 * b[0], g[1] + 0.9 * b[1]]
+                } else {
+                    b
+                };
+                p = [p[0] - 0.1 * d[0], p[1] - 0.1 * d[1]];
+            }
+            let got = run(
+                Algorithm::Sgd {
+                    momentum: 0.9,
+                    nesterov,
+                },
+                0.1,
+                3,
+            );
+            assert!(close(&got, &p), "nesterov={nesterov}: {got:?} vs {p:?}");
+        }
+    }
+
+    #[test]
+    fn lion_moves_each_entry_by_lr_times_a_sign() {
+        // Step 1: m = 0, so the update is sign(g); step 2: sign(0.9*0.01*g1 + 0.1*g2).
+        let got = run(Algorithm::Lion, 0.5, 2);
+        let mut p = [1.0f64, -2.0];
+        let (g1, g2) = ([0.5f64, -0.25], [-0.25f64, -0.25]);
+        for i in 0..2 {
+            p[i] = p[i] * (1.0 - 0.1 * 0.5) - 0.1 * g1[i].signum();
+            let m = 0.01 * g1[i];
+            p[i] = p[i] * (1.0 - 0.1 * 0.5) - 0.1 * (0.9 * m + 0.1 * g2[i]).signum();
+        }
+        assert!(close(&got, &p), "{got:?} vs {p:?}");
+    }
+
+    #[test]
+    fn every_algorithm_round_trips_its_state() {
+        for algorithm in [
+            Algorithm::Lion,
+            Algorithm::Sgd {
+                momentum: 0.9,
+                nesterov: true,
+            },
+        ] {
+            let cfg = OptimizerConfig {
+                algorithm,
+                ..Default::default()
+            };
+            let mut a = Optimizer::new(cfg.clone()).unwrap();
+            let var = Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+            let g = Tensor::new(&[0.1f32, -0.2], &Device::Cpu).unwrap();
+            let grads: HashMap<String, Tensor> = [("w".to_string(), g)].into();
+            a.step(&[("w".into(), var.clone())], &grads).unwrap();
+            let dir = std::env::temp_dir().join(
+                format!("mc-opt-{}-{:?}", std::process::id(), algorithm)
+                    .replace([' ', '{', '}', ':', ','], ""),
+            );
+            a.save(&dir).unwrap();
+            let mut b = Optimizer::new(OptimizerConfig::default()).unwrap();
+            b.load(&dir, &Device::Cpu).unwrap();
+            assert_eq!(b.config, cfg);
+            let var2 = Var::from_tensor(&var.as_tensor().copy().unwrap()).unwrap();
+            a.step(&[("w".into(), var.clone())], &grads).unwrap();
+            b.step(&[("w".into(), var2.clone())], &grads).unwrap();
+            assert_eq!(
+                var.as_tensor().to_vec1::<f32>().unwrap(),
+                var2.as_tensor().to_vec1::<f32>().unwrap()
+            );
+            std::fs::remove_dir_all(dir).ok();
+        }
     }
 }

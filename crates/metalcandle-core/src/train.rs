@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use crate::model::{Decoder, ForwardOptions};
 use crate::ops::{self, cross_entropy::IGNORE_INDEX};
-use crate::optim::AdamW;
+use crate::optim::Optimizer;
 use candle_core::{Tensor, Var};
 use std::collections::HashMap;
 
@@ -220,7 +220,7 @@ impl Decoder {
 /// Runs one optimizer step over `micro_batches` (gradient accumulation).
 pub fn train_step(
     model: &mut Decoder,
-    opt: &mut AdamW,
+    opt: &mut Optimizer,
     micro_batches: &[Batch],
     max_grad_norm: Option<f64>,
 ) -> Result<StepStats> {

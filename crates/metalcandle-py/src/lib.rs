@@ -13,7 +13,7 @@ use pyo3::prelude::*;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::PyModel>()?;
     m.add_class::<model::PyKvCache>()?;
-    m.add_class::<train::PyAdamW>()?;
+    m.add_class::<train::PyOptimizer>()?;
     m.add_function(wrap_pyfunction!(train::train_step, m)?)?;
     m.add_function(wrap_pyfunction!(train::eval_loss, m)?)?;
     m.add_function(wrap_pyfunction!(quant::gguf_tokenizer_json, m)?)?;

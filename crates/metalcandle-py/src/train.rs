@@ -1,32 +1,49 @@
-//! `_core.AdamW`, `_core.train_step` and `_core.eval_loss`.
+//! `_core.Optimizer`, `_core.train_step` and `_core.eval_loss`.
 
 use crate::convert::{ids_tensor, read_i64_2d, to_py_err};
 use crate::model::PyModel;
-use metalcandle_core::optim::{AdamW, AdamWConfig};
+use metalcandle_core::optim::{Algorithm, Optimizer, OptimizerConfig};
 use metalcandle_core::train::{train_step as core_step, Batch};
 use numpy::PyReadonlyArray2;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::path::PathBuf;
 
-#[pyclass(name = "AdamW", module = "metalcandle._core")]
-pub struct PyAdamW {
-    inner: AdamW,
+#[pyclass(name = "Optimizer", module = "metalcandle._core")]
+pub struct PyOptimizer {
+    inner: Optimizer,
 }
 
 #[pymethods]
-impl PyAdamW {
+impl PyOptimizer {
+    /// `algorithm`: "adamw", "sgd" (with `momentum`, `nesterov`) or "lion" (betas as in the
+    /// paper: beta1 interpolates the update, beta2 the moment).
     #[new]
-    #[pyo3(signature = (lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.01, no_decay = vec![]))]
+    #[pyo3(signature = (algorithm = "adamw", lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.01, no_decay = vec![], momentum = 0.0, nesterov = false))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
+        algorithm: &str,
         lr: f64,
         beta1: f64,
         beta2: f64,
         eps: f64,
         weight_decay: f64,
         no_decay: Vec<String>,
+        momentum: f64,
+        nesterov: bool,
     ) -> PyResult<Self> {
-        let cfg = AdamWConfig {
+        let algorithm = match algorithm {
+            "adamw" => Algorithm::AdamW,
+            "sgd" => Algorithm::Sgd { momentum, nesterov },
+            "lion" => Algorithm::Lion,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown optimizer \"{other}\" (expected \"adamw\", \"sgd\" or \"lion\")"
+                )))
+            }
+        };
+        let cfg = OptimizerConfig {
+            algorithm,
             lr,
             beta1,
             beta2,
@@ -35,7 +52,7 @@ impl PyAdamW {
             no_decay,
         };
         Ok(Self {
-            inner: AdamW::new(cfg).map_err(to_py_err)?,
+            inner: Optimizer::new(cfg).map_err(to_py_err)?,
         })
     }
 
@@ -128,7 +145,7 @@ type StepResult = (f64, f64, usize, Vec<(String, f64)>);
 pub fn train_step(
     py: Python<'_>,
     mut model: PyRefMut<'_, PyModel>,
-    mut optimizer: PyRefMut<'_, PyAdamW>,
+    mut optimizer: PyRefMut<'_, PyOptimizer>,
     input_ids: Vec<Arr<'_>>,
     labels: Vec<Arr<'_>>,
     attention_mask: Option<Vec<Arr<'_>>>,

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::model::{Decoder, ForwardOptions};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::{Optimizer, OptimizerConfig};
 use crate::spec::ModelSpec;
 use crate::train::{train_step, Batch};
 use candle_core::Device;
@@ -52,7 +52,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 /// Losses of `steps` AdamW steps, and the final weights.
 fn trajectory(m: &mut Decoder, steps: usize) -> (Vec<f64>, Vec<Vec<f32>>) {
-    let mut opt = AdamW::new(AdamWConfig {
+    let mut opt = Optimizer::new(OptimizerConfig {
         lr: 1e-2,
         ..Default::default()
     })
@@ -249,7 +249,7 @@ fn update_hooks_freeze_and_transform_named_gradients() {
     m.hooks
         .add_update("model.layers.0.*", GradTransform::Freeze);
     m.hooks.add_update("*", GradTransform::Sign);
-    let mut opt = AdamW::new(AdamWConfig {
+    let mut opt = Optimizer::new(OptimizerConfig {
         lr: 1e-2,
         weight_decay: 0.0,
         ..Default::default()

@@ -237,4 +237,3 @@ mod tests {
         assert!(g.get(&h).is_some() && g.get(&w).is_none());
     }
 }
-
