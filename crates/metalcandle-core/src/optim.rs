@@ -150,6 +150,10 @@ impl Optimizer {
                 step: 0,
             });
             st.step += 1;
+            if c.algorithm == Algorithm::AdamW && crate::ops::adamw::applies(var.as_tensor(), g) {
+                adamw_in_place(&c, wd, st, var, g)?;
+                continue;
+            }
             let p = var.as_tensor().detach();
             let p = match c.algorithm {
                 Algorithm::AdamW => adamw(&c, wd, st, &p, g)?,
@@ -222,6 +226,48 @@ impl Optimizer {
         self.state = state;
         Ok(())
     }
+}
+
+/// AdamW on the CPU in three in-place passes (m, v, then p), with no allocation: the same
+/// arithmetic, in the same order, as the tensor expression below, so both give the same bits.
+fn adamw_in_place(
+    c: &OptimizerConfig,
+    wd: f64,
+    st: &mut Moments,
+    var: &Var,
+    g: &Tensor,
+) -> Result<()> {
+    use crate::ops::adamw::{MomentUpdate, ParamUpdate};
+    let g = g.contiguous()?;
+    let m = match &st.m {
+        Some(m) => m.clone(),
+        None => g.zeros_like()?,
+    };
+    let v = match &st.v {
+        Some(v) => v.clone(),
+        None => g.zeros_like()?,
+    };
+    m.inplace_op2(&g, &MomentUpdate::First { c: 1.0 - c.beta1 })?;
+    v.inplace_op2(
+        &g,
+        &MomentUpdate::Second {
+            b2: c.beta2,
+            c: 1.0 - c.beta2,
+        },
+    )?;
+    let t = st.step as i32;
+    var.as_tensor().inplace_op3(
+        &m,
+        &v,
+        &ParamUpdate {
+            decay: (wd != 0.0).then_some(1.0 - c.lr * wd),
+            step_size: c.lr / (1.0 - c.beta1.powi(t)),
+            inv_bc2: 1.0 / (1.0 - c.beta2.powi(t)).sqrt(),
+            eps: c.eps,
+        },
+    )?;
+    (st.m, st.v) = (Some(m), Some(v));
+    Ok(())
 }
 
 fn adamw(c: &OptimizerConfig, wd: f64, st: &mut Moments, p: &Tensor, g: &Tensor) -> Result<Tensor> {
@@ -470,5 +516,35 @@ mod tests {
             );
             std::fs::remove_dir_all(dir).ok();
         }
+    }
+
+    #[test]
+    fn in_place_adamw_gives_the_bits_of_the_tensor_expression() {
+        let cfg = OptimizerConfig {
+            lr: 0.01,
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let dev = Device::Cpu;
+        let p0 = Tensor::randn(0f32, 1.0, 70_000, &dev).unwrap();
+        let var = Var::from_tensor(&p0).unwrap();
+        let mut opt = Optimizer::new(cfg.clone()).unwrap();
+        let mut reference = p0.clone();
+        let mut st = Moments {
+            m: None,
+            v: None,
+            step: 0,
+        };
+        for _ in 0..3 {
+            let g = Tensor::randn(0f32, 1.0, 70_000, &dev).unwrap();
+            let grads: HashMap<String, Tensor> = [("w".to_string(), g.clone())].into();
+            opt.step(&[("w".into(), var.clone())], &grads).unwrap();
+            st.step += 1;
+            reference = adamw(&cfg, 0.1, &mut st, &reference, &g).unwrap();
+        }
+        assert_eq!(
+            var.as_tensor().to_vec1::<f32>().unwrap(),
+            reference.to_vec1::<f32>().unwrap()
+        );
     }
 }

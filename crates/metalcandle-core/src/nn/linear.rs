@@ -3,6 +3,7 @@
 
 use super::Weight;
 use crate::lora::Lora;
+use crate::ops;
 use crate::quant::calibrate::Observer;
 use candle_core::{Result, Tensor};
 
@@ -36,6 +37,19 @@ impl Linear {
                 .unwrap()
                 .record(x)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        }
+        if let Some(l) = &self.lora {
+            let no_dropout = !self.training || l.dropout == 0.0;
+            if !l.merged && no_dropout && ops::use_cpu_kernel(x) {
+                return ops::lora_linear(
+                    x,
+                    &self.weight,
+                    self.bias.as_ref(),
+                    &l.a,
+                    &l.b,
+                    l.scaling,
+                );
+            }
         }
         let mut y = self.weight.linear(x)?;
         if let Some(b) = &self.bias {

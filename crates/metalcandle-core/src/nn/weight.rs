@@ -53,6 +53,15 @@ impl Weight {
         }
     }
 
+    /// `g @ W` for g [m, out]: the input gradient of `linear` (W dequantized for the product
+    /// when quantized, then dropped).
+    pub fn input_grad(&self, g: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Float(w) => g.matmul(&w.detach()),
+            Weight::Quantized(q) => g.matmul(&q.dequantize(g.device())?),
+        }
+    }
+
     /// Rows `ids` [B, T] (u32) as [B, T, in].
     pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
         match self {

@@ -5,10 +5,12 @@
 //! kernel when nothing needs a gradient, or to the composed (differentiable) expression.
 
 pub mod activation;
+pub mod adamw;
 pub mod cross_entropy;
 pub mod frozen_matmul;
 pub mod head_loss;
 pub mod layer_norm;
+pub mod lora_linear;
 pub mod quantized_matmul;
 pub mod rms_norm;
 pub mod rope;
@@ -23,6 +25,7 @@ pub use cross_entropy::cross_entropy;
 pub use frozen_matmul::frozen_linear;
 pub use head_loss::lm_head_cross_entropy;
 pub use layer_norm::layer_norm;
+pub use lora_linear::lora_linear;
 pub use quantized_matmul::quantized_linear;
 pub use rms_norm::rms_norm;
 pub use rope::rope;
