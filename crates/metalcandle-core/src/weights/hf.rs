@@ -2,10 +2,10 @@
 //! `model.safetensors.index.json`, read memory-mapped by tensor name.
 
 use super::names::{is_ignorable, param_specs};
+use super::reader::TensorFiles;
 use crate::error::{Error, Result};
 use crate::model::Decoder;
 use crate::spec::ModelSpec;
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
@@ -57,14 +57,8 @@ pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<Decoder> {
             return Err(Error::NotFound(f.clone()));
         }
     }
-    // SAFETY: the files are memory-mapped read-only; candle copies what it loads.
-    let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| {
-        Error::Weights(format!(
-            "{}: not a readable safetensors checkpoint: {e}",
-            files[0].display()
-        ))
-    })?;
-    let in_file: BTreeSet<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+    let st = TensorFiles::open(&files)?;
+    let in_file: BTreeSet<String> = st.names().cloned().collect();
     load_named(
         spec,
         config,

@@ -4,6 +4,7 @@
 pub mod hf;
 pub mod init;
 pub mod names;
+pub mod reader;
 
 pub use hf::{load_hf_folder, save_hf_folder, write_atomic};
 pub use init::init_tensors;

@@ -1,0 +1,172 @@
+//! Reads safetensors files one tensor at a time with plain file reads. A memory map would be
+//! simpler, but every page it touches stays resident until it is unmapped, so loading a model
+//! through one briefly holds the whole checkpoint twice (the mapped file and the f32 copy).
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+/// The JSON header safetensors allows (100 MB).
+const MAX_HEADER: u64 = 100_000_000;
+
+struct Entry {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: u64,
+    end: u64,
+}
+
+pub struct TensorFiles {
+    paths: Vec<PathBuf>,
+    files: Vec<Mutex<File>>,
+    entries: BTreeMap<String, Entry>,
+}
+
+fn dtype(s: &str) -> Option<DType> {
+    Some(match s {
+        "F32" => DType::F32,
+        "F16" => DType::F16,
+        "BF16" => DType::BF16,
+        "F64" => DType::F64,
+        "I64" => DType::I64,
+        "U32" => DType::U32,
+        "U8" => DType::U8,
+        _ => return None,
+    })
+}
+
+impl TensorFiles {
+    pub fn open(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = vec![];
+        let mut entries = BTreeMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let bad = |m: String| {
+                Error::Weights(format!(
+                    "{}: not a readable safetensors file: {m}",
+                    path.display()
+                ))
+            };
+            let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+            let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+            let mut n = [0u8; 8];
+            f.read_exact(&mut n).map_err(|e| bad(e.to_string()))?;
+            let n = u64::from_le_bytes(n);
+            if n > MAX_HEADER || 8 + n > len {
+                return Err(bad(format!(
+                    "header length {n} does not fit the file ({len} bytes)"
+                )));
+            }
+            let mut header = vec![0u8; n as usize];
+            f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
+            let header: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+            for (name, info) in header {
+                if name == "__metadata__" {
+                    continue;
+                }
+                let field = |k: &str| {
+                    info.get(k)
+                        .ok_or_else(|| bad(format!("tensor `{name}`: no `{k}`")))
+                };
+                let dt = field("dtype")?.as_str().and_then(dtype).ok_or_else(|| {
+                    bad(format!(
+                        "tensor `{name}`: unsupported dtype {}",
+                        info["dtype"]
+                    ))
+                })?;
+                let shape: Vec<usize> = serde_json::from_value(field("shape")?.clone())
+                    .map_err(|e| bad(format!("tensor `{name}`: shape: {e}")))?;
+                let (a, b): (u64, u64) = serde_json::from_value(field("data_offsets")?.clone())
+                    .map_err(|e| bad(format!("tensor `{name}`: data_offsets: {e}")))?;
+                let want = shape.iter().product::<usize>() as u64 * dt.size_in_bytes() as u64;
+                let (start, end) = (8 + n + a, 8 + n + b);
+                if b < a || b - a != want || end > len {
+                    return Err(bad(format!(
+                        "tensor `{name}`: bytes {a}..{b} do not hold {shape:?} {dt:?} within the file"
+                    )));
+                }
+                entries.insert(
+                    name,
+                    Entry {
+                        file: i,
+                        dtype: dt,
+                        shape,
+                        start,
+                        end,
+                    },
+                );
+            }
+            files.push(Mutex::new(f));
+        }
+        Ok(Self {
+            paths: paths.to_vec(),
+            files,
+            entries,
+        })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.entries.keys()
+    }
+
+    pub fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+        let Some(e) = self.entries.get(name) else {
+            candle_core::bail!("no tensor `{name}`")
+        };
+        let mut data = vec![0u8; (e.end - e.start) as usize];
+        {
+            let mut f = self.files[e.file].lock().unwrap();
+            f.seek(SeekFrom::Start(e.start))?;
+            f.read_exact(&mut data).map_err(|err| {
+                candle_core::Error::Msg(format!("{}: {err}", self.paths[e.file].display()))
+            })?;
+        }
+        Tensor::from_raw_buffer(&data, e.dtype, &e.shape, device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_what_candle_writes_and_names_truncation() {
+        let dir = std::env::temp_dir().join(format!("mc-reader-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.safetensors");
+        let a = Tensor::new(&[[1f32, 2., 3.], [4., 5., 6.]], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[7f64, 8.], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let map: std::collections::HashMap<String, Tensor> =
+            [("a".to_string(), a.clone()), ("b".to_string(), b.clone())].into();
+        candle_core::safetensors::save(&map, &path).unwrap();
+        let r = TensorFiles::open(std::slice::from_ref(&path)).unwrap();
+        assert_eq!(r.names().cloned().collect::<Vec<_>>(), vec!["a", "b"]);
+        assert_eq!(
+            r.load("a", &Device::Cpu).unwrap().to_vec2::<f32>().unwrap(),
+            a.to_vec2::<f32>().unwrap()
+        );
+        let got = r.load("b", &Device::Cpu).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        assert_eq!(
+            got.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap(),
+            vec![7., 8.]
+        );
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
+        let e = TensorFiles::open(std::slice::from_ref(&path))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("m.safetensors") && e.contains("tensor `"), "{e}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
