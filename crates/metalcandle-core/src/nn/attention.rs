@@ -98,12 +98,15 @@ impl Attention {
         let kt = k.dim(2)?;
         let g = nh / nkv;
         let q = q.reshape((b, nkv, g * t, hd))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let mut scores = scores.reshape((b, nh, t, kt))?.broadcast_add(mask)?;
-        if let Some(h) = hook {
-            scores = h("attn_scores", scores)?;
-        }
-        let mut probs = ops::softmax_last_dim(&scores)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let raw = q.matmul(&k.t()?)?.reshape((b, nh, t, kt))?;
+        let mut probs = match hook {
+            Some(h) => {
+                let scores = h("attn_scores", (raw * scale)?.broadcast_add(mask)?)?;
+                ops::softmax_last_dim(&scores)?
+            }
+            None => ops::masked_softmax(&raw, scale, mask)?,
+        };
         if let Some(h) = hook {
             probs = h("attn_probs", probs)?;
         }
