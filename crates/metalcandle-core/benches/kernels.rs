@@ -1,0 +1,152 @@
+//! Each custom kernel against the composed candle expression it replaces, forward alone and
+//! forward + backward, at the shapes of a Qwen2.5-0.5B step on 256 tokens. Run with
+//! `cargo bench -p metalcandle-core`; times are medians, the ratio is composed / ours.
+
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use metalcandle_core::nn::Weight;
+use metalcandle_core::ops;
+use std::time::Instant;
+
+fn median_ms(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut t: Vec<f64> = (0..runs)
+        .map(|_| {
+            let s = Instant::now();
+            f().map(|_| s.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<Result<_>>()?;
+    t.sort_by(f64::total_cmp);
+    Ok(t[runs / 2])
+}
+
+fn randn(shape: &[usize], seed: u64) -> Result<Tensor> {
+    // Distinct but fixed values per input.
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            (((i as u64).wrapping_mul(2654435761).wrapping_add(seed * 97) % 1000) as f32 / 500.0)
+                - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+/// Forward, and forward + backward of `sum(y * w)` with every input a variable.
+fn case(
+    name: &str,
+    inputs: &[Tensor],
+    ours: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    composed: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<()> {
+    let runs = 7;
+    let vars: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).map(|v| v.as_tensor().clone()))
+        .collect::<Result<_>>()?;
+    let y = ours(inputs)?;
+    let w = randn(y.dims(), 9)?;
+    let fwd = |f: &dyn Fn(&[Tensor]) -> Result<Tensor>| median_ms(runs, || f(inputs).map(|_| ()));
+    let both = |f: &dyn Fn(&[Tensor]) -> Result<Tensor>| {
+        median_ms(runs, || (f(&vars)? * &w)?.sum_all()?.backward().map(|_| ()))
+    };
+    let (of, cf) = (fwd(ours)?, fwd(composed)?);
+    let (ob, cb) = (both(ours)?, both(composed)?);
+    println!(
+        "{name:34} fwd {of:8.2} ms vs {cf:8.2} ms ({:4.2}x)   fwd+bwd {ob:8.2} ms vs {cb:8.2} ms ({:4.2}x)",
+        cf / of,
+        cb / ob
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let (t, h, ff, heads, hd, vocab) = (256, 896, 4864, 14, 64, 151_936);
+    println!("kernel (ours vs composed candle), medians of 7, f32 on the CPU");
+    let x = randn(&[1, t, h], 1)?;
+    let g = randn(&[h], 2)?;
+    let b = randn(&[h], 3)?;
+    case(
+        "rms_norm [256, 896]",
+        &[x.clone(), g.clone()],
+        &|a| ops::rms_norm(&a[0], &a[1], 1e-6),
+        &|a| ops::rms_norm::rms_norm_composed(&a[0], &a[1], 1e-6),
+    )?;
+    case(
+        "layer_norm [256, 896]",
+        &[x.clone(), g, b],
+        &|a| ops::layer_norm(&a[0], &a[1], &a[2], 1e-5),
+        &|a| ops::layer_norm::layer_norm_composed(&a[0], &a[1], &a[2], 1e-5),
+    )?;
+    let q = randn(&[1, t, heads, hd], 4)?;
+    let cos = randn(&[1, t, hd / 2], 5)?;
+    let sin = randn(&[1, t, hd / 2], 6)?;
+    let (c2, s2) = (cos.clone(), sin.clone());
+    case(
+        "rope [256, 14, 64]",
+        &[q],
+        &|a| ops::rope(&a[0], &cos, &sin),
+        &|a| ops::rope::rope_composed(&a[0], &c2, &s2),
+    )?;
+    let scores = randn(&[1, heads, t, t], 7)?;
+    case(
+        "softmax [14, 256, 256]",
+        std::slice::from_ref(&scores),
+        &|a| ops::softmax_last_dim(&a[0]),
+        &|a| candle_nn::ops::softmax(&a[0], D::Minus1),
+    )?;
+    let mask =
+        metalcandle_core::nn::mask::attention_mask(1, t, 0, None, None, DType::F32, &Device::Cpu)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let m2 = mask.clone();
+    case(
+        "masked softmax [14, 256, 256]",
+        &[scores],
+        &|a| ops::masked_softmax(&a[0], 0.125, &mask),
+        &|a| candle_nn::ops::softmax(&(&a[0] * 0.125)?.broadcast_add(&m2)?, D::Minus1),
+    )?;
+    let gate = randn(&[1, t, ff], 8)?;
+    let up = randn(&[1, t, ff], 9)?;
+    case(
+        "swiglu [256, 4864]",
+        &[gate, up],
+        &|a| ops::swiglu(&a[0], &a[1]),
+        &|a| a[0].silu()? * &a[1],
+    )?;
+    let w = (randn(&[ff, h], 10)? * 0.02)?;
+    let w2 = w.clone();
+    case(
+        "frozen linear 896 -> 4864",
+        std::slice::from_ref(&x),
+        &|a| ops::frozen_linear(&a[0], &w),
+        &|a| a[0].broadcast_matmul(&w2.t()?),
+    )?;
+    let (la, lb) = (
+        (randn(&[8, h], 11)? * 0.01)?,
+        (randn(&[ff, 8], 12)? * 0.01)?,
+    );
+    let wf = Weight::Float((randn(&[ff, h], 10)? * 0.02)?);
+    let w3 = wf.to_float()?;
+    case(
+        "lora linear 896 -> 4864, r=8",
+        &[x, la, lb],
+        &|a| ops::lora_linear(&a[0], &wf, None, &a[1], &a[2], 2.0),
+        &|a| {
+            ops::frozen_linear(&a[0], &w3)?
+                + (a[0]
+                    .broadcast_matmul(&a[1].t()?)?
+                    .broadcast_matmul(&a[2].t()?)?
+                    * 2.0)?
+        },
+    )?;
+    let hidden = randn(&[t, h], 13)?;
+    let head = (randn(&[vocab, h], 14)? * 0.02)?;
+    let labels: Vec<i64> = (0..t as i64).map(|i| (i * 7919) % vocab as i64).collect();
+    let (head2, l2) = (head.clone(), labels.clone());
+    case(
+        "LM head + cross-entropy, 151936",
+        &[hidden],
+        &|a| ops::lm_head_cross_entropy(&a[0], &head, &labels),
+        &|a| ops::cross_entropy::cross_entropy_composed(&ops::frozen_linear(&a[0], &head2)?, &l2),
+    )?;
+    Ok(())
+}
