@@ -374,35 +374,16 @@ mod tests {
     }
 
     #[test]
-    fn no_decay_patterns_and_exact_state_round_trip() {
-        let cfg = OptimizerConfig {
-            lr: 0.1,
-            weight_decay: 0.5,
+    fn no_decay_names_parameters_by_substring() {
+        let a = Optimizer::new(OptimizerConfig {
             no_decay: vec!["bias".into()],
             ..Default::default()
-        };
-        let mut a = Optimizer::new(cfg).unwrap();
+        })
+        .unwrap();
         assert!(
             !a.decays("model.layers.0.self_attn.q_proj.bias")
                 && a.decays("model.layers.0.self_attn.q_proj.weight")
         );
-        let var = Var::new(&[1.0f32, 2.0, 3.0], &Device::Cpu).unwrap();
-        let g = Tensor::new(&[0.1f32, -0.2, 0.3], &Device::Cpu).unwrap();
-        let grads: HashMap<String, Tensor> = [("w".to_string(), g)].into();
-        a.step(&[("w".into(), var.clone())], &grads).unwrap();
-        let dir = std::env::temp_dir().join(format!("mc-adamw-{}", std::process::id()));
-        a.save(&dir).unwrap();
-        let mut b = Optimizer::new(OptimizerConfig::default()).unwrap();
-        b.load(&dir, &Device::Cpu).unwrap();
-        let var2 = Var::from_tensor(&var.as_tensor().copy().unwrap()).unwrap();
-        a.step(&[("w".into(), var.clone())], &grads).unwrap();
-        b.step(&[("w".into(), var2.clone())], &grads).unwrap();
-        assert_eq!(
-            var.as_tensor().to_vec1::<f32>().unwrap(),
-            var2.as_tensor().to_vec1::<f32>().unwrap()
-        );
-        assert_eq!(b.config, a.config);
-        std::fs::remove_dir_all(dir).ok();
     }
 
     fn run(algorithm: Algorithm, wd: f64, steps: usize) -> Vec<f64> {
@@ -482,27 +463,27 @@ mod tests {
     }
 
     #[test]
-    fn every_algorithm_round_trips_its_state() {
-        for algorithm in [
-            Algorithm::Lion,
-            Algorithm::Sgd {
-                momentum: 0.9,
-                nesterov: true,
-            },
-        ] {
+    fn every_algorithm_round_trips_its_state_exactly() {
+        let sgd = Algorithm::Sgd {
+            momentum: 0.9,
+            nesterov: true,
+        };
+        for (i, algorithm) in [Algorithm::AdamW, Algorithm::Lion, sgd]
+            .into_iter()
+            .enumerate()
+        {
             let cfg = OptimizerConfig {
                 algorithm,
+                weight_decay: 0.5,
+                no_decay: vec!["bias".into()],
                 ..Default::default()
             };
             let mut a = Optimizer::new(cfg.clone()).unwrap();
-            let var = Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
-            let g = Tensor::new(&[0.1f32, -0.2], &Device::Cpu).unwrap();
+            let var = Var::new(&[1.0f32, 2.0, 3.0], &Device::Cpu).unwrap();
+            let g = Tensor::new(&[0.1f32, -0.2, 0.3], &Device::Cpu).unwrap();
             let grads: HashMap<String, Tensor> = [("w".to_string(), g)].into();
             a.step(&[("w".into(), var.clone())], &grads).unwrap();
-            let dir = std::env::temp_dir().join(
-                format!("mc-opt-{}-{:?}", std::process::id(), algorithm)
-                    .replace([' ', '{', '}', ':', ','], ""),
-            );
+            let dir = std::env::temp_dir().join(format!("mc-opt-{}-{i}", std::process::id()));
             a.save(&dir).unwrap();
             let mut b = Optimizer::new(OptimizerConfig::default()).unwrap();
             b.load(&dir, &Device::Cpu).unwrap();
@@ -512,7 +493,8 @@ mod tests {
             b.step(&[("w".into(), var2.clone())], &grads).unwrap();
             assert_eq!(
                 var.as_tensor().to_vec1::<f32>().unwrap(),
-                var2.as_tensor().to_vec1::<f32>().unwrap()
+                var2.as_tensor().to_vec1::<f32>().unwrap(),
+                "{algorithm:?}"
             );
             std::fs::remove_dir_all(dir).ok();
         }

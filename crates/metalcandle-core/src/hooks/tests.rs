@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::model::{Decoder, ForwardOptions};
+use crate::ops::gradcheck::max_abs_diff;
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::spec::ModelSpec;
 use crate::train::{train_step, Batch};
@@ -37,17 +38,6 @@ fn logits(m: &Decoder) -> Tensor {
         .forward(&ids(), &ForwardOptions::default(), None)
         .unwrap()
         .0
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 /// Losses of `steps` AdamW steps, and the final weights.
@@ -128,7 +118,10 @@ fn backward_scale_multiplies_every_upstream_gradient() {
     m.hooks.add_backward("logits", BackwardAction::Scale(2.0));
     for (a, b) in base.iter().zip(grads_of(&mut m)) {
         let want = a.affine(2.0, 0.0).unwrap();
-        assert!(max_diff(&want, &b) <= 1e-6 * (1.0 + max_diff(&want, &want.zeros_like().unwrap())));
+        assert!(
+            max_abs_diff(&want, &b)
+                <= 1e-6 * (1.0 + max_abs_diff(&want, &want.zeros_like().unwrap()))
+        );
     }
 }
 
@@ -148,7 +141,7 @@ fn zeroed_branches_leave_embedding_final_norm_and_head() {
                 .unwrap(),
         )
         .unwrap();
-    assert!(max_diff(&logits(&m), &want) < 1e-6);
+    assert!(max_abs_diff(&logits(&m), &want) < 1e-6);
 }
 
 #[test]
@@ -162,11 +155,11 @@ fn ablating_every_head_equals_zeroing_the_attention_output() {
     let mut b = tiny();
     b.hooks
         .add_forward("layers.1.attn_out", ForwardAction::Scale(0.0));
-    assert!(max_diff(&logits(&a), &logits(&b)) < 1e-6);
+    assert!(max_abs_diff(&logits(&a), &logits(&b)) < 1e-6);
     let mut c = tiny();
     c.hooks
         .add_forward("layers.1.attn_probs", ForwardAction::AblateHeads(vec![1]));
-    assert!(max_diff(&logits(&c), &logits(&tiny())) > 1e-4);
+    assert!(max_abs_diff(&logits(&c), &logits(&tiny())) > 1e-4);
 }
 
 #[test]
@@ -183,7 +176,7 @@ fn capture_matches_hidden_states_and_removal_detaches() {
     let Captured::Full(c) = &m.hooks.take_captured()["layers.0.residual"] else {
         panic!("full capture expected")
     };
-    assert_eq!(max_diff(c, &hidden[1]), 0.0);
+    assert_eq!(max_abs_diff(c, &hidden[1]), 0.0);
     assert!(m.hooks.remove(id));
     assert!(!m.hooks.active());
     m.forward(&ids(), &opts, None).unwrap();
@@ -211,7 +204,7 @@ fn patching_an_activation_reproduces_the_run_it_came_from() {
         .add_forward("layers.0.residual", ForwardAction::Patch(stored));
     let other = Tensor::from_vec(vec![1u32; 12], (2, 6), &Device::Cpu).unwrap();
     let (b_logits, _) = m.forward(&other, &Default::default(), None).unwrap();
-    assert!(max_diff(&a_logits, &b_logits) < 1e-6);
+    assert!(max_abs_diff(&a_logits, &b_logits) < 1e-6);
 }
 
 #[test]
@@ -258,7 +251,7 @@ fn update_hooks_freeze_and_transform_named_gradients() {
     train_step(&mut m, &mut opt, &[batch()], None).unwrap();
     let steps = opt.steps();
     for ((name, a), (_, b)) in before.iter().zip(m.named_parameters()) {
-        let moved = max_diff(a, &b);
+        let moved = max_abs_diff(a, &b);
         if name.starts_with("model.layers.0.") {
             assert_eq!(moved, 0.0, "{name} is frozen");
             assert!(!steps.contains_key(name));

@@ -10,36 +10,34 @@ struct FrozenLinear {
     w: Tensor,
 }
 
-impl FrozenLinear {
-    fn fwd<S: BackendStorage>(
-        &self,
-        xs: &S,
-        xl: &Layout,
-        ws: &S,
-        wl: &Layout,
-    ) -> Result<(S, Shape)> {
-        let (n, k) = wl.shape().dims2()?;
-        let dims = xl.dims();
-        if dims.last() != Some(&k) {
-            candle_core::bail!(
-                "frozen linear: input {:?} does not end in the weight's input size {k}",
-                dims
-            );
-        }
-        let m = xl.shape().elem_count() / k;
-        let Some((x_off, _)) = xl.contiguous_offsets() else {
-            candle_core::bail!("frozen linear: input must be contiguous")
-        };
-        let Some((w_off, _)) = wl.contiguous_offsets() else {
-            candle_core::bail!("frozen linear: weight must be contiguous")
-        };
-        let lhs = Layout::contiguous_with_offset((1, m, k), x_off);
-        let rhs = Layout::new(Shape::from((1, k, n)), vec![n * k, 1, k], w_off);
-        let out = xs.matmul(ws, (1, m, n, k), &lhs, &rhs)?;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().unwrap() = n;
-        Ok((out, Shape::from(out_dims)))
+/// `x @ W^T` on backend storage: x [.., k] and W [n, k], both contiguous.
+pub(crate) fn linear_storage<S: BackendStorage>(
+    xs: &S,
+    xl: &Layout,
+    ws: &S,
+    wl: &Layout,
+) -> Result<(S, Shape)> {
+    let (n, k) = wl.shape().dims2()?;
+    let dims = xl.dims();
+    if dims.last() != Some(&k) {
+        candle_core::bail!(
+            "frozen linear: input {:?} does not end in the weight's input size {k}",
+            dims
+        );
     }
+    let m = xl.shape().elem_count() / k;
+    let Some((x_off, _)) = xl.contiguous_offsets() else {
+        candle_core::bail!("frozen linear: input must be contiguous")
+    };
+    let Some((w_off, _)) = wl.contiguous_offsets() else {
+        candle_core::bail!("frozen linear: weight must be contiguous")
+    };
+    let lhs = Layout::contiguous_with_offset((1, m, k), x_off);
+    let rhs = Layout::new(Shape::from((1, k, n)), vec![n * k, 1, k], w_off);
+    let out = xs.matmul(ws, (1, m, n, k), &lhs, &rhs)?;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().unwrap() = n;
+    Ok((out, Shape::from(out_dims)))
 }
 
 impl CustomOp1 for FrozenLinear {
@@ -50,7 +48,7 @@ impl CustomOp1 for FrozenLinear {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (ws, wl) = self.w.storage_and_layout();
         match &*ws {
-            Storage::Cpu(ws) => self.fwd(s, l, ws, wl),
+            Storage::Cpu(ws) => linear_storage(s, l, ws, wl),
             _ => candle_core::bail!("frozen linear: weight and input on different devices"),
         }
     }
@@ -63,7 +61,7 @@ impl CustomOp1 for FrozenLinear {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (ws, wl) = self.w.storage_and_layout();
         match &*ws {
-            Storage::Cuda(ws) => self.fwd(s, l, ws, wl),
+            Storage::Cuda(ws) => linear_storage(s, l, ws, wl),
             _ => candle_core::bail!("frozen linear: weight and input on different devices"),
         }
     }
@@ -76,7 +74,7 @@ impl CustomOp1 for FrozenLinear {
     ) -> Result<(candle_core::MetalStorage, Shape)> {
         let (ws, wl) = self.w.storage_and_layout();
         match &*ws {
-            Storage::Metal(ws) => self.fwd(s, l, ws, wl),
+            Storage::Metal(ws) => linear_storage(s, l, ws, wl),
             _ => candle_core::bail!("frozen linear: weight and input on different devices"),
         }
     }

@@ -1,19 +1,31 @@
 //! A LoRA-adapted frozen linear in one op: `y = x W^T + bias + s (x A^T) B^T`. Composed from
 //! tensor ops, the branch keeps three output-sized tensors per layer alive until the backward
-//! pass (the product, its scaled copy and the sum); here only `x A^T` ([.., r]) is kept, and
-//! the backward is written out: dx = g W + s (g B) A, dA = s (g B)^T x, dB = s g^T (x A^T).
+//! pass (the product, its scaled copy and the sum); this op keeps none of them. Its backward
+//! recomputes `x A^T` ([.., r], cheap) and writes the rest out:
+//! dx = g W + s (g B) A, dA = s (g B)^T x, dB = s g^T (x A^T).
 
+use super::frozen_matmul::linear_storage;
+use super::slice;
 use crate::nn::Weight;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
-use std::sync::Mutex;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
 struct LoraLinear {
+    /// Contiguous.
     w: Weight,
+    bias: Option<Tensor>,
     scale: f64,
-    /// x A^T, [.., r]
-    xa: Tensor,
-    /// The output, computed before the op is attached to the graph; taken by the forward.
-    y: Mutex<Option<Tensor>>,
+}
+
+/// `(base + bias) + (d * scale + 0)`: the composed expression's arithmetic, in its order.
+fn combine<T: super::Elem>(y: &mut [T], bias: Option<&[T]>, d: &[T], scale: f64) {
+    let scale = T::from(scale).unwrap();
+    for (i, (y, dv)) in y.iter_mut().zip(d).enumerate() {
+        let base = match bias {
+            Some(b) => *y + b[i % b.len()],
+            None => *y,
+        };
+        *y = base + (*dv * scale + T::zero());
+    }
 }
 
 impl CustomOp3 for LoraLinear {
@@ -23,27 +35,45 @@ impl CustomOp3 for LoraLinear {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        xs: &CpuStorage,
+        xl: &Layout,
+        a_s: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = self.y.lock().unwrap().take();
-        let Some(y) = y else {
-            candle_core::bail!("lora-linear: the forward runs once")
+        let (mut y, shape) = match &self.w {
+            Weight::Float(w) => {
+                let (ws, wl) = w.storage_and_layout();
+                let Storage::Cpu(ws) = &*ws else {
+                    candle_core::bail!("lora-linear: weight and input on different devices")
+                };
+                linear_storage(xs, xl, ws, wl)?
+            }
+            Weight::Quantized(q) => q.cpu_fwd(xs, xl)?,
         };
-        let (s, l) = y.storage_and_layout();
-        match (&*s, l.contiguous_offsets()) {
-            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
-                Ok((CpuStorage::F32(v[a..b].to_vec()), y.shape().clone()))
+        let (xa, xa_shape) = linear_storage(xs, xl, a_s, al)?;
+        let (d, _) = linear_storage(&xa, &Layout::contiguous(xa_shape), bs, bl)?;
+        let bias = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let bias = match &bias {
+            Some((s, l)) => match &**s {
+                Storage::Cpu(s) => Some((s, *l)),
+                _ => candle_core::bail!("lora-linear: bias on another device"),
+            },
+            None => None,
+        };
+        match (&mut y, &d) {
+            (CpuStorage::F32(y), CpuStorage::F32(d)) => {
+                let b = bias.map(|(s, l)| slice::<f32>(s, l)).transpose()?;
+                combine(y, b, d, self.scale)
             }
-            (Storage::Cpu(CpuStorage::F64(v)), Some((a, b))) => {
-                Ok((CpuStorage::F64(v[a..b].to_vec()), y.shape().clone()))
+            (CpuStorage::F64(y), CpuStorage::F64(d)) => {
+                let b = bias.map(|(s, l)| slice::<f64>(s, l)).transpose()?;
+                combine(y, b, d, self.scale)
             }
-            _ => candle_core::bail!("lora-linear: contiguous f32/f64 CPU output expected"),
+            _ => candle_core::bail!("lora-linear: f32 or f64 expected"),
         }
+        Ok((y, shape))
     }
 
     fn bwd(
@@ -54,13 +84,13 @@ impl CustomOp3 for LoraLinear {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (r, k) = a.dims2()?;
+        let (_, k) = a.dims2()?;
         let n = b.dim(0)?;
         let m = g.elem_count() / n;
         let g2 = g.contiguous()?.reshape((m, n))?;
         let x2 = x.detach().reshape((m, k))?;
-        let xa2 = self.xa.reshape((m, r))?;
         let (ad, bd) = (a.detach(), b.detach());
+        let xa = x2.matmul(&ad.t()?)?;
         let gb = g2.matmul(&bd)?;
         let dx = if x.track_op() {
             let base = self.w.input_grad(&g2)?;
@@ -69,7 +99,7 @@ impl CustomOp3 for LoraLinear {
             None
         };
         let da = gb.t()?.matmul(&x2)?.affine(self.scale, 0.0)?;
-        let db = g2.t()?.matmul(&xa2)?.affine(self.scale, 0.0)?;
+        let db = g2.t()?.matmul(&xa)?.affine(self.scale, 0.0)?;
         Ok((dx, Some(da), Some(db)))
     }
 }
@@ -84,23 +114,17 @@ pub fn lora_linear(
     b: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    let xd = x.detach();
-    let xa = xd.broadcast_matmul(&a.detach().t()?)?;
-    let mut y = w.linear(&xd)?;
-    if let Some(bias) = bias {
-        y = y.broadcast_add(&bias.detach())?;
-    }
-    let y = (y + (xa.broadcast_matmul(&b.detach().t()?)? * scale)?)?;
-    if !(x.track_op() || a.track_op() || b.track_op()) {
-        return Ok(y);
-    }
-    let op = LoraLinear {
-        w: w.clone(),
-        scale,
-        xa,
-        y: Mutex::new(Some(y.contiguous()?)),
+    let w = match w {
+        Weight::Float(t) => Weight::Float(t.detach().contiguous()?),
+        q => q.clone(),
     };
-    x.apply_op3(a, b, op)
+    let op = LoraLinear {
+        w,
+        bias: bias.map(|b| b.detach().contiguous()).transpose()?,
+        scale,
+    };
+    x.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
 
 #[cfg(test)]
@@ -142,5 +166,28 @@ mod tests {
             assert!(d < 1e-12, "{d}");
         }
         assert!(gf.get(&w).is_none());
+    }
+
+    #[test]
+    fn a_quantized_base_gives_the_composed_value() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::DType;
+        let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        let x = Var::from_tensor(&f32(rand_tensor(&[1, 3, 32], 1))).unwrap();
+        let q = std::sync::Arc::new(
+            QTensor::quantize(&f32(rand_tensor(&[4, 32], 2)), GgmlDType::Q8_0).unwrap(),
+        );
+        let a = Var::from_tensor(&f32(rand_tensor(&[2, 32], 4))).unwrap();
+        let b = Var::from_tensor(&f32(rand_tensor(&[4, 2], 5))).unwrap();
+        let fused = lora_linear(&x, &Weight::Quantized(q.clone()), None, &a, &b, 0.5).unwrap();
+        let composed = (crate::ops::quantized_linear(&x, &q).unwrap()
+            + (x.broadcast_matmul(&a.t().unwrap())
+                .unwrap()
+                .broadcast_matmul(&b.t().unwrap())
+                .unwrap()
+                * 0.5)
+                .unwrap())
+        .unwrap();
+        assert_eq!(max_abs_diff(&fused, &composed), 0.0);
     }
 }

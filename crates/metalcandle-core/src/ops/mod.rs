@@ -105,7 +105,7 @@ pub(crate) fn for_each_row<T: Send>(
 
 /// Whether the op runs on our CPU kernels: CPU tensors in f32/f64.
 pub(crate) fn use_cpu_kernel(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+    use_cpu_kernel_dtype(t.dtype(), t.device())
 }
 
 pub(crate) fn use_cpu_kernel_dtype(dtype: candle_core::DType, dev: &candle_core::Device) -> bool {

@@ -303,7 +303,9 @@ pub fn save_gguf(model: &Decoder, path: &Path, tokenizer: &GgufTokenizer) -> Res
         .map(|(n, w)| (format!("{n}.weight"), w))
         .collect();
     let floats: HashMap<String, Tensor> = model.named_parameters().into_iter().collect();
-    let mut tensors: Vec<(String, QTensor)> = vec![];
+    // Quantized matrices on the CPU are written from the model's own storage; the rest is
+    // converted (float to an F32 block tensor, other devices copied to the CPU).
+    let mut tensors: Vec<(String, Arc<QTensor>)> = vec![];
     let mut counts: HashMap<GgmlDType, usize> = HashMap::new();
     for p in param_specs(spec) {
         if p.name == "lm_head.weight" && spec.tie_word_embeddings {
@@ -312,21 +314,28 @@ pub fn save_gguf(model: &Decoder, path: &Path, tokenizer: &GgufTokenizer) -> Res
         let q = match weights.get(&p.name) {
             Some(Weight::Quantized(q)) => {
                 *counts.entry(q.dtype()).or_default() += 1;
-                QTensor::new(
-                    QStorage::from_data(q.data()?, &Device::Cpu, q.dtype())?,
-                    q.shape().clone(),
-                )?
+                if q.device().is_cpu() {
+                    q.clone()
+                } else {
+                    Arc::new(QTensor::new(
+                        QStorage::from_data(q.data()?, &Device::Cpu, q.dtype())?,
+                        q.shape().clone(),
+                    )?)
+                }
             }
             _ => {
                 let t = floats.get(&p.name).ok_or_else(|| {
                     Error::Weights(format!("tensor `{}` is missing from the model", p.name))
                 })?;
                 let t = t.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-                QTensor::quantize(&t.contiguous()?, GgmlDType::F32)?
+                Arc::new(QTensor::quantize(&t.contiguous()?, GgmlDType::F32)?)
             }
         };
         let q = match permuted_heads(spec, &p.name) {
-            Some(heads) => permute_rows(&q, &rope_permutation(p.shape[0], heads, false))?,
+            Some(heads) => Arc::new(permute_rows(
+                &q,
+                &rope_permutation(p.shape[0], heads, false),
+            )?),
             None => q,
         };
         tensors.push((gguf_name(&modules, &p.name)?, q));
@@ -345,7 +354,10 @@ pub fn save_gguf(model: &Decoder, path: &Path, tokenizer: &GgufTokenizer) -> Res
         md.push(("tokenizer.ggml.padding_token_id".into(), Value::U32(id)));
     }
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_ref()))
+        .collect();
     write_atomic(path, |tmp| {
         let file = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
         let mut w = std::io::BufWriter::new(file);

@@ -117,13 +117,19 @@ impl Decoder {
         out
     }
 
-    /// The quantizable matrices (handles that share storage with the model).
+    /// The quantizable matrices (handles that share storage with the model), in the order of
+    /// `quantizable_mut`.
     pub fn matrices(&self) -> Vec<(String, Weight)> {
-        let mut this = self.clone();
-        this.quantizable_mut()
-            .into_iter()
-            .map(|(n, w)| (n, w.clone()))
-            .collect()
+        let mut out = vec![(self.embed.name.clone(), self.embed.weight.clone())];
+        for b in &self.blocks {
+            for l in b.attn.linears().into_iter().chain(b.mlp.linears()) {
+                out.push((l.name.clone(), l.weight.clone()));
+            }
+        }
+        if let Some(h) = &self.lm_head {
+            out.push((h.name.clone(), h.weight.clone()));
+        }
+        out
     }
 
     pub fn quantized_weights(&self) -> Vec<(String, Weight)> {
@@ -217,6 +223,7 @@ impl Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::gradcheck::max_abs_diff;
     use crate::spec::ModelSpec;
     use candle_core::{Device, Tensor};
     use serde_json::json;
@@ -266,23 +273,8 @@ mod tests {
         m.dequantize().unwrap();
         assert!(!m.is_quantized());
         let d = m.forward(&ids, &Default::default(), None).unwrap().0;
-        let scale = before
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let scale = max_abs_diff(&before, &before.zeros_like().unwrap());
+        let diff = max_abs_diff;
         // 8-bit weights move the logits by about 1% of their range; the dequantized model
         // holds those same rounded weights, so it sits as close to the quantized one.
         assert!(
