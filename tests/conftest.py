@@ -1,6 +1,9 @@
+import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 FIXTURES = Path(
@@ -54,13 +57,83 @@ temperature = 0.8
 top_k = 10
 """
 
+# A pretrained model folder ({base}) as the run's model, with greedy generation: for the commands that
+# load a model from a config without training it (generate, chat, quantize).
+PRETRAINED_TOML = """
+[run]
+name = "{name}"
+output_dir = "{out}"
+models_dir = "{models}"
+
+[model]
+path = "{base}"
+
+[data]
+train = ["corpus.txt"]
+seq_len = 32
+
+[train]
+max_steps = {steps}
+
+[generate]
+max_new_tokens = 5
+temperature = 0
+"""
+
 
 def write_config(
-    path: Path, name: str, out: Path, models: Path, steps: int = 12, template=SCRATCH_TOML
+    path: Path, name: str, out: Path, models: Path, steps: int = 12, template=SCRATCH_TOML, **fields
 ) -> Path:
-    """Writes a run config from `template` (placeholders {name}, {out}, {models}, {steps}) to `path`."""
-    path.write_text(template.format(name=name, out=out, models=models, steps=steps))
+    """Writes a run config from `template` (placeholders {name}, {out}, {models}, {steps} and any
+    `fields`, such as {base}) to `path`."""
+    path.write_text(template.format(name=name, out=out, models=models, steps=steps, **fields))
     return path
+
+
+def write_corpus(folder: Path, chars: int = 6000) -> Path:
+    """The start of the fixtures' corpus.txt, as `folder`/corpus.txt: enough text for a few steps."""
+    (folder / "corpus.txt").write_text((FIXTURES / "corpus.txt").read_text()[:chars])
+    return folder
+
+
+def run_cli(capsys, *argv):
+    """`metalcandle ARGV` in this process: (exit code, stdout, stderr)."""
+    from metalcandle.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """Every line of a run folder's metrics.jsonl."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+class ScriptedCore:
+    """A stand-in for the Rust core whose model emits a fixed token sequence, for streaming tests."""
+
+    max_position_embeddings = 512
+
+    def __init__(self, script, vocab):
+        self.script, self.vocab, self.calls = script, vocab, 0
+
+    def new_cache(self):
+        self.calls = 0
+        return SimpleNamespace(seq_len=0)
+
+    def forward_cached(self, ids, cache, mask=None, positions=None):
+        logits = np.zeros((ids.shape[0], self.vocab), dtype=np.float32)
+        logits[:, self.script[min(self.calls, len(self.script) - 1)]] = 1.0
+        self.calls += 1
+        cache.seq_len += ids.shape[1]
+        return logits
+
+
+class ScriptedModel:
+    def __init__(self, script, vocab):
+        self._core = ScriptedCore(script, vocab)
+        self.config = {}
 
 
 def pytest_configure(config):
@@ -71,3 +144,9 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
     return FIXTURES
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    """A scratch folder holding corpus.txt, for run configs written there."""
+    return write_corpus(tmp_path)

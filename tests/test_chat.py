@@ -5,8 +5,8 @@ import io
 import pytest
 
 import metalcandle as mc
+from conftest import ScriptedModel
 from metalcandle.chat import run_chat, run_generate
-from test_generation import ScriptedModel
 
 OPTIONS = {"max_new_tokens": 6}
 

@@ -9,39 +9,12 @@ import numpy as np
 import pytest
 
 import metalcandle as mc
-from conftest import write_config
+from conftest import PRETRAINED_TOML, run_cli, write_config
 from metalcandle.cli import main
 from metalcandle.registry import Registry
 from metalcandle.tokenizers import load_tokenizer
 
 COMMANDS = ["train", "eval", "compare", "import-model", "models", "init", "chat", "generate"]
-
-QWEN = """
-[run]
-name = "cli-qwen"
-output_dir = "{out}"
-models_dir = "{models}"
-
-[model]
-path = "{base}"
-
-[data]
-train = ["corpus.txt"]
-seq_len = 32
-
-[train]
-max_steps = 2
-
-[generate]
-max_new_tokens = 5
-temperature = 0
-"""
-
-
-def cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def module(*argv, env=None, stdin=None):
@@ -57,9 +30,8 @@ def module(*argv, env=None, stdin=None):
 
 
 @pytest.fixture
-def scratch_cfg(tmp_path, fixtures):
-    (tmp_path / "corpus.txt").write_text((fixtures / "corpus.txt").read_text()[:6000])
-    return write_config(tmp_path / "cfg.toml", "cli-tiny", tmp_path / "out", tmp_path / "models", steps=6)
+def scratch_cfg(workdir):
+    return write_config(workdir / "cfg.toml", "cli-tiny", workdir / "out", workdir / "models", steps=6)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -71,27 +43,27 @@ def test_every_command_has_help(capsys, command):
 
 
 def test_errors_are_one_line_with_exit_code_2(capsys, scratch_cfg, tmp_path):
-    code, _, err = cli(capsys, "train", str(scratch_cfg), "--set", "train.max_stepz=3")
+    code, _, err = run_cli(capsys, "train", str(scratch_cfg), "--set", "train.max_stepz=3")
     assert code == 2
     assert err.strip().count("\n") == 0 and "Traceback" not in err
     assert err.startswith("error: ") and str(scratch_cfg) in err
     assert "unknown key 'train.max_stepz' (did you mean 'max_steps'?)" in err
 
-    code, _, err = cli(capsys, "train", str(tmp_path / "missing.toml"))
+    code, _, err = run_cli(capsys, "train", str(tmp_path / "missing.toml"))
     assert code == 2 and err.strip() == f"error: config file not found: {tmp_path / 'missing.toml'}"
 
-    code, _, err = cli(capsys, "train")
+    code, _, err = run_cli(capsys, "train")
     assert code == 2 and err.strip().count("\n") == 0 and "required: CFG" in err
 
-    code, _, err = cli(capsys, "frobnicate")
+    code, _, err = run_cli(capsys, "frobnicate")
     assert code == 2 and "invalid choice: 'frobnicate'" in err
 
-    code, _, err = cli(capsys, "train", str(scratch_cfg), "--set", "data.seq_len=many")
+    code, _, err = run_cli(capsys, "train", str(scratch_cfg), "--set", "data.seq_len=many")
     assert code == 2 and "data.seq_len must be an integer, got 'many'" in err
 
 
 def test_debug_shows_the_traceback(capsys, tmp_path):
-    code, _, err = cli(capsys, "--debug", "train", str(tmp_path / "missing.toml"))
+    code, _, err = run_cli(capsys, "--debug", "train", str(tmp_path / "missing.toml"))
     assert code == 2 and "Traceback" in err and "config file not found" in err
 
 
@@ -111,7 +83,7 @@ def test_python_dash_m_and_init(tmp_path):
 
 def test_import_model_and_models_listing(capsys, tmp_path, fixtures):
     models = str(tmp_path / "models")
-    code, out, _ = cli(
+    code, out, _ = run_cli(
         capsys, "import-model", str(fixtures / "tiny-qwen2"), "--name", "qwen-tiny", "--models-dir", models
     )
     assert code == 0 and "qwen-tiny (qwen" in out
@@ -123,21 +95,21 @@ def test_import_model_and_models_listing(capsys, tmp_path, fixtures):
         mc.load_model(entry["path"]).forward(ids), mc.load_model(fixtures / "tiny-qwen2").forward(ids)
     )
 
-    code, _, err = cli(
+    code, _, err = run_cli(
         capsys, "import-model", str(fixtures / "tiny-qwen2"), "--name", "qwen-tiny", "--models-dir", models
     )
     assert code == 2 and "already in the registry" in err
-    code, _, err = cli(capsys, "import-model", str(tmp_path / "nowhere"), "--models-dir", models)
+    code, _, err = run_cli(capsys, "import-model", str(tmp_path / "nowhere"), "--models-dir", models)
     assert code == 2 and "model folder not found" in err
 
     Registry(models).register(
         {"model_name": "qwen-ft", "architecture_type": "qwen", "fine_tuned_from": "qwen-tiny"}
     )
-    code, out, _ = cli(capsys, "models", "--models-dir", models)
+    code, out, _ = run_cli(capsys, "models", "--models-dir", models)
     assert code == 0 and "qwen-ft <- qwen-tiny" in out
-    code, out, _ = cli(capsys, "models", "show", "qwen-ft", "--models-dir", models)
+    code, out, _ = run_cli(capsys, "models", "show", "qwen-ft", "--models-dir", models)
     assert code == 0 and json.loads(out)["lineage"] == ["qwen-ft", "qwen-tiny"]
-    code, _, err = cli(capsys, "models", "show", "qwen-fx", "--models-dir", models)
+    code, _, err = run_cli(capsys, "models", "show", "qwen-fx", "--models-dir", models)
     assert code == 2 and "did you mean 'qwen-ft'" in err
 
 
@@ -167,48 +139,59 @@ def greedy_reference(model, ids, n):
 
 
 def test_train_eval_and_generate_from_a_checkpoint(capsys, scratch_cfg, tmp_path):
-    code, out, _ = cli(capsys, "train", str(scratch_cfg), "--quiet")
+    code, out, _ = run_cli(capsys, "train", str(scratch_cfg), "--quiet")
     assert code == 0 and "steps: 6" in out and "registered as: cli-tiny" in out
     metrics = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    code, out, _ = cli(capsys, "eval", str(scratch_cfg))
+    code, out, _ = run_cli(capsys, "eval", str(scratch_cfg))
     assert code == 0
     val = float(out.split("val_loss ")[1].split()[0])
     assert val == pytest.approx([m for m in metrics if "val_loss" in m][-1]["val_loss"], abs=1e-4)
 
-    code, _, err = cli(capsys, "chat", str(scratch_cfg))
+    code, _, err = run_cli(capsys, "chat", str(scratch_cfg))
     assert code == 2 and "no chat template; use `metalcandle generate" in err
 
     ckpt = tmp_path / "out" / "checkpoints" / "step-00000006"
-    code, out, err = cli(capsys, "generate", str(scratch_cfg), "The ", "--set", "generate.temperature=0",
-                         "--set", "generate.max_new_tokens=6")  # fmt: skip
+    greedy = ["--set", "generate.temperature=0", "--set", "generate.max_new_tokens=6"]
+    code, out, err = run_cli(capsys, "generate", scratch_cfg, "The ", *greedy)
     assert code == 0 and str(ckpt) in err
     tok = load_tokenizer(ckpt)
     expected = greedy_reference(mc.load_model(ckpt), tok.encode("The "), 6)
-    assert out.rstrip("\n") == tok.decode(expected[4:])
+    assert out.rstrip("\n") == tok.decode(expected[len(tok.encode("The ")) :])
 
 
-def test_generate_and_chat_with_base_and_lora_adapter(tmp_path, fixtures):
+def test_generate_and_chat_with_base_and_lora_adapter(capsys, tmp_path, fixtures):
     (tmp_path / "corpus.txt").write_text("hello world\n")
-    cfg = tmp_path / "q.toml"
-    cfg.write_text(
-        QWEN.format(out=tmp_path / "out", models=tmp_path / "models", base=fixtures / "tiny-qwen2")
-    )
-    adapter = fixtures / "tiny-qwen2" / "lora" / "adapter_final"
-    tok = load_tokenizer(fixtures / "tiny-qwen2")
+    base_dir = fixtures / "tiny-qwen2"
+    cfg = write_config(tmp_path / "q.toml", "cli-qwen", tmp_path / "out", tmp_path / "models", steps=2,
+                       template=PRETRAINED_TOML, base=base_dir)  # fmt: skip
+    adapter = base_dir / "lora" / "adapter_final"
+    tok = load_tokenizer(base_dir)
     prompt_ids = tok.encode("Hello")
+    model = mc.load_model(base_dir)
+    tuned_model = mc.load_model(base_dir)
+    tuned_model.load_adapter(adapter)
+    want_base = tok.decode(greedy_reference(model, prompt_ids, 5)[len(prompt_ids) :])
+    want_tuned = tok.decode(greedy_reference(tuned_model, prompt_ids, 5)[len(prompt_ids) :])
+    assert want_base != want_tuned  # so the output shows whether the adapter was applied
 
-    base = module("generate", str(cfg), "Hello")
-    tuned = module("generate", str(cfg), "Hello", "--adapter", str(adapter))
-    assert base.returncode == 0 and tuned.returncode == 0, base.stderr + tuned.stderr
-    model = mc.load_model(fixtures / "tiny-qwen2")
-    assert base.stdout.rstrip("\n") == tok.decode(greedy_reference(model, prompt_ids, 5)[len(prompt_ids) :])
-    model.load_adapter(adapter)
-    assert tuned.stdout.rstrip("\n") == tok.decode(greedy_reference(model, prompt_ids, 5)[len(prompt_ids) :])
-    assert "+ " + str(adapter) in tuned.stderr
+    code, out, err = run_cli(capsys, "generate", cfg, "Hello")
+    assert code == 0 and out.rstrip("\n") == want_base, err
+    code, out, err = run_cli(capsys, "generate", cfg, "Hello", "--adapter", adapter)
+    assert code == 0 and out.rstrip("\n") == want_tuned, err
+    assert "+ " + str(adapter) in err
 
+    # The reply is greedy generation on the ChatML rendering of the message (default system prompt
+    # included) with the adapter applied; the base model would say something else.
     chat = module("chat", str(cfg), "--adapter", str(adapter), stdin="Hi there\n/exit\n")
     assert chat.returncode == 0, chat.stderr
-    assert ">>> " in chat.stdout
+    chat_ids = tok.apply_chat_template([{"role": "user", "content": "Hi there"}], add_generation_prompt=True,
+                                       tokenize=True)  # fmt: skip
+    reply, base_reply = (
+        tok.decode(greedy_reference(m, chat_ids, 5)[len(chat_ids) :], skip_special_tokens=True)
+        for m in (tuned_model, model)
+    )
+    assert reply != base_reply
+    assert f">>> {reply}\n>>> " in chat.stdout, chat.stdout
 
     bad = module("chat", str(cfg), "--adapter", str(tmp_path))
     assert bad.returncode == 2 and "not a LoRA adapter folder" in bad.stderr

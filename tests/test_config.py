@@ -239,64 +239,56 @@ def test_hooks_count_in_the_hash_and_round_trip(tmp_path):
     assert again.to_dict() == hooked.to_dict() and again.hash() == hooked.hash()
 
 
-@pytest.mark.parametrize(
-    "text, needle",
-    [
-        ("[[hooks.forwrd]]\nkind = 'x'\n", "unknown key 'hooks.forwrd' (did you mean 'forward'?)"),
-        ("[hooks.forward]\nkind = 'x'\n", "hooks.forward must be an array of tables ([[hooks.forward]]"),
-        ("[hooks]\nbackward = [1]\n", "hooks.backward[0] must be a table"),
-        ("[[hooks.update]]\nparams = ['a']\n", 'hooks.update[0] needs kind = "..." (a string)'),
-        ("[[hooks.aux_loss]]\nkind = 'activation_l2'\nweight = 1\n", 'hooks.aux_loss[0] needs point = "..."'),
-        ("[[hooks.forward]]\nkind = 'scale'\nfactor = 2\n", 'hooks.forward[0] needs point = "..."'),
-        ("[[hooks.forward]]\nkind = 'scale'\npoint = 'p'\nat = 1979-05-27\n", "hooks.forward[0].at must be"),
-        (
-            "[[hooks.forward]]\nkind = 'scale'\npoint = 'p'\nfactor = nan\n",
-            "hooks.forward[0].factor must be a finite",
-        ),
-        ("[hook]\n", "unknown section [hook] (did you mean 'hooks'?)"),
-    ],
-)
-def test_hook_structure_errors(tmp_path, text, needle):
-    assert needle in error_of(tmp_path, MINIMAL + text)
+# Malformed [hooks] tables, then bad kinds and parameters: each error names the entry and the key.
+HOOK_ERRORS = [
+    ("[[hooks.forwrd]]\nkind = 'x'\n", "unknown key 'hooks.forwrd' (did you mean 'forward'?)"),
+    ("[hooks.forward]\nkind = 'x'\n", "hooks.forward must be an array of tables ([[hooks.forward]]"),
+    ("[hooks]\nbackward = [1]\n", "hooks.backward[0] must be a table"),
+    ("[[hooks.update]]\nparams = ['a']\n", 'hooks.update[0] needs kind = "..." (a string)'),
+    ("[[hooks.aux_loss]]\nkind = 'activation_l2'\nweight = 1\n", 'hooks.aux_loss[0] needs point = "..."'),
+    ("[[hooks.forward]]\nkind = 'scale'\nfactor = 2\n", 'hooks.forward[0] needs point = "..."'),
+    ("[[hooks.forward]]\nkind = 'scale'\npoint = 'p'\nat = 1979-05-27\n", "hooks.forward[0].at must be"),
+    (
+        "[[hooks.forward]]\nkind = 'scale'\npoint = 'p'\nfactor = nan\n",
+        "hooks.forward[0].factor must be a finite",
+    ),
+    ("[hook]\n", "unknown section [hook] (did you mean 'hooks'?)"),
+    (
+        "[[hooks.forward]]\nkind = 'scal'\npoint = 'embed'\n",
+        'hooks.forward[0].kind must be one of "capture", "scale", "noise", "clamp", '
+        "\"ablate_heads\", got 'scal' (did you mean 'scale'?)",
+    ),
+    ("[[hooks.backward]]\nkind = 'clip'\npoint = 'embed'\n", "hooks.backward[0].kind must be one of"),
+    ("[[hooks.update]]\nkind = 'frezee'\n", "hooks.update[0].kind must be one of"),
+    ("[[hooks.update]]\nkind = 'frezee'\n", "(did you mean 'freeze'?)"),
+    ("[[hooks.aux_loss]]\nkind = 'zloss'\nweight = 1\n", "(did you mean 'z_loss'?)"),
+    ("[[hooks.forward]]\nkind = 'python'\npoint = 'embed'\n", 'hooks.forward[0].kind = "python" is only'),
+    ("[[hooks.update]]\nkind = 'python'\n", "only available from Python (it runs a Python function"),
+    ("[[hooks.forward]]\nkind = 'patch'\npoint = 'embed'\n", "needs the activation array"),
+    (
+        "[[hooks.forward]]\nkind = 'scale'\npoint = 'embed'\n",
+        "missing required key 'hooks.forward[0].factor'",
+    ),
+    (
+        "[[hooks.forward]]\nkind = 'scale'\npoint = 'embed'\nfactr = 2\n",
+        "unknown key 'hooks.forward[0].factr' (did you mean 'factor'?)",
+    ),
+    ("[[hooks.update]]\nkind = 'freeze'\nparams = ['a']\n", "unknown key 'hooks.update[0].params'"),
+    ("[[hooks.update]]\nkind = 'freeze'\npoint = 'embed'\n", "unknown key 'hooks.update[0].point'"),
+    ("[[hooks.aux_loss]]\nkind = 'z_loss'\nweight = 1\npoint = 'logits'\n", "z_loss takes no point"),
+    ("[[hooks.aux_loss]]\nkind = 'z_loss'\n", "missing required key 'hooks.aux_loss[0].weight'"),
+    ("[[hooks.forward]]\nkind = 'noise'\npoint = 'embed'\nstd = -1\n", "hooks.forward[0].std must be a"),
+    ("[[hooks.forward]]\nkind = 'noise'\npoint = 'e'\nstd = 1\nseed = 1.5\n", ".seed must be an integer"),
+    ("[[hooks.backward]]\nkind = 'clip_norm'\npoint = 'embed'\nmax = 0\n", ".max must be a number > 0"),
+    ("[[hooks.forward]]\nkind = 'clamp'\npoint = 'embed'\n", "clamp needs min, max or both"),
+    (
+        "[[hooks.forward]]\nkind = 'ablate_heads'\npoint = 'e'\nheads = [-1]\n",
+        ".heads must be a non-empty",
+    ),
+    ("[[hooks.forward]]\nkind = 'capture'\npoint = 'embed'\nfull = 1\n", ".full must be true or false"),
+]
 
 
-@pytest.mark.parametrize(
-    "text, needle",
-    [
-        (
-            "[[hooks.forward]]\nkind = 'scal'\npoint = 'embed'\n",
-            'hooks.forward[0].kind must be one of "capture", "scale", "noise", "clamp", '
-            "\"ablate_heads\", got 'scal' (did you mean 'scale'?)",
-        ),
-        ("[[hooks.backward]]\nkind = 'clip'\npoint = 'embed'\n", "hooks.backward[0].kind must be one of"),
-        ("[[hooks.update]]\nkind = 'frezee'\n", "hooks.update[0].kind must be one of"),
-        ("[[hooks.update]]\nkind = 'frezee'\n", "(did you mean 'freeze'?)"),
-        ("[[hooks.aux_loss]]\nkind = 'zloss'\nweight = 1\n", "(did you mean 'z_loss'?)"),
-        ("[[hooks.forward]]\nkind = 'python'\npoint = 'embed'\n", 'hooks.forward[0].kind = "python" is only'),
-        ("[[hooks.update]]\nkind = 'python'\n", "only available from Python (it runs a Python function"),
-        ("[[hooks.forward]]\nkind = 'patch'\npoint = 'embed'\n", "needs the activation array"),
-        (
-            "[[hooks.forward]]\nkind = 'scale'\npoint = 'embed'\n",
-            "missing required key 'hooks.forward[0].factor'",
-        ),
-        (
-            "[[hooks.forward]]\nkind = 'scale'\npoint = 'embed'\nfactr = 2\n",
-            "unknown key 'hooks.forward[0].factr' (did you mean 'factor'?)",
-        ),
-        ("[[hooks.update]]\nkind = 'freeze'\nparams = ['a']\n", "unknown key 'hooks.update[0].params'"),
-        ("[[hooks.update]]\nkind = 'freeze'\npoint = 'embed'\n", "unknown key 'hooks.update[0].point'"),
-        ("[[hooks.aux_loss]]\nkind = 'z_loss'\nweight = 1\npoint = 'logits'\n", "z_loss takes no point"),
-        ("[[hooks.aux_loss]]\nkind = 'z_loss'\n", "missing required key 'hooks.aux_loss[0].weight'"),
-        ("[[hooks.forward]]\nkind = 'noise'\npoint = 'embed'\nstd = -1\n", "hooks.forward[0].std must be a"),
-        ("[[hooks.forward]]\nkind = 'noise'\npoint = 'e'\nstd = 1\nseed = 1.5\n", ".seed must be an integer"),
-        ("[[hooks.backward]]\nkind = 'clip_norm'\npoint = 'embed'\nmax = 0\n", ".max must be a number > 0"),
-        ("[[hooks.forward]]\nkind = 'clamp'\npoint = 'embed'\n", "clamp needs min, max or both"),
-        (
-            "[[hooks.forward]]\nkind = 'ablate_heads'\npoint = 'e'\nheads = [-1]\n",
-            ".heads must be a non-empty",
-        ),
-        ("[[hooks.forward]]\nkind = 'capture'\npoint = 'embed'\nfull = 1\n", ".full must be true or false"),
-    ],
-)
-def test_hook_kind_and_parameter_errors(tmp_path, text, needle):
+@pytest.mark.parametrize("text, needle", HOOK_ERRORS)
+def test_hook_errors_name_the_entry_and_key(tmp_path, text, needle):
     assert needle in error_of(tmp_path, MINIMAL + text)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import metalcandle as mc
-from conftest import MODELS
+from conftest import MODELS, ScriptedModel
 from metalcandle.generate import beam_search, generate, plan_generation, resolve_eos, sample_rows
 
 ATOL_BEAM_SCORE = 1e-4  # fixtures' README
@@ -39,7 +39,7 @@ def test_greedy_matches_transformers(case):
 
 def test_greedy_repetition_penalty_matches_transformers(case):
     model, golden, gen = case
-    out = model.generate(golden["gen_prompt"], max_new_tokens=16, repetition_penalty=1.3)
+    out = model.generate(golden["gen_prompt"], max_new_tokens=16, repetition_penalty=1.3, eos_token_id=NO_EOS)
     np.testing.assert_array_equal(out, gen["greedy_rep1.3"])
 
 
@@ -53,12 +53,17 @@ def test_beam3_matches_transformers(case):
 
 def test_beam4_two_sequences_length_penalty_matches_transformers(case):
     model, golden, gen = case
-    plan = plan_generation(model, golden["gen_prompt"], max_new_tokens=12)
+    plan = plan_generation(model, golden["gen_prompt"], max_new_tokens=12, eos_token_id=NO_EOS)
     sequences, scores = beam_search(model, plan, num_beams=4, num_return_sequences=2, length_penalty=0.6)
     np.testing.assert_array_equal(sequences, gen["beam4"])
     np.testing.assert_allclose(scores, gen["beam4_scores"], atol=ATOL_BEAM_SCORE, rtol=0)
     public = model.generate(
-        golden["gen_prompt"], max_new_tokens=12, num_beams=4, num_return_sequences=2, length_penalty=0.6
+        golden["gen_prompt"],
+        max_new_tokens=12,
+        num_beams=4,
+        num_return_sequences=2,
+        length_penalty=0.6,
+        eos_token_id=NO_EOS,
     )
     np.testing.assert_array_equal(public, gen["beam4"])
 
@@ -160,21 +165,26 @@ def exhaustive_hypotheses(model, prompt, max_new, eos, length_penalty):
     return sorted(results, key=lambda r: -r[0])
 
 
-@pytest.mark.parametrize("length_penalty", [1.0, 0.6, 0.0])
-def test_beam_search_with_eos_finds_the_exhaustive_optimum(length_penalty):
-    # With as many beams as live candidates, beam search prunes nothing that could win, so HF's
-    # bookkeeping (finished hypotheses, eos appended, scores) must reproduce the exhaustive ranking.
+def tiny_model(vocab, seed):
+    """A random one-layer model small enough to enumerate every continuation; eos is the last id."""
     config = {
         "model_type": "llama",
         "hidden_size": 32,
         "intermediate_size": 64,
         "num_hidden_layers": 1,
         "num_attention_heads": 2,
-        "vocab_size": 6,
-        "eos_token_id": 5,
+        "vocab_size": vocab,
+        "eos_token_id": vocab - 1,
     }
-    model = mc.Model.from_config(config, seed=0)
-    prompt, eos = [1, 2], 5
+    return mc.Model.from_config(config, seed=seed), vocab - 1
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.6, 0.0])
+def test_beam_search_with_eos_finds_the_exhaustive_optimum(length_penalty):
+    # With as many beams as live candidates, beam search prunes nothing that could win, so HF's
+    # bookkeeping (finished hypotheses, eos appended, scores) must reproduce the exhaustive ranking.
+    model, eos = tiny_model(6, seed=0)
+    prompt = [1, 2]
     expected = exhaustive_hypotheses(model, prompt, 3, eos, length_penalty)
     assert any(seq[-1] == eos for _, seq in expected[:3])  # finished hypotheses compete for the top
     assert min(a[0] - b[0] for a, b in itertools.pairwise(expected[:4])) > 1e-4  # no near-ties to flip
@@ -192,14 +202,28 @@ def test_beam_search_with_eos_finds_the_exhaustive_optimum(length_penalty):
         assert score == pytest.approx(ref_score, abs=ATOL_BEAM_SCORE)
 
 
-def test_beam_early_stopping_modes_run_and_rank(qwen):
-    model, _, golden = qwen
-    eos = int(golden["gen_output"][0, 8 + 1])
+# Two models where one mode's earlier stop changes the result: True against False, False against "never".
+@pytest.mark.parametrize("vocab, seed, earlier, later", [(8, 8, 0, 1), (6, 19, 1, 2)])
+def test_beam_early_stopping_modes_only_decide_when_to_stop(vocab, seed, earlier, later):
+    # The modes share the beams until they stop (True: once num_beams hypotheses are finished; False:
+    # once no running beam can beat the worst of them; "never": at max_new_tokens), and finished
+    # hypotheses only accumulate. So a later stop ranks at least as well, place by place, and every
+    # score is its sequence's own length-normalised log-probability.
+    model, eos = tiny_model(vocab, seed)
+    prompt, max_new = [1, 2], 3
+    exact = {tuple(seq): score for score, seq in exhaustive_hypotheses(model, prompt, max_new, eos, 1.0)}
+    ranked = []
     for mode in (True, False, "never"):
-        plan = plan_generation(model, golden["gen_prompt"], max_new_tokens=8, eos_token_id=eos)
-        sequences, scores = beam_search(model, plan, num_beams=3, num_return_sequences=3, early_stopping=mode)
+        plan = plan_generation(model, [prompt], max_new_tokens=max_new)
+        sequences, scores = beam_search(model, plan, num_beams=2, num_return_sequences=2, early_stopping=mode)
         assert list(scores) == sorted(scores, reverse=True)
-        assert sequences.shape[0] == 3
+        for row, score in zip(sequences, scores, strict=True):
+            new = row[len(prompt) :].tolist()
+            hypothesis = tuple(new[: new.index(eos) + 1] if eos in new else new)  # eos pads finished rows
+            assert score == pytest.approx(exact[hypothesis], abs=ATOL_BEAM_SCORE), (mode, hypothesis)
+        ranked.append(scores)
+    assert all((a <= b).all() for a, b in itertools.pairwise(ranked))
+    assert (ranked[earlier] < ranked[later]).any()
 
 
 # --- sampling ---------------------------------------------------------------------------------------------
@@ -233,6 +257,7 @@ def test_sampled_first_tokens_follow_next_token_probs(qwen, fixtures):
     counts = np.bincount(out[:, -1], minlength=expected.size)
     support = expected > 0
     assert counts[~support].sum() == 0  # removed ids are never drawn
+    assert support.sum() == 16  # the critical value below is for 15 degrees of freedom
     chi2 = (((counts - draws * expected)[support]) ** 2 / (draws * expected[support])).sum()
     assert chi2 < 37.7  # chi-square, 15 degrees of freedom, p = 0.001
 
@@ -248,32 +273,6 @@ def test_sample_rows_never_draws_zero_probability_ids():
 
 
 # --- streaming and text ----------------------------------------------------------------------------------
-
-
-class ScriptedCore:
-    """A stand-in for the Rust core whose model emits a fixed token sequence, for streaming tests."""
-
-    max_position_embeddings = 512
-
-    def __init__(self, script, vocab):
-        self.script, self.vocab, self.calls = script, vocab, 0
-
-    def new_cache(self):
-        self.calls = 0
-        return SimpleNamespace(seq_len=0)
-
-    def forward_cached(self, ids, cache, mask=None, positions=None):
-        logits = np.zeros((ids.shape[0], self.vocab), dtype=np.float32)
-        logits[:, self.script[min(self.calls, len(self.script) - 1)]] = 1.0
-        self.calls += 1
-        cache.seq_len += ids.shape[1]
-        return logits
-
-
-class ScriptedModel:
-    def __init__(self, script, vocab):
-        self._core = ScriptedCore(script, vocab)
-        self.config = {}
 
 
 def test_stream_never_splits_multibyte_characters(qwen):
@@ -364,3 +363,12 @@ def test_lora_unmerged_and_merged_generate_the_same_tokens(fixtures):
     assert reference[-1] - reference[-2] > 1e-3  # a clear winner, so float noise cannot flip it
     first = model.generate(golden["input_ids"][:1], max_new_tokens=1, eos_token_id=NO_EOS)[0, -1]
     assert first == np.load(folder / "lora" / "trajectory.npz")["merged_logits"][0, -1].argmax()
+
+
+def test_zero_new_tokens_returns_the_prompt_for_every_strategy(fixtures):
+    model = mc.load_model(fixtures / "tiny-llama")
+    prompt = np.array([[1, 2, 3], [4, 5, 6]])
+    for kwargs in ({}, {"num_beams": 2}, {"num_beams": 2, "num_return_sequences": 2}):
+        out = model.generate(prompt, max_new_tokens=0, **kwargs)
+        want = np.repeat(prompt, kwargs.get("num_return_sequences", 1), axis=0)
+        np.testing.assert_array_equal(out, want, err_msg=str(kwargs))

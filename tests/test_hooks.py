@@ -1,15 +1,12 @@
 """Experiment hooks from Python and from a run config: each changes what it should and nothing
 else, and a model with hooks that change nothing trains bit for bit as one without."""
 
-import json
-
 import numpy as np
 import pytest
 
 import metalcandle as mc
-from conftest import SCRATCH_TOML, write_config
+from conftest import SCRATCH_TOML, read_metrics, run_cli, write_config
 from metalcandle import train as T
-from metalcandle.cli import main
 from metalcandle.config import load_config
 from metalcandle.errors import UserError
 from metalcandle.hooks import point_names
@@ -250,12 +247,6 @@ def test_errors_inside_hook_functions_name_the_point(model_dir):
 # --- From a run config ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def workdir(tmp_path, fixtures):
-    (tmp_path / "corpus.txt").write_text((fixtures / "corpus.txt").read_text()[:6000])
-    return tmp_path
-
-
 def write_run(workdir, name, hooks: str, steps=4):
     # Few steps, no evaluation or sampling before the end.
     template = SCRATCH_TOML.replace("eval_every = 5", "eval_every = 100").replace(
@@ -266,8 +257,7 @@ def write_run(workdir, name, hooks: str, steps=4):
 
 
 def train_rows(out):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r]
+    return [r for r in read_metrics(out) if "loss" in r]
 
 
 def test_config_aux_loss_is_logged_on_every_training_line_fresh_and_resumed(workdir):
@@ -293,8 +283,8 @@ def test_config_freeze_everything_leaves_the_weights_as_initialised(workdir):
 
 def test_config_bad_kind_exits_2_naming_the_key(capsys, workdir):
     cfg_file = write_run(workdir, "bad", '[[hooks.forward]]\nkind = "scal"\npoint = "embed"\nfactor = 2\n')
-    code = main(["train", str(cfg_file), "--quiet"])
-    err = capsys.readouterr().err.strip()
+    code, _, err = run_cli(capsys, "train", cfg_file, "--quiet")
+    err = err.strip()
     assert code == 2 and err.count("\n") == 0
     assert "hooks.forward[0].kind must be one of" in err and "(did you mean 'scale'?)" in err
     assert not (workdir / "runs" / "bad").exists()
@@ -309,7 +299,7 @@ def test_config_unknown_point_is_named_when_attached(capsys, workdir):
     cfg_file = write_run(
         workdir, "pt", '[[hooks.forward]]\nkind = "scale"\npoint = "layers.7.mlp_out"\nfactor = 2\n'
     )
-    code = main(["train", str(cfg_file), "--quiet"])
-    err = capsys.readouterr().err.strip()
+    code, _, err = run_cli(capsys, "train", cfg_file, "--quiet")
+    err = err.strip()
     assert code == 2 and err.count("\n") == 0
     assert 'hooks.forward[0]: hook point "layers.7.mlp_out" matches no point of this model' in err

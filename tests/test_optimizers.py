@@ -1,4 +1,5 @@
-"""SGD and Lion through the Python API and the run config, against closed forms."""
+"""SGD and Lion through the Python API and the run config, against torch's gradient norm (fixtures) and
+closed forms."""
 
 import numpy as np
 import pytest
@@ -21,38 +22,70 @@ TINY = {
 IDS = np.array([[1, 5, 9, 3, 7, 2, 11, 4]])
 
 
-def one_step(opt):
-    """Weights before, after, and the clipped-free gradient implied by an SGD step of lr 1."""
-    model = mc.Model.from_config(TINY, seed=3)
+def one_step(opt, model=None, batch=IDS):
+    """Trainable weights before and after one unclipped step of `opt`, and the step's stats."""
+    model = model or mc.Model.from_config(TINY, seed=3)
     before = {k: v.copy() for k, v in model.trainable_parameters().items()}
-    mc.Trainer(model, opt, max_grad_norm=None).step(IDS)
+    stats = mc.Trainer(model, opt, max_grad_norm=None).step(batch, labels=batch)
     after = {k: model.get_parameter(k) for k in before}
-    return before, after
+    return before, after, stats
 
 
-def test_plain_sgd_step_is_minus_lr_times_gradient_and_lion_is_a_signed_step():
-    before, after = one_step(mc.SGD(lr=1.0))
+def test_plain_sgd_step_moves_the_weights_by_torchs_gradient(fixtures):
+    # lr = 1, no momentum or decay: the step is the gradient, whose total norm torch recorded for the
+    # first step of the full fine-tuning fixture (tolerances from the fixtures' README).
+    tr = np.load(fixtures / "tiny-llama" / "full" / "trajectory.npz")
+    model = mc.load_model(fixtures / "tiny-llama")
+    before, after, stats = one_step(mc.SGD(lr=1.0), model, tr["batches"][0])
+    assert set(before) == set(model.parameter_names())
+    step = np.sqrt(sum(np.sum((before[k].astype(np.float64) - after[k]) ** 2) for k in before))
+    np.testing.assert_allclose(stats.loss, tr["losses"][0], atol=3e-5, rtol=0)
+    np.testing.assert_allclose(step, tr["grad_norms"][0], rtol=3e-5, atol=0)
+
+
+def test_lion_first_step_is_lr_against_the_gradient_sign():
+    before, after, _ = one_step(mc.SGD(lr=1.0))
     grads = {k: before[k] - after[k] for k in before}  # lr = 1: the update is the gradient
     assert max(np.abs(g).max() for g in grads.values()) > 0
     # Lion's first step (m = 0, no decay) moves every entry with a non-zero gradient by exactly lr,
     # in the direction opposite the gradient's sign.
     lr = 1e-3
-    before, after = one_step(mc.Lion(lr=lr))
+    before, after, _ = one_step(mc.Lion(lr=lr))
     for k, g in grads.items():
         want = before[k] - lr * np.sign(g)
         np.testing.assert_allclose(after[k], want, atol=1e-6, err_msg=k)
 
 
 def test_sgd_momentum_state_round_trips(tmp_path):
+    def sgd():
+        return mc.SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+
     model = mc.Model.from_config(TINY, seed=3)
-    opt = mc.SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    opt = sgd()
     trainer = mc.Trainer(model, opt, max_grad_norm=None)
     trainer.step(IDS)
-    trainer.save_state(tmp_path)
-    other = mc.SGD(lr=0.5)
-    other.load_state(tmp_path)
+    model.save_pretrained(tmp_path / "model")
+    trainer.save_state(tmp_path / "state")
+    trainer.step(IDS)
+    want = {k: model.get_parameter(k) for k in model.parameter_names()}
+
+    def second_step(opt, load_state):
+        m = mc.load_model(tmp_path / "model")
+        t = mc.Trainer(m, opt, max_grad_norm=None)
+        if load_state:
+            t.load_state(tmp_path / "state")
+        t.step(IDS)
+        return {k: m.get_parameter(k) for k in want}
+
+    other = mc.SGD(lr=0.5)  # the settings come back with the state
+    resumed = second_step(other, load_state=True)
     assert other.config == opt.config
     assert other.config["algorithm"] == {"name": "sgd", "momentum": 0.9, "nesterov": True}
+    for k in want:
+        np.testing.assert_array_equal(resumed[k], want[k], err_msg=k)
+    # Without the saved momentum buffers the same step lands elsewhere.
+    cold = second_step(sgd(), load_state=False)
+    assert any(not np.array_equal(cold[k], want[k]) for k in want)
 
 
 def test_bad_optimizer_settings_are_named():

@@ -22,6 +22,14 @@ def test_logits_and_hidden_states(case):
     np.testing.assert_allclose(hidden, g["hidden_states"], atol=ATOL_FORWARD, rtol=0)
 
 
+def test_last_layer_output_before_the_final_norm(case):
+    model, g = case
+    point = f"layers.{model.num_layers - 1}.residual"
+    with model.capture(point) as cap:
+        model.forward(g["input_ids"])
+    np.testing.assert_allclose(cap[point], g["final_layer_prenorm"], atol=ATOL_FORWARD, rtol=0)
+
+
 def test_left_padded_batch_at_unmasked_positions(case):
     model, g = case
     logits = model.forward(
@@ -48,8 +56,17 @@ def test_kv_cache_step_logits(case):
     assert cache.seq_len == g["gen_output"].shape[1] - 1
 
 
-def test_architecture_config_and_parameter_count(case, fixtures):
-    model, _ = case
-    expected = {"qwen2": 112_192, "llama": 151_872, "gpt2": 133_888, "mistral": 137_536}
-    assert model.num_parameters() == expected[model.architecture]
-    assert model.config["model_type"] == model.architecture
+# Unique parameters (tied weights counted once), from the fixtures' README.
+@pytest.mark.parametrize(
+    "name, architecture, parameters",
+    [
+        ("tiny-qwen2", "qwen2", 112_192),
+        ("tiny-llama", "llama", 151_872),
+        ("tiny-gpt2", "gpt2", 133_888),
+        ("tiny-mistral-sw", "mistral", 137_536),
+    ],
+)
+def test_architecture_and_parameter_count(fixtures, name, architecture, parameters):
+    model = mc.load_model(fixtures / name)
+    assert model.architecture == architecture and model.config["model_type"] == architecture
+    assert model.num_parameters() == parameters

@@ -12,8 +12,10 @@ torch = pytest.importorskip("torch", reason=REASON)
 transformers = pytest.importorskip("transformers", reason=REASON)
 peft = pytest.importorskip("peft", reason=REASON)
 
-# README: `lora_logits_step0_nonzeroB` (an unmerged LoRA forward) and `merged_logits*`.
-ATOL_LORA_FORWARD, ATOL_MERGED = 5e-5, 5e-4
+# README: `logits` and `lora_logits_step0_nonzeroB`. Every comparison here runs the same weights on
+# both sides (no training in between), a plain or an unmerged LoRA forward, so none needs the looser
+# `merged_logits*` bound, which allows for two optimizers drifting apart.
+ATOL_FORWARD = 5e-5
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # An adapter far enough from the base that loading it wrongly (or not at all) cannot pass.
 MIN_ADAPTER_EFFECT = 0.1
@@ -53,7 +55,7 @@ def test_adapter_saved_here_loads_in_peft(qwen, golden, tmp_path):
     assert np.abs(ours - golden["logits"]).max() > MIN_ADAPTER_EFFECT
 
     theirs = hf_logits(peft.PeftModel.from_pretrained(hf_model(qwen), str(tmp_path / "adapter")).eval(), ids)
-    np.testing.assert_allclose(theirs, ours, atol=ATOL_MERGED, rtol=0)
+    np.testing.assert_allclose(theirs, ours, atol=ATOL_FORWARD, rtol=0)
 
 
 def test_adapter_saved_by_peft_loads_here(qwen, golden, tmp_path):
@@ -74,7 +76,7 @@ def test_adapter_saved_by_peft_loads_here(qwen, golden, tmp_path):
 
     model = mc.load_model(qwen)
     model.load_adapter(tmp_path / "peft-adapter")
-    np.testing.assert_allclose(model.forward(ids), theirs, atol=ATOL_LORA_FORWARD, rtol=0)
+    np.testing.assert_allclose(model.forward(ids), theirs, atol=ATOL_FORWARD, rtol=0)
 
 
 @pytest.mark.parametrize("suffix", ["", "_nonzeroB"])
@@ -88,7 +90,7 @@ def test_merged_model_saved_here_loads_in_transformers(qwen, golden, tmp_path, s
     assert np.abs(ours - golden["logits"]).max() > MIN_ADAPTER_EFFECT
 
     theirs = hf_logits(hf_model(tmp_path / "merged"), ids)
-    np.testing.assert_allclose(theirs, ours, atol=ATOL_MERGED, rtol=0)
+    np.testing.assert_allclose(theirs, ours, atol=ATOL_FORWARD, rtol=0)
     # And both agree with peft's own merge_and_unload of the same adapter.
     merged_by_peft = np.load(qwen / "lora" / "trajectory.npz")[f"merged_logits{suffix}"]
-    np.testing.assert_allclose(theirs, merged_by_peft, atol=ATOL_MERGED, rtol=0)
+    np.testing.assert_allclose(theirs, merged_by_peft, atol=ATOL_FORWARD, rtol=0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import metalcandle as mc
-from conftest import MODELS
+from conftest import MODELS, PRETRAINED_TOML, run_cli, write_config
 from metalcandle import _core
 from metalcandle.cli import main
 
@@ -314,36 +314,10 @@ def test_full_fine_tuning_of_a_quantized_model_raises(fixtures):
         mc.Trainer(model, mc.AdamW(lr=1e-3)).step(IDS[:2])
 
 
-CONFIG = """
-[run]
-name = "q"
-output_dir = "{out}"
-models_dir = "{models}"
-
-[model]
-path = "{base}"
-
-[data]
-train = ["corpus.txt"]
-seq_len = 32
-
-[train]
-max_steps = 2
-"""
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_quantize(capsys, tmp_path, fixtures):
     (tmp_path / "corpus.txt").write_text("hello world\n")
-    cfg = tmp_path / "q.toml"
-    cfg.write_text(
-        CONFIG.format(out=tmp_path / "run", models=tmp_path / "models", base=fixtures / "tiny-llama")
-    )
+    cfg = write_config(tmp_path / "q.toml", "q", tmp_path / "run", tmp_path / "models", steps=2,
+                       template=PRETRAINED_TOML, base=fixtures / "tiny-llama")  # fmt: skip
     out = tmp_path / "quant"
     code, stdout, err = run_cli(capsys, "quantize", cfg, "--format", "q4_0", "--out", out)
     print(stdout)
@@ -392,28 +366,6 @@ def test_cli_quantize(capsys, tmp_path, fixtures):
     assert e.value.code == 0 and "usage: metalcandle quantize" in capsys.readouterr().out
 
 
-SCRATCH = """
-[run]
-name = "s"
-output_dir = "{out}"
-models_dir = "{models}"
-
-[model.spec]
-d_model = 32
-n_layers = 1
-n_heads = 4
-d_ff = 64
-max_seq_len = 32
-
-[data]
-train = ["corpus.txt"]
-seq_len = 32
-
-[train]
-max_steps = 2
-"""
-
-
 def fake_checkpoint(folder, seed, stopped_early=False):
     """A loadable checkpoint folder (weights, tokenizer, state.json) without training for it."""
     tokenizer = mc.CharTokenizer()
@@ -430,8 +382,7 @@ def fake_checkpoint(folder, seed, stopped_early=False):
 
 def test_cli_quantize_picks_the_runs_final_checkpoint(capsys, tmp_path):
     (tmp_path / "corpus.txt").write_text("hello world\n")
-    cfg = tmp_path / "s.toml"
-    cfg.write_text(SCRATCH.format(out=tmp_path / "run", models=tmp_path / "models"))
+    cfg = write_config(tmp_path / "s.toml", "s", tmp_path / "run", tmp_path / "models", steps=2)
     code, _, err = run_cli(capsys, "quantize", cfg, "--out", tmp_path / "q")
     assert code == 2 and "no checkpoint in" in err and err.count("\n") == 1
 

@@ -29,11 +29,16 @@ def test_encode_decode_examples(tok, golden):
     for example in golden["encode_examples"]:
         assert tok.encode(example["text"]) == example["ids"]
         assert tok.decode(example["ids"]) == example["text"]
-    assert tok.decode([382, 84, 82, 264, 383], skip_special_tokens=True) == "user"
+    with_specials = [e for e in golden["encode_examples"] if "<|im_start|>" in e["text"]]
+    assert with_specials
+    for example in with_specials:
+        plain = example["text"].replace("<|im_start|>", "").replace("<|im_end|>", "")
+        assert tok.decode(example["ids"], skip_special_tokens=True) == plain
 
 
-def test_model_vocab_rows_beyond_the_tokenizer_decode_to_nothing(tok):
-    assert tok.decode([71, 72, 390, 399]) == tok.decode([71, 72])
+def test_model_vocab_rows_beyond_the_tokenizer_decode_to_nothing(tok, golden):
+    example = golden["encode_examples"][0]
+    assert tok.decode([*example["ids"], 390, 399]) == example["text"]
 
 
 def test_chat_template_matches_transformers(tok, golden):

@@ -62,14 +62,15 @@ class InteractivePrompt:
         """Tokens of the kept history as rendered (without a generation prompt)."""
         return self._token_count(self.history, add_generation_prompt=False) if self.history else 0
 
-    def _fit(self, messages: list[dict]) -> list[dict]:
-        """Drops the oldest turns until the prompt (with the assistant header) fits the context."""
+    def _fit(self, messages: list[dict]) -> tuple[list[dict], list[int]]:
+        """Drops the oldest turns until the prompt (with the assistant header) fits the context;
+        returns the kept messages and the prompt's ids."""
         system = messages[:1] if messages and messages[0]["role"] == "system" else []
         turns = messages[len(system) :]
-        while self._token_count(system + turns, True) > self.max_context_length:
+        while len(ids := self.tokenizer.encode(self.render(system + turns, True))) > self.max_context_length:
             if len(turns) <= 1:
                 raise ValueError(
-                    f"the message alone needs {self._token_count(system + turns, True)} tokens, more than "
+                    f"the message alone needs {len(ids)} tokens, more than "
                     f"max_context_length={self.max_context_length}"
                 )
             # A turn is a user message and the replies after it, so the kept history starts with a user.
@@ -77,7 +78,7 @@ class InteractivePrompt:
             while cut < len(turns) - 1 and turns[cut]["role"] != "user":
                 cut += 1
             turns = turns[cut:]
-        return system + turns
+        return system + turns, ids
 
     # --- talking --------------------------------------------------------------------------------------
     def stream_message(self, text: str) -> Iterator[str]:
@@ -85,9 +86,7 @@ class InteractivePrompt:
         part of the reply produced so far is what the history keeps."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("the message is empty")
-        messages = self._fit([*self.history, {"role": "user", "content": text}])
-        prompt = self.render(messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode(prompt)
+        messages, ids = self._fit([*self.history, {"role": "user", "content": text}])
         options = dict(self.gen_options)
         options["max_new_tokens"] = min(options["max_new_tokens"], self.max_context_length - len(ids))
         if self.tokenizer.chat_template is None:

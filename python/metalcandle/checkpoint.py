@@ -18,8 +18,10 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from metalcandle.errors import UserError
 
@@ -82,6 +84,12 @@ def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest complete step checkpoint in `ckpt_root`, or None."""
+    ckpts = list_checkpoints(ckpt_root)
+    return ckpts[-1][1] if ckpts else None
+
+
 def prune(ckpt_root: Path, keep_last: int) -> list[Path]:
     """Deletes all but the newest `keep_last` step checkpoints; returns what was removed."""
     ckpts = list_checkpoints(ckpt_root)
@@ -99,14 +107,32 @@ def write_json(path: Path, data: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def write_json_atomic(path: Path, data: Any) -> None:
+    """`write_json` into a temp file beside `path`, renamed into place: readers see the old or the
+    new file, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def resolve_resume(resume, output_dir: Path) -> Path | None:
     """The checkpoint to resume from: "auto" picks the newest in OUTPUT_DIR/checkpoints (None when
     there is none), a path must be a checkpoint, False never resumes."""
     if resume is False:
         return None
     if resume == "auto":
-        ckpts = list_checkpoints(output_dir / "checkpoints")
-        return ckpts[-1][1] if ckpts else None
+        return latest_checkpoint(output_dir / "checkpoints")
     path = Path(os.path.expanduser(resume)).absolute()
     if not is_checkpoint(path):
         raise UserError(f"train.resume: {path} is not a checkpoint folder (no {STATE_FILE})")

@@ -304,11 +304,17 @@ def cmd_init(args) -> int:
 
 
 def load_for_inference(args):
-    """(model, tokenizer, what) for chat/generate: --checkpoint, else --adapter on the base, else
-    the base (or, from scratch, the run's newest checkpoint)."""
-    from metalcandle.checkpoint import list_checkpoints
+    """(cfg, model, tokenizer, what) for chat/generate: --checkpoint, else --adapter on the base,
+    else the base (or, from scratch, the run's newest checkpoint)."""
+    from metalcandle.checkpoint import latest_checkpoint
     from metalcandle.config import load_config
-    from metalcandle.loading import device_of, load_folder_tokenizer, load_model_dir, resolve_base
+    from metalcandle.loading import (
+        device_of,
+        load_folder_tokenizer,
+        load_model_dir,
+        resolve_base,
+        untrained_error,
+    )
 
     cfg = load_config(args.config, args.overrides)
     device = device_of(cfg)
@@ -319,13 +325,9 @@ def load_for_inference(args):
         return cfg, load_model_dir(folder, device), load_folder_tokenizer(folder), str(folder)
     base = resolve_base(cfg)
     if base is None:
-        ckpts = list_checkpoints(cfg.output_dir / "checkpoints")
-        if not ckpts:
-            raise UserError(
-                f"{cfg.source}: a from-scratch model has no weights until trained; no checkpoint in "
-                f"{cfg.output_dir / 'checkpoints'} (train first, or pass --checkpoint DIR)"
-            )
-        folder = ckpts[-1][1]
+        folder = latest_checkpoint(cfg.output_dir / "checkpoints")
+        if folder is None:
+            raise untrained_error(cfg)
         return cfg, load_model_dir(folder, device), load_folder_tokenizer(folder), str(folder)
     model = load_model_dir(base.path, device)
     what = str(base.path)

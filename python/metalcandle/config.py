@@ -9,18 +9,19 @@ Paths to inputs (data, model, tokenizer) are taken relative to the config file; 
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
-from metalcandle.errors import UserError
+from metalcandle.data import FORMATS as DATA_FORMATS
+from metalcandle.errors import UserError, did_you_mean
+from metalcandle.hooks import SECTIONS as HOOK_SECTIONS
 from metalcandle.hooks import check_entry
 
 REQUIRED = object()  # default marker: the key must be given
@@ -37,7 +38,6 @@ class Key:
     min: float | None = None
     max: float | None = None
     min_exclusive: bool = False
-    help: str = ""
 
 
 SPEC_KEYS: dict[str, Key] = {
@@ -77,7 +77,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "train": Key("str_list", REQUIRED),
         "valid": Key("str_list", None),
         "valid_fraction": Key("float", 0.1, min=0.0, max=0.9),
-        "format": Key("str", "auto", choices=("auto", "text", "completions", "chat")),
+        "format": Key("str", "auto", choices=("auto", *DATA_FORMATS)),
         "seq_len": Key("int", None, min=2),  # None: 256 from scratch, 512 for pretrained models
         "mask_prompt": Key("bool", True),
         "packing": Key("bool", True),
@@ -131,12 +131,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     # and parameters in `metalcandle.hooks` (whether a point exists depends on the model, so that is
     # checked when the hooks are attached). They are part of the resolved config, so of its hash:
     # two runs with different hooks never look alike.
-    "hooks": {
-        "forward": Key("hooks", []),
-        "backward": Key("hooks", []),
-        "update": Key("hooks", []),
-        "aux_loss": Key("hooks", []),
-    },
+    "hooks": {section: Key("hooks", []) for section in HOOK_SECTIONS},
 }
 
 OPTIONAL_SECTIONS = {"lora"}  # absent means: full training
@@ -148,13 +143,9 @@ class Config:
 
     sections: dict[str, dict[str, Any]]
     source: Path | None = None  # the TOML file, for relative paths and messages
-    raw: dict = field(default_factory=dict)
 
     def __getitem__(self, section: str) -> dict[str, Any]:
         return self.sections[section]
-
-    def get(self, section: str) -> dict[str, Any] | None:
-        return self.sections.get(section)
 
     @property
     def base_dir(self) -> Path:
@@ -232,11 +223,6 @@ def _where(source: Path | None) -> str:
     return f"{source}: " if source else ""
 
 
-def _did_you_mean(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def _check_value(where: str, dotted: str, key: Key, value: Any) -> Any:
     """The value converted to the key's type, or a UserError naming the key and the expectation."""
 
@@ -271,7 +257,7 @@ def _check_value(where: str, dotted: str, key: Key, value: Any) -> Any:
         if key.choices and value not in key.choices:
             choices = ", ".join(f'"{c}"' for c in key.choices)
             raise UserError(
-                f"{where}{dotted} must be one of {choices}, got {value!r}{_did_you_mean(value, key.choices)}"
+                f"{where}{dotted} must be one of {choices}, got {value!r}{did_you_mean(value, key.choices)}"
             )
         return value
     if k == "str_list":
@@ -351,7 +337,7 @@ def _validate_table(where: str, section: str, table: Any, keys: dict[str, Key]) 
     out: dict[str, Any] = {}
     for name, value in table.items():
         if name not in keys:
-            raise UserError(f"{where}unknown key '{section}.{name}'{_did_you_mean(name, keys)}")
+            raise UserError(f"{where}unknown key '{section}.{name}'{did_you_mean(name, keys)}")
         out[name] = _check_value(where, f"{section}.{name}", keys[name], value)
     for name, key in keys.items():
         if name not in out:
@@ -367,7 +353,7 @@ def validate(raw: dict, source: Path | None = None) -> Config:
     sections: dict[str, Any] = {}
     for name in raw:
         if name not in SCHEMA:
-            raise UserError(f"{where}unknown section [{name}]{_did_you_mean(name, SCHEMA)}")
+            raise UserError(f"{where}unknown section [{name}]{did_you_mean(name, SCHEMA)}")
     for name, keys in SCHEMA.items():
         table = raw.get(name)
         if table is None and name in OPTIONAL_SECTIONS:
@@ -382,7 +368,7 @@ def validate(raw: dict, source: Path | None = None) -> Config:
             )
 
     _check_cross_keys(where, sections)
-    return Config(sections=sections, source=source, raw=raw)
+    return Config(sections=sections, source=source)
 
 
 def _check_cross_keys(where: str, s: dict) -> None:

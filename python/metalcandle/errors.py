@@ -1,7 +1,9 @@
 """The exceptions the command line turns into a one-line message: `UserError` (exit code 2) and
-`TrainingInterrupted` (exit code 130)."""
+`TrainingInterrupted` (exit code 130), and the did-you-mean hint those messages share."""
 
 from __future__ import annotations
+
+import difflib
 
 
 class UserError(Exception):
@@ -17,3 +19,9 @@ class TrainingInterrupted(KeyboardInterrupt):
         super().__init__(message)
         self.checkpoint = checkpoint
         self.step = step
+
+
+def did_you_mean(name: str, options) -> str:
+    """` (did you mean 'x'?)` for the closest of `options`, or "" when none is close."""
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from metalcandle.model import as_ids
-from metalcandle.sampling import apply_repetition_penalty, next_token_probs, validate_sampling_args
+from metalcandle.sampling import apply_repetition_penalty, batch_probs, validate_sampling_args
 
 
 @dataclass
@@ -130,11 +130,11 @@ def _cap_to_context(model, prompt_len: int, max_new_tokens: int) -> int:
 
 def _stop_string_checker(tokenizer, stop_strings) -> Callable[[np.ndarray], np.ndarray] | None:
     """Rows whose generated text (special tokens dropped) contains one of `stop_strings`."""
-    if not stop_strings:
+    stops = _stop_strings_list(stop_strings)
+    if not stops:
         return None
     if tokenizer is None:
         raise ValueError("stop_strings needs a tokenizer (pass tokenizer=...) to decode the generated ids")
-    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
     if not all(isinstance(s, str) and s for s in stops):
         raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
 
@@ -156,7 +156,7 @@ def _sampling_picker(seed, **warpers):
     rng = np.random.default_rng(seed)
 
     def pick(logits: np.ndarray, seqs: np.ndarray) -> np.ndarray:
-        return sample_rows(next_token_probs(logits, seqs, **warpers), rng)
+        return sample_rows(batch_probs(logits, seqs, **warpers), rng)
 
     return pick
 
@@ -206,16 +206,20 @@ def _token_columns(model, plan: _Plan) -> Iterator[np.ndarray]:
     """Greedy or sampled decoding: yields the new token of every row, step by step. Rows that finished
     (eos or stop string) get `pad_id` from then on; the loop ends when all rows finished."""
     runner = _CachedRunner(model, plan.mask)
-    seqs = plan.ids
-    done = np.zeros(seqs.shape[0], dtype=bool)
+    batch, prompt_len = plan.ids.shape
+    # Room for every new id up front: a step writes one column instead of copying all sequences.
+    seqs = np.empty((batch, prompt_len + plan.max_new_tokens), dtype=np.int64)
+    seqs[:, :prompt_len] = plan.ids
+    done = np.zeros(batch, dtype=bool)
     logits = runner.run(plan.ids) if plan.max_new_tokens else None
     for step in range(plan.max_new_tokens):
-        nxt = np.where(done, plan.pad_id, plan.pick(logits, seqs)).astype(np.int64)
-        seqs = np.concatenate([seqs, nxt[:, None]], axis=1)
+        length = prompt_len + step
+        nxt = np.where(done, plan.pad_id, plan.pick(logits, seqs[:, :length])).astype(np.int64)
+        seqs[:, length] = nxt
         if plan.eos:
             done |= np.isin(nxt, plan.eos)
         if plan.stop_check is not None:
-            done |= plan.stop_check(seqs[:, plan.ids.shape[1] :])
+            done |= plan.stop_check(seqs[:, prompt_len : length + 1])
         yield nxt
         if done.all() or step == plan.max_new_tokens - 1:
             return  # the last token never needs a forward pass
@@ -298,6 +302,12 @@ def beam_search(
     [B * num_return_sequences, len] (prompt included, best first per batch item) and their
     `sequences_scores` (float32)."""
     batch, prompt_len = plan.ids.shape
+    if plan.max_new_tokens == 0:
+        # Nothing to generate (asked for none, or the prompt fills the context): each prompt
+        # comes back as is, as greedy decoding returns it, with a score of 0.
+        return np.repeat(plan.ids, num_return_sequences, axis=0), np.zeros(
+            batch * num_return_sequences, dtype=np.float32
+        )
     runner = _CachedRunner(model, plan.mask)
     logits = runner.run(plan.ids)
     # Prefill once, then copy each prompt's cache into its num_beams beams.

@@ -42,7 +42,6 @@ inside a hook function surfaces as a RuntimeError naming the point and the origi
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from metalcandle.errors import UserError
+from metalcandle.errors import UserError, did_you_mean
 
 SECTIONS = ("forward", "backward", "update", "aux_loss")
 _POINTS_IN_A_LAYER = ("attn_in", "attn_scores", "attn_probs", "attn_out", "mlp_out", "residual")
@@ -115,11 +114,6 @@ _LABEL = {
 }
 
 
-def _did_you_mean(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def _quoted(names) -> str:
     return ", ".join(f'"{n}"' for n in names)
 
@@ -142,11 +136,11 @@ def check_entry(section: str, entry: dict, at: str | None = None) -> dict:
     if not isinstance(kind, str) or kind not in kinds:
         if at is not None:
             raise ValueError(
-                f"{at}.kind must be one of {_quoted(kinds)}, got {kind!r}{_did_you_mean(str(kind), kinds)}"
+                f"{at}.kind must be one of {_quoted(kinds)}, got {kind!r}{did_you_mean(str(kind), kinds)}"
             )
         known = list(kinds) + [k for k in python_only if k != "python"]
         raise ValueError(
-            f"unknown {_LABEL[section]} kind {kind!r}{_did_you_mean(str(kind), known)} "
+            f"unknown {_LABEL[section]} kind {kind!r}{did_you_mean(str(kind), known)} "
             f"(kinds: {', '.join(known)}{'; or pass a function' if python_only else ''})"
         )
     label = f'{_LABEL[section]} "{kind}": '
@@ -187,8 +181,8 @@ def check_entry(section: str, entry: dict, at: str | None = None) -> dict:
             continue
         takes = ", ".join(params) or "no parameters"
         if at is not None:
-            raise ValueError(f"unknown key '{at}.{key}'{_did_you_mean(key, params)} ({kind} takes {takes})")
-        raise ValueError(f"{label}unknown parameter {key!r}{_did_you_mean(key, params)} (it takes {takes})")
+            raise ValueError(f"unknown key '{at}.{key}'{did_you_mean(key, params)} ({kind} takes {takes})")
+        raise ValueError(f"{label}unknown parameter {key!r}{did_you_mean(key, params)} (it takes {takes})")
     for key, p in params.items():
         if key in entry:
             out[key] = _check_param(name(key), p, entry[key])
@@ -269,7 +263,7 @@ def matching_points(model, pattern: str) -> list[str]:
     found = [p for p in names if glob_match(pattern, p)]
     if not found:
         raise ValueError(
-            f'hook point "{pattern}" matches no point of this model{_did_you_mean(pattern, names)} '
+            f'hook point "{pattern}" matches no point of this model{did_you_mean(pattern, names)} '
             f"(points: embed, layers.N.{{{','.join(_POINTS_IN_A_LAYER)}}} for N < {model.num_layers}, "
             "final_norm, logits)"
         )
@@ -370,20 +364,19 @@ def _update_fn(fn: Callable) -> Callable:
     return call
 
 
+def _params(spec: dict) -> dict:
+    """A checked entry's parameters, without where it applies and its kind."""
+    return {k: v for k, v in spec.items() if k not in ("kind", "point", "pattern")}
+
+
 def _params_json(spec: dict) -> str:
-    return json.dumps({k: v for k, v in spec.items() if k not in ("kind", "point", "pattern")})
+    return json.dumps(_params(spec))
 
 
 def add_forward_hook(model, point: str, fn_or_kind, array=None, **params) -> HookHandle:
     """See `Model.add_forward_hook`."""
     matching_points(model, point)
-    if callable(fn_or_kind):
-        if params or array is not None:
-            raise ValueError("a forward hook function takes no parameters; close over them instead")
-        hook_id = model._core.add_forward_hook(point, "python", "{}", _forward_fn(fn_or_kind))
-        return HookHandle(model, hook_id, f'forward {_name_of(fn_or_kind)} at "{point}"')
-    kind = fn_or_kind
-    if kind == "patch":
+    if not callable(fn_or_kind) and fn_or_kind == "patch":
         if params:
             raise ValueError(f'forward hook "patch" takes only array=, got {", ".join(params)}')
         if array is None:
@@ -394,29 +387,16 @@ def add_forward_hook(model, point: str, fn_or_kind, array=None, **params) -> Hoo
         hook_id = model._core.add_forward_hook(point, "patch", "{}", None, patch)
         return HookHandle(model, hook_id, f'forward "patch" at "{point}"')
     if array is not None:
-        raise ValueError(f'array= is for the "patch" kind, not {kind!r}')
-    if kind == "python":
-        raise ValueError("pass the function itself: model.add_forward_hook(point, fn)")
-    spec = check_entry("forward", {"kind": kind, "point": point, **params})
-    if kind == "ablate_heads":
-        _check_attention_points(model, kind, point, spec["heads"])
-    hook_id = model._core.add_forward_hook(point, kind, _params_json(spec))
-    return HookHandle(model, hook_id, f'forward "{kind}" at "{point}"')
+        if callable(fn_or_kind):
+            raise ValueError("a forward hook function takes no parameters; close over them instead")
+        raise ValueError(f'array= is for the "patch" kind, not {fn_or_kind!r}')
+    return _add_hook(model, "forward", point, fn_or_kind, params, _forward_fn)
 
 
 def add_backward_hook(model, point: str, fn_or_kind, **params) -> HookHandle:
     """See `Model.add_backward_hook`."""
     matching_points(model, point)
-    if callable(fn_or_kind):
-        if params:
-            raise ValueError("a backward hook function takes no parameters; close over them instead")
-        hook_id = model._core.add_backward_hook(point, "python", "{}", _backward_fn(fn_or_kind))
-        return HookHandle(model, hook_id, f'backward {_name_of(fn_or_kind)} at "{point}"')
-    if fn_or_kind == "python":
-        raise ValueError("pass the function itself: model.add_backward_hook(point, fn)")
-    spec = check_entry("backward", {"kind": fn_or_kind, "point": point, **params})
-    hook_id = model._core.add_backward_hook(point, fn_or_kind, _params_json(spec))
-    return HookHandle(model, hook_id, f'backward "{fn_or_kind}" at "{point}"')
+    return _add_hook(model, "backward", point, fn_or_kind, params, _backward_fn)
 
 
 def add_update_hook(model, pattern: str, fn_or_kind, **params) -> HookHandle:
@@ -426,18 +406,32 @@ def add_update_hook(model, pattern: str, fn_or_kind, **params) -> HookHandle:
         hint = "; attach the LoRA adapter first" if "lora" in str(pattern) and not model.has_adapter else ""
         raise ValueError(
             f"update hook pattern {pattern!r} matches no trainable parameter"
-            f"{_did_you_mean(str(pattern), names)} (names look like {names[0]!r}{hint})"
+            f"{did_you_mean(str(pattern), names)} (names look like {names[0]!r}{hint})"
         )
+    return _add_hook(model, "update", pattern, fn_or_kind, params, _update_fn)
+
+
+def _add_hook(model, section: str, where: str, fn_or_kind, params: dict, wrap: Callable) -> HookHandle:
+    """Attaches a forward, backward or update hook, a function or a built-in kind, at `where` (a
+    point, or for update hooks a parameter pattern) that the caller has already checked."""
+    key = "pattern" if section == "update" else "point"
+    place = f"on {where!r}" if section == "update" else f'at "{where}"'
+    core_add = getattr(model._core, f"add_{section}_hook")
     if callable(fn_or_kind):
         if params:
-            raise ValueError("an update hook function takes no parameters; close over them instead")
-        hook_id = model._core.add_update_hook(pattern, "python", "{}", _update_fn(fn_or_kind))
-        return HookHandle(model, hook_id, f"update {_name_of(fn_or_kind)} on {pattern!r}")
+            article = "an" if section == "update" else "a"
+            raise ValueError(
+                f"{article} {_LABEL[section]} function takes no parameters; close over them instead"
+            )
+        hook_id = core_add(where, "python", "{}", wrap(fn_or_kind))
+        return HookHandle(model, hook_id, f"{section} {_name_of(fn_or_kind)} {place}")
     if fn_or_kind == "python":
-        raise ValueError("pass the function itself: model.add_update_hook(pattern, fn)")
-    spec = check_entry("update", {"kind": fn_or_kind, "pattern": pattern, **params})
-    hook_id = model._core.add_update_hook(pattern, fn_or_kind, _params_json(spec))
-    return HookHandle(model, hook_id, f'update "{fn_or_kind}" on {pattern!r}')
+        raise ValueError(f"pass the function itself: model.add_{section}_hook({key}, fn)")
+    spec = check_entry(section, {"kind": fn_or_kind, key: where, **params})
+    if fn_or_kind == "ablate_heads":
+        _check_attention_points(model, fn_or_kind, where, spec["heads"])
+    hook_id = core_add(where, fn_or_kind, _params_json(spec))
+    return HookHandle(model, hook_id, f'{section} "{fn_or_kind}" {place}')
 
 
 def add_aux_loss(model, kind: str, weight: float, point: str | None = None) -> HookHandle:
@@ -575,7 +569,7 @@ def attach_hooks(model, hooks_cfg: dict | None, source: str | Path | None = None
                 spec = check_entry(section, entry, at)
             except ValueError as e:
                 raise UserError(f"{where}{e}") from None
-            params = {k: v for k, v in spec.items() if k not in ("kind", "point", "pattern")}
+            params = _params(spec)
             try:
                 if section == "forward":
                     h = add_forward_hook(model, spec["point"], spec["kind"], **params)

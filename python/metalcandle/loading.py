@@ -3,7 +3,6 @@ Face folder, or from a checkpoint (a full model, or a LoRA adapter on top of its
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,14 @@ def resolve_base(cfg: Config) -> BaseModel | None:
     if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
         raise UserError(f"model.path: {path} is not a model folder (no config.json)")
     return BaseModel(path.absolute(), path.name, False)
+
+
+def untrained_error(cfg: Config) -> UserError:
+    """For a command that needs weights of a from-scratch run that has no checkpoint yet."""
+    return UserError(
+        f"{cfg.source}: a from-scratch model has no weights until trained; no checkpoint in "
+        f"{cfg.output_dir / 'checkpoints'} (train first, or pass --checkpoint DIR)"
+    )
 
 
 def build_tokenizer(cfg: Config, base: BaseModel | None, train_files: list[Path]):
@@ -90,7 +97,7 @@ def adapter_base_path(adapter_dir: Path) -> Path:
     if meta_file.is_file():
         base = read_json(meta_file).get("base_model_path")
     if base is None:
-        base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        base = read_json(adapter_dir / ADAPTER_CONFIG).get("base_model_name_or_path")
     if not base or not os.path.isdir(base):
         raise UserError(f"{adapter_dir}: LoRA adapter whose base model folder {base!r} is not found")
     return Path(base)

@@ -249,7 +249,8 @@ def is_gguf(path: str | os.PathLike) -> bool:
 
 
 def _tokenizer_json(tokenizer) -> str | None:
-    """tokenizer.json text of a metalcandle tokenizer, a folder holding tokenizer.json, or that file."""
+    """tokenizer.json text of a metalcandle tokenizer or of a tokenizer.json file (`save_gguf` has
+    already loaded a folder as a tokenizer)."""
     if tokenizer is None:
         return None
     backend = getattr(tokenizer, "_backend", None)
@@ -257,8 +258,6 @@ def _tokenizer_json(tokenizer) -> str | None:
         return backend.to_str()
     if isinstance(tokenizer, (str, os.PathLike)):
         path = os.fspath(tokenizer)
-        if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tokenizer file not found: {path}")
         with open(path, encoding="utf-8") as f:

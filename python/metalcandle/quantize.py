@@ -12,15 +12,17 @@ module names / glob patterns to formats."""
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from metalcandle.errors import UserError
+from metalcandle.hooks import glob_match
 from metalcandle.model import Model, as_ids
 
 # llama.cpp's names; storage bits per weight include the per-block scales (and mins).
@@ -41,12 +43,6 @@ FORMATS = tuple(BITS_PER_WEIGHT)
 FLOAT_FORMATS = ("f32", "float", "none")
 
 NOT_SELECTED = "not selected"
-
-
-def glob_match(pattern: str, name: str) -> bool:
-    """The core's module patterns: `*` matches any run of characters (dots included), nothing else is
-    special."""
-    return re.fullmatch(".*".join(re.escape(p) for p in pattern.split("*")), name) is not None
 
 
 def _check_model(model) -> Model:
@@ -233,29 +229,22 @@ def is_model_quantized(model: Model) -> bool:
 def _run_source(cfg, checkpoint):
     """What `metalcandle quantize` reads: --checkpoint, else the run's final checkpoint (its best one
     when training stopped early), else the [model] base."""
-    from pathlib import Path
-
     from metalcandle import checkpoint as ck
-    from metalcandle.errors import UserError
-    from metalcandle.loading import resolve_base
+    from metalcandle.loading import resolve_base, untrained_error
 
     if checkpoint is not None:
         folder = Path(checkpoint).absolute()
         if not folder.exists():
             raise UserError(f"--checkpoint: {folder} does not exist")
         return folder
-    ckpts = ck.list_checkpoints(cfg.output_dir / "checkpoints")
-    if ckpts:
-        last = ckpts[-1][1]
+    last = ck.latest_checkpoint(cfg.output_dir / "checkpoints")
+    if last is not None:
         best = cfg.output_dir / "best"
         stopped_early = ck.read_json(last / ck.STATE_FILE).get("stopped_early")
         return best if stopped_early and ck.is_checkpoint(best) else last
     base = resolve_base(cfg)
     if base is None:
-        raise UserError(
-            f"{cfg.source}: a from-scratch model has no weights until trained; no checkpoint in "
-            f"{cfg.output_dir / 'checkpoints'} (train first, or pass --checkpoint DIR)"
-        )
+        raise untrained_error(cfg)
     return base.path
 
 
@@ -267,9 +256,6 @@ def quantize_run(cfg, fmt: str, out, checkpoint=None, skip: Iterable[str] = ()) 
     """Quantizes the model a run config resolves to and writes out/model.gguf (tokenizer and config
     embedded), out/tokenizer.json (+ tokenizer_config.json) and out/config.json. Returns the summary
     lines the command prints."""
-    from pathlib import Path
-
-    from metalcandle.errors import UserError
     from metalcandle.loading import device_of, load_folder_tokenizer, load_model_dir
     from metalcandle.model import GGUF_FILE
 

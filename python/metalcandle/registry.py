@@ -12,12 +12,11 @@ import datetime as _dt
 import fcntl
 import json
 import os
-import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
 
-from metalcandle.errors import UserError
+from metalcandle.checkpoint import read_json, write_json_atomic
+from metalcandle.errors import UserError, did_you_mean
 
 REGISTRY_FILE = "registry.json"
 LOCK_FILE = "registry.lock"
@@ -47,23 +46,6 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Writes JSON next to `path` and renames it into place: readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 class Registry:
     def __init__(self, models_dir: str | os.PathLike | None = None):
         self.dir = Path(models_dir).absolute() if models_dir else default_models_dir()
@@ -83,7 +65,7 @@ class Registry:
         if not self.file.exists():
             return {"models": {}}
         try:
-            data = json.loads(self.file.read_text(encoding="utf-8"))
+            data = read_json(self.file)
         except json.JSONDecodeError as e:
             raise UserError(f"{self.file}: corrupt registry ({e})") from None
         data.setdefault("models", {})
@@ -95,10 +77,7 @@ class Registry:
     def get(self, name: str) -> dict:
         models = self._read()["models"]
         if name not in models:
-            import difflib
-
-            close = difflib.get_close_matches(name, list(models), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else " (see `metalcandle models`)"
+            hint = did_you_mean(name, models) or " (see `metalcandle models`)"
             raise UserError(f"model '{name}' is not in the registry {self.file}{hint}")
         return models[name]
 

@@ -132,9 +132,7 @@ def write_run_file(out: Path, cfg: Config, run_id: str, created_at: str, resumed
         "created_at": created_at,
         "resumes": resumes,
     }
-    tmp = path.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
-    ck.write_json(tmp, data)
-    os.replace(tmp, path)
+    ck.write_json_atomic(path, data)
     return path
 
 
@@ -153,7 +151,7 @@ class RunInfo:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = ck.read_json(path)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot read ({e})") from None
     if not isinstance(data, dict):
@@ -196,11 +194,11 @@ def load_run(folder: str | os.PathLike) -> RunInfo:
         # A run from before run.json existed: its newest checkpoint has the config.
         from metalcandle.train import RUN_CONFIG_JSON
 
-        ckpts = ck.list_checkpoints(folder / "checkpoints")
-        if not ckpts or not (ckpts[-1][1] / RUN_CONFIG_JSON).is_file():
+        last = ck.latest_checkpoint(folder / "checkpoints")
+        if last is None or not (last / RUN_CONFIG_JSON).is_file():
             raise UserError(f"{folder} is not a run folder (no {RUN_FILE})")
-        saved = _read_json(ckpts[-1][1] / RUN_CONFIG_JSON)
-        state = _read_json(ckpts[-1][1] / ck.STATE_FILE)
+        saved = _read_json(last / RUN_CONFIG_JSON)
+        state = _read_json(last / ck.STATE_FILE)
         run_id, config_hash, config = state.get("run_id") or "(none)", saved.get("hash"), saved["config"]
     return RunInfo(folder, run_id, config_hash, with_hooks(config), metrics, _metric_hashes(metrics))
 

@@ -97,6 +97,10 @@ def process_logits(
     scores = np.asarray(logits, dtype=np.float32)
     if scores.ndim != 2:
         raise ValueError(f"logits must be [V] or [B, V], got shape {scores.shape}")
+    return _process(scores, input_ids, temperature, top_k, top_p, min_p, repetition_penalty)
+
+
+def _process(scores, input_ids, temperature, top_k, top_p, min_p, repetition_penalty) -> np.ndarray:
     scores = apply_repetition_penalty(scores, input_ids, repetition_penalty)
     if temperature == 0:
         return _greedy_scores(scores)
@@ -132,3 +136,18 @@ def next_token_probs(
     scores = process_logits(logits, input_ids, temperature, top_k, top_p, min_p, repetition_penalty)
     probs = _softmax(scores)
     return probs[0] if single else probs
+
+
+def batch_probs(
+    logits: np.ndarray,
+    input_ids,
+    temperature=None,
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    repetition_penalty=None,
+) -> np.ndarray:
+    """`next_token_probs` for [B, V] logits whose options `validate_sampling_args` has already
+    accepted: a decode loop checks its options once, not at every token."""
+    scores = np.asarray(logits, dtype=np.float32)
+    return _softmax(_process(scores, input_ids, temperature, top_k, top_p, min_p, repetition_penalty))

@@ -82,12 +82,14 @@ class TrainResult:
 class Datasets:
     train: D.Windows
     valid: D.Windows
-    train_files: list[Path]
+
+
+def train_files(cfg: Config) -> list[Path]:
+    return [cfg.input_path(p) for p in cfg["data"]["train"]]
 
 
 def load_datasets(cfg: Config, tokenizer) -> Datasets:
     d = cfg["data"]
-    train_files = [cfg.input_path(p) for p in d["train"]]
     pad = tokenizer.pad_token_id
     pad = pad if pad is not None else (tokenizer.eos_token_id or 0)
 
@@ -95,14 +97,14 @@ def load_datasets(cfg: Config, tokenizer) -> Datasets:
         examples = D.read_examples(files, d["format"], tokenizer, d["mask_prompt"])
         return D.build_windows(examples, d["seq_len"], d["packing"], pad)
 
-    train = windows(train_files)
+    train = windows(train_files(cfg))
     if d["valid"] is not None:
         valid = windows([cfg.input_path(p) for p in d["valid"]])
     else:
         train, valid = D.split_windows(train, d["valid_fraction"], cfg["run"]["seed"])
     if len(train) == 0 or len(valid) == 0:
         raise UserError(f"{cfg.source}: not enough data for seq_len {d['seq_len']}")
-    return Datasets(train, valid, train_files)
+    return Datasets(train, valid)
 
 
 def total_steps(cfg: Config, num_train_windows: int) -> int:
@@ -176,13 +178,14 @@ def sample_continuations(model, tokenizer, prompts: list[str], gen_opts: dict) -
     out = []
     context = model._core.max_position_embeddings
     for i, p in enumerate(prompts):
+        ids = tokenizer.encode(p)
         # Stay inside the context so generate does not warn at every evaluation; a seed per
         # prompt so the samples differ, the same at every evaluation so they compare.
-        room = max(0, context - len(tokenizer.encode(p)))
+        room = max(0, context - len(ids))
         opts = dict(gen_opts, max_new_tokens=min(gen_opts["max_new_tokens"], room))
         if "seed" in opts:
             opts["seed"] += i
-        out.append(generate_text(model, tokenizer, p, **opts))
+        out.append(generate_text(model, tokenizer, ids, **opts))
     return out
 
 
@@ -224,6 +227,8 @@ def metadata_for(cfg: Config, state: RunState, base: BaseModel | None, architect
 
 
 def save_checkpoint(dest: Path, cfg: Config, model, trainer, tokenizer, state: RunState, meta: dict) -> Path:
+    resolved, config_hash = cfg.to_dict(), cfg.hash()
+
     def write(tmp: Path):
         if cfg.is_lora:
             model.save_adapter(tmp)
@@ -231,11 +236,11 @@ def save_checkpoint(dest: Path, cfg: Config, model, trainer, tokenizer, state: R
             model.save_pretrained(tmp)
         tokenizer.save(tmp)
         trainer.save_state(tmp / ck.TRAINER_DIR)
-        (tmp / RUN_CONFIG_TOML).write_text(to_toml(cfg.to_dict()), encoding="utf-8")
-        ck.write_json(tmp / RUN_CONFIG_JSON, {"config": cfg.to_dict(), "hash": cfg.hash()})
+        (tmp / RUN_CONFIG_TOML).write_text(to_toml(resolved), encoding="utf-8")
+        ck.write_json(tmp / RUN_CONFIG_JSON, {"config": resolved, "hash": config_hash})
         ck.write_json(tmp / ck.METADATA_FILE, meta)
         # Written last: a folder is a checkpoint only once state.json is in it.
-        ck.write_json(tmp / ck.STATE_FILE, {**state.__dict__, "config_hash": cfg.hash()})
+        ck.write_json(tmp / ck.STATE_FILE, {**state.__dict__, "config_hash": config_hash})
 
     return ck.write_atomic_dir(dest, write)
 
@@ -352,7 +357,7 @@ def train(
     tokenizer = (
         load_folder_tokenizer(resume_from)
         if resume_from is not None
-        else build_tokenizer(cfg, base, [cfg.input_path(p) for p in cfg["data"]["train"]])
+        else build_tokenizer(cfg, base, train_files(cfg))
     )
     data = load_datasets(cfg, tokenizer)
     if hasattr(tokenizer, "unknown_counts") and sum(tokenizer.unknown_counts.values()):
@@ -485,15 +490,16 @@ def train(
                 save_checkpoint(where, cfg, model, trainer, tokenizer, state, meta)
             # Pruning keeps the highest steps: with a newer one left by an earlier attempt, it would
             # remove the checkpoint just saved.
-            if ck.list_checkpoints(ckpt_root)[-1][1] == where:
+            if ck.latest_checkpoint(ckpt_root) == where:
                 ck.prune(ckpt_root, t["keep_last"])
         raise training_interrupted(cfg, state.step, where, saved) from e
     finally:
         bar.close()
 
     finished = state.step >= max_steps or stopped_early
-    last = ck.list_checkpoints(ckpt_root)[-1][1] if ck.list_checkpoints(ckpt_root) else None
-    final_dir = out / "best" if (stopped_early and (out / "best").exists()) else last
+    final_dir = (
+        out / "best" if (stopped_early and (out / "best").exists()) else ck.latest_checkpoint(ckpt_root)
+    )
     registered = None
     if finished and final_dir is not None:
         registered = register_run(cfg, final_dir, meta)
@@ -549,8 +555,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Path | None) -> dict:
 
     base = resolve_base(cfg)
     if checkpoint is None:
-        ckpts = ck.list_checkpoints(cfg.output_dir / "checkpoints")
-        checkpoint = ckpts[-1][1] if ckpts else None
+        checkpoint = ck.latest_checkpoint(cfg.output_dir / "checkpoints")
     if checkpoint is None and base is None:
         raise UserError(
             f"no checkpoint in {cfg.output_dir / 'checkpoints'}: train first or pass --checkpoint"

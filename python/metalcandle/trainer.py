@@ -3,11 +3,12 @@ AdamW update all run in Rust)."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from metalcandle import _core
+from metalcandle.checkpoint import read_json, write_json_atomic
 from metalcandle.model import Model, as_ids
 from metalcandle.optim import Optimizer
 
@@ -33,6 +34,13 @@ def _micro_batches(name, value, like=None):
     return arrays
 
 
+def _inputs(input_ids, labels, attention_mask):
+    """(ids, labels, mask) as lists of micro-batches; labels default to the ids."""
+    ids = _micro_batches("input_ids", input_ids)
+    labs = _micro_batches("labels", labels if labels is not None else ids, ids)
+    return ids, labs, _micro_batches("attention_mask", attention_mask, ids)
+
+
 class Trainer:
     """Trains the attached LoRA adapter if there is one, else every parameter of the model.
 
@@ -50,9 +58,7 @@ class Trainer:
         self.step_count = 0
 
     def step(self, input_ids, labels=None, attention_mask=None) -> StepStats:
-        ids = _micro_batches("input_ids", input_ids)
-        labs = _micro_batches("labels", labels if labels is not None else ids, ids)
-        mask = _micro_batches("attention_mask", attention_mask, ids)
+        ids, labs, mask = _inputs(input_ids, labels, attention_mask)
         loss, norm, tokens, aux = _core.train_step(
             self.model._core, self.optimizer._core, ids, labs, mask, self.max_grad_norm
         )
@@ -60,25 +66,18 @@ class Trainer:
         return StepStats(loss=loss, grad_norm=norm, tokens=tokens, aux=dict(aux))
 
     def eval_loss(self, input_ids, labels=None, attention_mask=None) -> float:
-        ids = _micro_batches("input_ids", input_ids)
-        labs = _micro_batches("labels", labels if labels is not None else ids, ids)
-        mask = _micro_batches("attention_mask", attention_mask, ids)
-        return _core.eval_loss(self.model._core, ids, labs, mask)
+        return _core.eval_loss(self.model._core, *_inputs(input_ids, labels, attention_mask))
 
     def save_state(self, path) -> None:
         """Optimizer moments and step counters (the weights are saved separately)."""
         os.makedirs(path, exist_ok=True)
         self.optimizer.save_state(path)
-        tmp = os.path.join(path, ".trainer.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"step_count": self.step_count, "max_grad_norm": self.max_grad_norm}, f)
-        os.replace(tmp, os.path.join(path, "trainer.json"))
+        state = {"step_count": self.step_count, "max_grad_norm": self.max_grad_norm}
+        write_json_atomic(Path(path) / "trainer.json", state)
 
     def load_state(self, path) -> None:
         self.optimizer.load_state(path)
-        with open(os.path.join(path, "trainer.json")) as f:
-            state = json.load(f)
-        self.step_count = int(state["step_count"])
+        self.step_count = int(read_json(Path(path) / "trainer.json")["step_count"])
 
 
 __all__ = ["Trainer", "StepStats"]

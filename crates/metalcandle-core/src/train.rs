@@ -257,8 +257,10 @@ pub fn train_step(
     }
 
     // torch's clip_grad_norm_: total = ||all grads||, coef = min(1, max/(total + 1e-6)).
+    // Summed in the parameters' order (not the map's), so the same gradients always give the
+    // same norm to the last bit and clipping never depends on hashing.
     let mut sq = 0f64;
-    for g in grads.values() {
+    for g in vars.iter().filter_map(|(name, _)| grads.get(name)) {
         sq += g
             .sqr()?
             .sum_all()?

@@ -24,10 +24,11 @@ def architecture_type_of(model) -> str:
 
 def load_adapter_model(path, device: str = "cpu") -> BaseAdapter:
     """A model folder loaded through the adapter its config.json's model_type selects."""
-    import json
     from pathlib import Path
 
-    model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+    from metalcandle.checkpoint import read_json
+
+    model_type = read_json(Path(path) / "config.json")["model_type"]
     return get_adapter_class(model_type).from_pretrained(path, device=device)
 
 
