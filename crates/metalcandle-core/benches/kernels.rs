@@ -1,10 +1,13 @@
 //! Each custom kernel against the composed candle expression it replaces, forward alone and
-//! forward + backward, at the shapes of a Qwen2.5-0.5B step on 256 tokens. Run with
-//! `cargo bench -p metalcandle-core`; times are medians, the ratio is composed / ours.
+//! forward + backward, at the shapes of a Qwen2.5-0.5B step on 256 tokens, and the quantized
+//! decoding product against candle's quantized matmul. Run with `cargo bench -p
+//! metalcandle-core`; times are medians, the ratio is candle's / ours.
 
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 use metalcandle_core::nn::Weight;
 use metalcandle_core::ops;
+use std::sync::Arc;
 use std::time::Instant;
 
 fn median_ms(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
@@ -55,6 +58,22 @@ fn case(
         "{name:34} fwd {of:8.2} ms vs {cf:8.2} ms ({:4.2}x)   fwd+bwd {ob:8.2} ms vs {cb:8.2} ms ({:4.2}x)",
         cf / of,
         cb / ob
+    );
+    Ok(())
+}
+
+/// One decoding step's product `x @ W^T`, x [1, in], for a quantized W: ours against
+/// candle's quantized matmul, forward only (a decoding step has no backward).
+fn decode_case(format: GgmlDType, n: usize, k: usize) -> Result<()> {
+    let w = Arc::new(QTensor::quantize(&(randn(&[n, k], 15)? * 0.02)?, format)?);
+    let x = randn(&[1, k], 16)?;
+    let candle = QMatMul::from_arc(w.clone())?;
+    let ours = median_ms(51, || ops::quantized_linear(&x, &w).map(|_| ()))?;
+    let theirs = median_ms(51, || candle.forward(&x).map(|_| ()))?;
+    println!(
+        "{:34} fwd {ours:8.3} ms vs {theirs:8.3} ms ({:4.2}x)",
+        format!("decode {format:?} {k} -> {n}"),
+        theirs / ours
     );
     Ok(())
 }
@@ -148,5 +167,9 @@ fn main() -> Result<()> {
         &|a| ops::lm_head_cross_entropy(&a[0], &head, &labels),
         &|a| ops::cross_entropy::cross_entropy_composed(&ops::frozen_linear(&a[0], &head2)?, &l2),
     )?;
+    for format in [GgmlDType::Q4_0, GgmlDType::Q8_0] {
+        decode_case(format, ff, h)?;
+        decode_case(format, h, ff)?;
+    }
     Ok(())
 }

@@ -1,6 +1,6 @@
-//! `x @ W^T` for a block-quantized frozen weight. The forward is candle's quantized matmul
-//! (which has no backward at all); the backward here returns the input gradient
-//! `g @ dequant(W)`, so LoRA adapters train on top of a quantized base (QLoRA). The float
+//! `x @ W^T` for a block-quantized frozen weight. The forward is our q4_0/q8_0 decoding
+//! kernel for a few rows, candle's quantized matmul otherwise (which has no backward at all);
+//! the backward here returns the input gradient `g @ dequant(W)`, so LoRA adapters train on top of a quantized base (QLoRA). The float
 //! copy of W lives only while one layer's backward runs.
 
 use candle_core::quantized::QTensor;
@@ -15,6 +15,15 @@ impl CustomOp1 for QuantizedLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        if let CpuStorage::F32(_) = s {
+            let x = super::slice::<f32>(s, l)?;
+            let k = self.0.shape().dims2()?.1;
+            if let Some(y) = super::quantized_gemv::try_forward(&self.0, x, x.len() / k)? {
+                let mut dims = l.dims().to_vec();
+                *dims.last_mut().expect("input has a last dimension") = self.0.shape().dims2()?.0;
+                return Ok((CpuStorage::F32(y), Shape::from(dims)));
+            }
+        }
         self.0.cpu_fwd(s, l)
     }
 
