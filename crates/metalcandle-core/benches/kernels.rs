@@ -116,12 +116,23 @@ fn main() -> Result<()> {
     let mask =
         metalcandle_core::nn::mask::attention_mask(1, t, 0, None, None, DType::F32, &Device::Cpu)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    let m2 = mask.clone();
+    let (m2, mask2) = (mask.clone(), mask.clone());
     case(
         "masked softmax [14, 256, 256]",
         &[scores],
         &|a| ops::masked_softmax(&a[0], 0.125, &mask),
-        &|a| candle_nn::ops::softmax(&(&a[0] * 0.125)?.broadcast_add(&m2)?, D::Minus1),
+        &|a| candle_nn::ops::softmax(&(&a[0] * 0.125)?.broadcast_add(&mask2)?, D::Minus1),
+    )?;
+    let (q, k) = (randn(&[1, 2, 7 * t, hd], 17)?, randn(&[1, 2, t, hd], 18)?);
+    let m3 = m2.clone();
+    case(
+        "attention probs 14 heads / 2 kv",
+        &[q, k],
+        &|a| ops::attention_probs(&a[0], &a[1], 7, 0.125, &m2),
+        &|a| {
+            let raw = a[0].matmul(&a[1].t()?)?.reshape((1, heads, t, t))?;
+            ops::masked_softmax(&raw, 0.125, &m3)?.reshape((1, 2, 7 * t, t))
+        },
     )?;
     let gate = randn(&[1, t, ff], 8)?;
     let up = randn(&[1, t, ff], 9)?;

@@ -99,18 +99,14 @@ impl Attention {
         let g = nh / nkv;
         let q = q.reshape((b, nkv, g * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let raw = q.matmul(&k.t()?)?.reshape((b, nh, t, kt))?;
-        let mut probs = match hook {
+        let probs = match hook {
             Some(h) => {
+                let raw = q.matmul(&k.t()?)?.reshape((b, nh, t, kt))?;
                 let scores = h("attn_scores", (raw * scale)?.broadcast_add(mask)?)?;
-                ops::softmax_last_dim(&scores)?
+                h("attn_probs", ops::softmax_last_dim(&scores)?)?.reshape((b, nkv, g * t, kt))?
             }
-            None => ops::masked_softmax(&raw, scale, mask)?,
+            None => ops::attention_probs(&q, &k, g, scale, mask)?,
         };
-        if let Some(h) = hook {
-            probs = h("attn_probs", probs)?;
-        }
-        let probs = probs.reshape((b, nkv, g * t, kt))?;
         let out = probs
             .matmul(&v)?
             .reshape((b, nh, t, hd))?

@@ -5,13 +5,13 @@
 //! upstream scalar.
 
 use super::cross_entropy::IGNORE_INDEX;
-use super::{cpu_tensor, with_slices, Elem};
+use super::{cpu_tensor, Elem};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 
 /// Bytes of logits computed at once: a few chunks for a 150k vocabulary and a 256-token
 /// batch, so the matmuls stay large enough to run near full speed.
-const CHUNK_BYTES: usize = 64 << 20;
+const CHUNK_BYTES: usize = 30 << 20;
 
 struct Precomputed {
     loss: Tensor,
@@ -51,47 +51,55 @@ impl CustomOp2 for Precomputed {
     }
 }
 
-/// Per row: the loss, and (when wanted) the row turned into its gradient
+/// Per row: the loss, and (when `want_grad`) the row turned in place into its gradient
 /// `(softmax - onehot) * scale`, in one pass over the logits.
 fn rows_loss_and_grad<T: Elem>(
-    logits: &[T],
+    logits: &mut [T],
     labels: &[i64],
     v: usize,
     scale: T,
     want_grad: bool,
-) -> (Vec<T>, Vec<T>) {
+) -> Vec<T> {
     use rayon::prelude::*;
     let lse = |row: &[T]| {
         let max = row.iter().fold(T::neg_infinity(), |m, x| Float::max(m, *x));
         max + row.iter().map(|x| (*x - max).exp()).sum::<T>().ln()
     };
     let mut row_loss = vec![T::zero(); labels.len()];
-    if !want_grad {
-        row_loss.par_iter_mut().enumerate().for_each(|(i, o)| {
-            if labels[i] != IGNORE_INDEX {
-                let row = &logits[i * v..(i + 1) * v];
-                *o = lse(row) - row[labels[i] as usize];
-            }
-        });
-        return (row_loss, vec![]);
-    }
-    let mut grad = logits.to_vec();
-    grad.par_chunks_mut(v)
+    logits
+        .par_chunks_mut(v)
         .zip(row_loss.par_iter_mut())
         .enumerate()
         .for_each(|(i, (row, o))| {
             if labels[i] == IGNORE_INDEX {
-                row.iter_mut().for_each(|x| *x = T::zero());
+                if want_grad {
+                    row.iter_mut().for_each(|x| *x = T::zero());
+                }
                 return;
             }
             let l = lse(row);
             *o = l - row[labels[i] as usize];
-            for x in row.iter_mut() {
-                *x = (*x - l).exp() * scale;
+            if want_grad {
+                for x in row.iter_mut() {
+                    *x = (*x - l).exp() * scale;
+                }
+                row[labels[i] as usize] -= scale;
             }
-            row[labels[i] as usize] -= scale;
         });
-    (row_loss, grad)
+    row_loss
+}
+
+/// `rows` of h times `w^T`, as an owned buffer (so the gradient can be written over it).
+fn chunk_logits<T: Elem>(h: &Tensor, w: &Tensor, rows: std::ops::Range<usize>) -> Result<Vec<T>> {
+    let (hs, hl) = h.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (candle_core::Storage::Cpu(hs), candle_core::Storage::Cpu(ws)) = (&*hs, &*ws) else {
+        candle_core::bail!("lm-head-cross-entropy: CPU only")
+    };
+    let k = hl.dims()[1];
+    let hl = Layout::contiguous_with_offset((rows.len(), k), hl.start_offset() + rows.start * k);
+    let (logits, _) = super::frozen_matmul::linear_storage(hs, &hl, ws, wl)?;
+    T::cpu_storage_data(logits)
 }
 
 fn compute<T: Elem>(
@@ -106,7 +114,6 @@ fn compute<T: Elem>(
     let n_valid = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
     let scale = T::from(1.0 / n_valid.max(1) as f64).unwrap();
     let want_grad = need_h || need_w;
-    let wt = w.t()?;
     // Row losses summed in row order at the end, as the unfused kernel does, so both paths
     // give the same bits.
     let mut row_losses: Vec<T> = Vec::with_capacity(n);
@@ -124,21 +131,17 @@ fn compute<T: Elem>(
             }
             continue;
         }
-        let hc = h.narrow(0, start, len)?;
-        let logits = hc.matmul(&wt)?.contiguous()?;
-        let (l, grad) = with_slices::<T, _>(&[&logits], |s| {
-            Ok(rows_loss_and_grad(s[0], labels, v, scale, want_grad))
-        })?;
-        row_losses.extend(l);
+        let mut logits = chunk_logits::<T>(h, w, start..start + len)?;
+        row_losses.extend(rows_loss_and_grad(&mut logits, labels, v, scale, want_grad));
         if !want_grad {
             continue;
         }
-        let grad = cpu_tensor(grad, (len, v))?;
+        let grad = cpu_tensor(logits, (len, v))?;
         if need_h {
             dh.push(grad.matmul(w)?);
         }
         if need_w {
-            let part = grad.t()?.matmul(&hc)?;
+            let part = grad.t()?.matmul(&h.narrow(0, start, len)?)?;
             dw = Some(match dw {
                 Some(acc) => (acc + part)?,
                 None => part,

@@ -6,6 +6,7 @@
 
 pub mod activation;
 pub mod adamw;
+pub mod attention_probs;
 pub mod cross_entropy;
 pub mod frozen_matmul;
 pub mod head_loss;
@@ -22,6 +23,7 @@ pub mod swiglu;
 pub(crate) mod gradcheck;
 
 pub use activation::activation;
+pub use attention_probs::attention_probs;
 pub use cross_entropy::cross_entropy;
 pub use frozen_matmul::frozen_linear;
 pub use head_loss::lm_head_cross_entropy;

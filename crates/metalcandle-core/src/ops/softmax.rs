@@ -27,7 +27,7 @@ fn forward<T: Elem>(x: &[T], d: usize) -> Vec<T> {
     out
 }
 
-fn backward<T: Elem>(y: &[T], g: &[T], d: usize) -> Vec<T> {
+pub(crate) fn backward<T: Elem>(y: &[T], g: &[T], d: usize) -> Vec<T> {
     let mut dx = vec![T::zero(); y.len()];
     for_each_row(&mut dx, d, |i, o| {
         let (yr, gr) = (&y[i * d..(i + 1) * d], &g[i * d..(i + 1) * d]);
@@ -80,21 +80,21 @@ struct MaskedSoftmax {
     mask: Tensor,
 }
 
-fn masked_forward<T: Elem>(
-    x: &[T],
+/// Turns the scores x [B, H, T, K] (rows in that order) into `softmax(x * scale + mask)` in
+/// place.
+pub(crate) fn masked_in_place<T: Elem>(
+    x: &mut [T],
     mask: &[T],
     dims: [usize; 4],
     mask_b: usize,
     scale: T,
-) -> Vec<T> {
+) {
     let [_, h, t, k] = dims;
-    let mut out = vec![T::zero(); x.len()];
-    for_each_row(&mut out, k, |i, o| {
+    for_each_row(x, k, |i, o| {
         let (b, ti) = (i / (h * t), i % t);
         let mrow = &mask[((b % mask_b) * t + ti) * k..][..k];
-        let xr = &x[i * k..(i + 1) * k];
         for j in 0..k {
-            o[j] = (xr[j] * scale + T::zero()) + mrow[j];
+            o[j] = (o[j] * scale + T::zero()) + mrow[j];
         }
         let max = o.iter().fold(T::neg_infinity(), |m, v| Float::max(m, *v));
         let mut sum = T::zero();
@@ -106,7 +106,16 @@ fn masked_forward<T: Elem>(
             *v /= sum;
         }
     });
-    out
+}
+
+/// The input gradient of `softmax(x * scale + mask)` from its output y and upstream g.
+pub(crate) fn masked_backward<T: Elem>(y: &[T], g: &[T], d: usize, scale: f64) -> Vec<T> {
+    let mut dx = backward(y, g, d);
+    let scale = num_traits::cast::<f64, T>(scale).unwrap();
+    for v in dx.iter_mut() {
+        *v = *v * scale + T::zero();
+    }
+    dx
 }
 
 impl CustomOp1 for MaskedSoftmax {
@@ -118,15 +127,11 @@ impl CustomOp1 for MaskedSoftmax {
         let (b, h, t, k) = l.shape().dims4()?;
         let mask_b = self.mask.dim(0)?;
         dispatch_float!(s, "masked-softmax", |s: T| {
-            let x = slice::<T>(s, l)?;
-            let out = with_slices::<T, _>(&[&self.mask], |m| {
-                Ok(masked_forward(
-                    x,
-                    m[0],
-                    [b, h, t, k],
-                    mask_b,
-                    num_traits::cast::<f64, T>(self.scale).unwrap(),
-                ))
+            let mut out = slice::<T>(s, l)?.to_vec();
+            with_slices::<T, _>(&[&self.mask], |m| {
+                let scale = num_traits::cast::<f64, T>(self.scale).unwrap();
+                masked_in_place(&mut out, m[0], [b, h, t, k], mask_b, scale);
+                Ok(())
             })?;
             Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
         })
@@ -136,14 +141,7 @@ impl CustomOp1 for MaskedSoftmax {
         let (g, d) = (g.contiguous()?, y.dim(D::Minus1)?);
         let dx = by_dtype!(y.dtype(), "masked-softmax", |T| with_slices::<T, _>(
             &[y, &g],
-            |s| {
-                let mut dx = backward(s[0], s[1], d);
-                let scale = num_traits::cast::<f64, T>(self.scale).unwrap();
-                for v in dx.iter_mut() {
-                    *v = *v * scale + <T as num_traits::Zero>::zero();
-                }
-                cpu_tensor(dx, y.shape())
-            }
+            |s| cpu_tensor(masked_backward(s[0], s[1], d, self.scale), y.shape())
         )?);
         Ok(Some(dx))
     }
