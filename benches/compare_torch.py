@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 
-from common import QWEN25_05B, current_rss_mib, peak_rss_mib  # noqa: E402
+from common import QWEN25_05B, current_rss_mib, peak_rss_mib, timed  # noqa: E402
 
 # Same family at a size where a full AdamW step is routine on a laptop: head_dim 64 as in the
 # real model, 4x MLP; 25,272,960 parameters, more than half of them the tied embedding.
@@ -109,18 +109,6 @@ def base_config(layers: int | None) -> dict:
 
 
 # --- measurement helpers (run inside the workers) ----------------------------------------------------
-
-
-def timed(fn, runs: int) -> tuple[list[float], object]:
-    """One untimed warm-up call (first-touch allocations, thread-pool start-up, kernel choice),
-    then `runs` timed calls; returns the times and the last call's result."""
-    result = fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return times, result
 
 
 def summary(times: list[float], tokens: int, rss_ready: float | None, **extra) -> dict:

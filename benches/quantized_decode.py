@@ -23,7 +23,7 @@ import time
 import warnings
 
 import numpy as np
-from common import QWEN25_05B, current_rss_mib, mib, peak_rss_mib
+from common import QWEN25_05B, current_rss_mib, mib, peak_rss_mib, timed
 
 PROMPT_TOKENS = 16
 NEW_TOKENS = 64
@@ -79,21 +79,16 @@ def worker_decode(fmt: str, layers: int | None, runs: int, gguf: str | None) -> 
     stats["weights_mib"] = mib(weight_bytes(model))
     stats["parameters"] = model.num_parameters()
     prompt = np.random.default_rng(0).integers(0, QWEN25_05B["vocab_size"], size=(1, PROMPT_TOKENS))
-    times, outputs = [], []
-    for _ in range(runs + 1):  # the first run warms up
-        t0 = time.perf_counter()
-        out = model.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=[])
-        times.append(time.perf_counter() - t0)
-        outputs.append(out)
-    assert outputs[-1].shape == (1, PROMPT_TOKENS + NEW_TOKENS)
-    median = float(np.median(times[1:]))
+    times, out = timed(lambda: model.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=[]), runs)
+    assert out.shape == (1, PROMPT_TOKENS + NEW_TOKENS)
+    median = float(np.median(times))
     stats.update(
         {
             "decode_s_median": round(median, 3),
             "tokens_per_s": round(NEW_TOKENS / median, 2),
             "rss_after_decode_mib": current_rss_mib(),
             "peak_rss_mib": peak_rss_mib(),
-            "first_new_ids": outputs[-1][0, PROMPT_TOKENS : PROMPT_TOKENS + 8].tolist(),
+            "first_new_ids": out[0, PROMPT_TOKENS : PROMPT_TOKENS + 8].tolist(),
         }
     )
     return stats

@@ -11,7 +11,7 @@ import json
 import time
 
 import numpy as np
-from common import QWEN25_05B, peak_rss_mib
+from common import QWEN25_05B, peak_rss_mib, timed
 
 import metalcandle as mc
 
@@ -30,12 +30,8 @@ def main() -> None:
     model.add_lora(r=8, alpha=16, target_modules="all-linear", seed=0)
     trainer = mc.Trainer(model, mc.AdamW(lr=1e-4), max_grad_norm=1.0)
     ids = np.random.default_rng(0).integers(0, QWEN25_05B["vocab_size"], size=(1, args.seq))
-    times = []
-    for _ in range(args.steps + 1):  # the first step warms up
-        t = time.perf_counter()
-        trainer.step(ids)
-        times.append(time.perf_counter() - t)
-    med = float(np.median(times[1:]))
+    times, _ = timed(lambda: trainer.step(ids), args.steps)
+    med = float(np.median(times))
     result = {
         "model": "Qwen2.5-0.5B-shaped, random, float32",
         "parameters": model.num_parameters(),

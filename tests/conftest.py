@@ -110,6 +110,17 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def split_metrics(out: Path) -> tuple[list[dict], list[dict]]:
+    """A run folder's metrics.jsonl as (training lines, evaluation lines)."""
+    rows = read_metrics(out)
+    return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+
+
+def weights(model) -> dict[str, np.ndarray]:
+    """A snapshot of every parameter of `model`, by name."""
+    return {n: model.get_parameter(n) for n in model.parameter_names()}
+
+
 class ScriptedCore:
     """A stand-in for the Rust core whose model emits a fixed token sequence, for streaming tests."""
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import metalcandle as mc
-from conftest import PRETRAINED_TOML, run_cli, write_config
+from conftest import PRETRAINED_TOML, read_metrics, run_cli, write_config
 from metalcandle.cli import main
 from metalcandle.registry import Registry
 from metalcandle.tokenizers import load_tokenizer
@@ -141,7 +141,7 @@ def greedy_reference(model, ids, n):
 def test_train_eval_and_generate_from_a_checkpoint(capsys, scratch_cfg, tmp_path):
     code, out, _ = run_cli(capsys, "train", str(scratch_cfg), "--quiet")
     assert code == 0 and "steps: 6" in out and "registered as: cli-tiny" in out
-    metrics = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(tmp_path / "out")
     code, out, _ = run_cli(capsys, "eval", str(scratch_cfg))
     assert code == 0
     val = float(out.split("val_loss ")[1].split()[0])

@@ -1,8 +1,10 @@
 """Config validation: every error names the file and key and says what was expected."""
 
+import numpy as np
 import pytest
 import tomllib
 
+import metalcandle as mc
 from metalcandle.config import (
     SCHEMA,
     apply_overrides,
@@ -13,7 +15,9 @@ from metalcandle.config import (
     validate,
 )
 from metalcandle.errors import UserError
+from metalcandle.loading import scratch_model_config
 from metalcandle.templates import FROM_SCRATCH, LORA
+from metalcandle.train import make_optimizer
 
 MINIMAL = """
 [run]
@@ -244,10 +248,15 @@ HOOK_ERRORS = [
     ("[[hooks.forwrd]]\nkind = 'x'\n", "unknown key 'hooks.forwrd' (did you mean 'forward'?)"),
     ("[hooks.forward]\nkind = 'x'\n", "hooks.forward must be an array of tables ([[hooks.forward]]"),
     ("[hooks]\nbackward = [1]\n", "hooks.backward[0] must be a table"),
-    ("[[hooks.update]]\nparams = ['a']\n", 'hooks.update[0] needs kind = "..." (a string)'),
+    ("[[hooks.update]]\nparams = ['a']\n", 'hooks.update[0] needs kind = "..." (one of "clip_value",'),
+    ("[[hooks.update]]\nkind = 3\n", "hooks.update[0].kind must be one of"),
     ("[[hooks.aux_loss]]\nkind = 'activation_l2'\nweight = 1\n", 'hooks.aux_loss[0] needs point = "..."'),
     ("[[hooks.forward]]\nkind = 'scale'\nfactor = 2\n", 'hooks.forward[0] needs point = "..."'),
-    ("[[hooks.forward]]\nkind = 'scale'\npoint = 'p'\nat = 1979-05-27\n", "hooks.forward[0].at must be"),
+    ("[[hooks.forward]]\nkind = 'scale'\npoint = 'p'\nat = 1979-05-27\n", "unknown key 'hooks.forward[0].at"),
+    (
+        "[[hooks.forward]]\nkind = 'scale'\npoint = 'p'\nfactor = 1979-05-27\n",
+        "hooks.forward[0].factor must be a number, got datetime.date(1979, 5, 27)",
+    ),
     (
         "[[hooks.forward]]\nkind = 'scale'\npoint = 'p'\nfactor = nan\n",
         "hooks.forward[0].factor must be a finite",
@@ -255,7 +264,7 @@ HOOK_ERRORS = [
     ("[hook]\n", "unknown section [hook] (did you mean 'hooks'?)"),
     (
         "[[hooks.forward]]\nkind = 'scal'\npoint = 'embed'\n",
-        'hooks.forward[0].kind must be one of "capture", "scale", "noise", "clamp", '
+        'hooks.forward[0].kind must be one of "scale", "noise", "clamp", '
         "\"ablate_heads\", got 'scal' (did you mean 'scale'?)",
     ),
     ("[[hooks.backward]]\nkind = 'clip'\npoint = 'embed'\n", "hooks.backward[0].kind must be one of"),
@@ -285,10 +294,80 @@ HOOK_ERRORS = [
         "[[hooks.forward]]\nkind = 'ablate_heads'\npoint = 'e'\nheads = [-1]\n",
         ".heads must be a non-empty",
     ),
-    ("[[hooks.forward]]\nkind = 'capture'\npoint = 'embed'\nfull = 1\n", ".full must be true or false"),
+    # Nothing in a training run reads captured values: a config capture would only hold memory.
+    (
+        "[[hooks.forward]]\nkind = 'capture'\npoint = 'embed'\n",
+        'hooks.forward[0].kind = "capture" is only available from Python (a training run never reads '
+        "what it captures; use model.capture(...) from Python)",
+    ),
+    (
+        "[[hooks.forward]]\nkind = 'ablate_heads'\npoint = 'e'\nheads = [0, 1.5]\n",
+        ".heads must be a non-empty list of integers >= 0",
+    ),
 ]
 
 
 @pytest.mark.parametrize("text, needle", HOOK_ERRORS)
 def test_hook_errors_name_the_entry_and_key(tmp_path, text, needle):
     assert needle in error_of(tmp_path, MINIMAL + text)
+
+
+# Optimizers: the keys left out take the defaults of the algorithm `name` picks.
+
+
+def optimizer_of(tmp_path, section: str, name="o.toml"):
+    cfg = load_config(write(tmp_path, MINIMAL + "[optimizer]\n" + section, name))
+    return cfg, make_optimizer(cfg)
+
+
+@pytest.mark.parametrize("name, cls", [("adamw", mc.AdamW), ("sgd", mc.SGD), ("lion", mc.Lion)])
+def test_config_optimizer_defaults_are_the_classes_defaults(tmp_path, name, cls):
+    cfg, opt = optimizer_of(tmp_path, f'name = "{name}"\n')
+    assert opt.config == cls().config
+    # The resolved config spells them out, so writing them in is the same config.
+    again = validate(tomllib.loads(to_toml(cfg.to_dict())))
+    assert again.hash() == cfg.hash()
+
+
+def test_config_lion_is_mc_lion(tmp_path):
+    cfg, _ = optimizer_of(tmp_path, 'name = "lion"\n')
+    assert cfg["optimizer"]["lr"] == 1e-4 and cfg["optimizer"]["betas"] == [0.9, 0.99]
+    assert cfg["optimizer"]["weight_decay"] == 0.0
+    # A key given is kept, the others still come from Lion.
+    cfg, opt = optimizer_of(tmp_path, 'name = "lion"\nlr = 3e-4\n', "l.toml")
+    assert opt.config == mc.Lion(lr=3e-4).config
+
+
+def test_config_adamw_defaults_are_unchanged(tmp_path):
+    # Configs written before the per-algorithm defaults resolve (and hash) as they did.
+    assert load_config(write(tmp_path, MINIMAL))["optimizer"] == {
+        "name": "adamw",
+        "lr": 1e-3,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+        "weight_decay": 0.01,
+        "momentum": 0.0,
+        "nesterov": False,
+    }
+
+
+def test_nesterov_without_momentum_is_refused_naming_the_file(tmp_path):
+    msg = error_of(tmp_path, MINIMAL + '[optimizer]\nname = "sgd"\nnesterov = true\n')
+    assert msg.startswith(f"{tmp_path / 'cfg.toml'}: ")
+    assert "optimizer.nesterov = true needs optimizer.momentum > 0" in msg
+    _, opt = optimizer_of(tmp_path, 'name = "sgd"\nnesterov = true\nmomentum = 0.9\n')
+    assert opt.config == mc.SGD(momentum=0.9, nesterov=True).config
+
+
+def test_hook_parameters_cannot_override_the_kind_or_where(tmp_path):
+    model = mc.Model.from_config(scratch_model_config(load_config(write(tmp_path, MINIMAL)), 64), seed=0)
+    with pytest.raises(ValueError, match=r"^forward hook: kind= is not a parameter \(the point and the kind"):
+        model.add_forward_hook("embed", "scale", factor=2.0, kind="noise")
+    with pytest.raises(ValueError, match=r"^backward hook: pattern= is not a parameter"):
+        model.add_backward_hook("embed", "scale", factor=2.0, pattern="*")
+    with pytest.raises(ValueError, match=r"^update hook: kind=, point= are not parameters"):
+        model.add_update_hook("*", "sign", kind="freeze", point="embed")
+    # Nothing was attached: a forward is the plain model's.
+    ids = np.array([[1, 2, 3, 4]], dtype=np.int64)
+    plain = mc.Model.from_config(scratch_model_config(load_config(write(tmp_path, MINIMAL)), 64), seed=0)
+    np.testing.assert_array_equal(model(ids), plain(ids))

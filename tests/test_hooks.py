@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import metalcandle as mc
-from conftest import SCRATCH_TOML, read_metrics, run_cli, write_config
+from conftest import SCRATCH_TOML, run_cli, split_metrics, weights, write_config
 from metalcandle import train as T
 from metalcandle.config import load_config
 from metalcandle.errors import UserError
@@ -21,20 +21,17 @@ def model_dir(fixtures):
     return fixtures / "tiny-llama"
 
 
-def weights(model) -> dict[str, np.ndarray]:
-    return {n: model.get_parameter(n) for n in model.parameter_names()}
-
-
 def trajectory(model, steps=3, **trainer_kw):
     trainer = mc.Trainer(model, mc.AdamW(lr=LR), **trainer_kw)
     stats = [trainer.step(IDS) for _ in range(steps)]
     return stats, weights(model)
 
 
-def one_step(model, max_grad_norm=None):
-    """Weights before and after one AdamW step without weight decay (a zero gradient moves nothing)."""
+def one_step(model):
+    """Weights before and after one unclipped AdamW step without weight decay (a zero gradient
+    moves nothing)."""
     before = weights(model)
-    mc.Trainer(model, mc.AdamW(lr=LR, weight_decay=0.0), max_grad_norm=max_grad_norm).step(IDS)
+    mc.Trainer(model, mc.AdamW(lr=LR, weight_decay=0.0), max_grad_norm=None).step(IDS)
     return before, weights(model)
 
 
@@ -256,15 +253,11 @@ def write_run(workdir, name, hooks: str, steps=4):
                         template + hooks)  # fmt: skip
 
 
-def train_rows(out):
-    return [r for r in read_metrics(out) if "loss" in r]
-
-
 def test_config_aux_loss_is_logged_on_every_training_line_fresh_and_resumed(workdir):
     cfg = load_config(write_run(workdir, "zl", '[[hooks.aux_loss]]\nkind = "z_loss"\nweight = 0.001\n'))
     T.train(cfg, progress=False, log=lambda m: None, stop_at_step=2)
     T.train(cfg, progress=False, log=lambda m: None)
-    rows = train_rows(cfg.output_dir)
+    rows, _ = split_metrics(cfg.output_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["aux/z_loss"] > 0 for r in rows)
 
@@ -278,7 +271,8 @@ def test_config_freeze_everything_leaves_the_weights_as_initialised(workdir):
     assert all(
         np.array_equal(trained.get_parameter(n), initial.get_parameter(n)) for n in trained.parameter_names()
     )
-    assert all(r["grad_norm"] == 0 and "aux/z_loss" not in r for r in train_rows(cfg.output_dir))
+    rows, _ = split_metrics(cfg.output_dir)
+    assert all(r["grad_norm"] == 0 for r in rows)
 
 
 def test_config_bad_kind_exits_2_naming_the_key(capsys, workdir):
@@ -303,3 +297,17 @@ def test_config_unknown_point_is_named_when_attached(capsys, workdir):
     err = err.strip()
     assert code == 2 and err.count("\n") == 0
     assert 'hooks.forward[0]: hook point "layers.7.mlp_out" matches no point of this model' in err
+
+
+def test_overlapping_captures_each_get_what_their_own_hook_recorded(model_dir):
+    model = mc.load_model(model_dir)
+    logits = model.forward(IDS)
+    outside = model.add_forward_hook("logits", "capture")
+    with model.capture("logits") as full, model.capture("logits", full=False) as stats:
+        model.forward(IDS)
+    assert np.array_equal(full["logits"], logits)
+    assert stats["logits"]["shape"] == list(logits.shape)
+    assert stats["logits"]["max"] == pytest.approx(float(logits.max()), rel=1e-6)
+    # A hook attached outside the blocks keeps its own value too.
+    assert np.array_equal(model.take_captured()["logits"], logits)
+    outside.remove()

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import metalcandle as mc
+from conftest import weights
 from metalcandle.config import load_config
 
 TINY = {
@@ -23,12 +24,11 @@ IDS = np.array([[1, 5, 9, 3, 7, 2, 11, 4]])
 
 
 def one_step(opt, model=None, batch=IDS):
-    """Trainable weights before and after one unclipped step of `opt`, and the step's stats."""
+    """All weights before and after one unclipped step of `opt`, and the step's stats."""
     model = model or mc.Model.from_config(TINY, seed=3)
-    before = {k: v.copy() for k, v in model.trainable_parameters().items()}
+    before = weights(model)
     stats = mc.Trainer(model, opt, max_grad_norm=None).step(batch, labels=batch)
-    after = {k: model.get_parameter(k) for k in before}
-    return before, after, stats
+    return before, weights(model), stats
 
 
 def test_plain_sgd_step_moves_the_weights_by_torchs_gradient(fixtures):
@@ -37,7 +37,7 @@ def test_plain_sgd_step_moves_the_weights_by_torchs_gradient(fixtures):
     tr = np.load(fixtures / "tiny-llama" / "full" / "trajectory.npz")
     model = mc.load_model(fixtures / "tiny-llama")
     before, after, stats = one_step(mc.SGD(lr=1.0), model, tr["batches"][0])
-    assert set(before) == set(model.parameter_names())
+    assert set(model.trainable_parameters()) == set(before)  # full fine-tuning: every parameter steps
     step = np.sqrt(sum(np.sum((before[k].astype(np.float64) - after[k]) ** 2) for k in before))
     np.testing.assert_allclose(stats.loss, tr["losses"][0], atol=3e-5, rtol=0)
     np.testing.assert_allclose(step, tr["grad_norms"][0], rtol=3e-5, atol=0)
@@ -67,7 +67,7 @@ def test_sgd_momentum_state_round_trips(tmp_path):
     model.save_pretrained(tmp_path / "model")
     trainer.save_state(tmp_path / "state")
     trainer.step(IDS)
-    want = {k: model.get_parameter(k) for k in model.parameter_names()}
+    want = weights(model)
 
     def second_step(opt, load_state):
         m = mc.load_model(tmp_path / "model")
@@ -75,7 +75,7 @@ def test_sgd_momentum_state_round_trips(tmp_path):
         if load_state:
             t.load_state(tmp_path / "state")
         t.step(IDS)
-        return {k: m.get_parameter(k) for k in want}
+        return weights(m)
 
     other = mc.SGD(lr=0.5)  # the settings come back with the state
     resumed = second_step(other, load_state=True)
@@ -100,7 +100,7 @@ def test_config_selects_the_optimizer(tmp_path):
     cfg_file.write_text(
         '[run]\nname = "o"\n'
         "[model.spec]\nd_model = 16\nn_layers = 1\nn_heads = 2\nd_ff = 32\nmax_seq_len = 16\n"
-        '[data]\ntrain = ["x.txt"]\n[optimizer]\nname = "lion"\nlr = 1e-4\nweight_decay = 0.1\n'
+        '[data]\ntrain = ["x.txt"]\n[optimizer]\nname = "lion"\nlr = 3e-4\nweight_decay = 0.1\n'
         "[train]\nmax_steps = 1\n"
     )
     (tmp_path / "x.txt").write_text("hello world\n" * 20)
@@ -109,3 +109,5 @@ def test_config_selects_the_optimizer(tmp_path):
 
     opt = make_optimizer(cfg)
     assert isinstance(opt, mc.Lion) and opt.config["weight_decay"] == 0.1
+    # Not Lion's default lr (1e-4), so this fails if the config's lr is dropped.
+    assert opt.lr == pytest.approx(3e-4)

@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 
 import metalcandle as mc
+from conftest import ATOL_FORWARD
 
 REASON = "peft/torch not installed: optional interop test"
 torch = pytest.importorskip("torch", reason=REASON)
 transformers = pytest.importorskip("transformers", reason=REASON)
 peft = pytest.importorskip("peft", reason=REASON)
 
-# README: `logits` and `lora_logits_step0_nonzeroB`. Every comparison here runs the same weights on
-# both sides (no training in between), a plain or an unmerged LoRA forward, so none needs the looser
-# `merged_logits*` bound, which allows for two optimizers drifting apart.
-ATOL_FORWARD = 5e-5
+# ATOL_FORWARD is the README's bound for `logits` and `lora_logits_step0_nonzeroB`. Every comparison
+# here runs the same weights on both sides (no training in between), a plain or an unmerged LoRA
+# forward, so none needs the looser `merged_logits*` bound, which allows for two optimizers drifting
+# apart.
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # An adapter far enough from the base that loading it wrongly (or not at all) cannot pass.
 MIN_ADAPTER_EFFECT = 0.1

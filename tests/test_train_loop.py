@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import metalcandle as mc
-from conftest import SCRATCH_TOML, read_metrics, write_config, write_corpus
+from conftest import SCRATCH_TOML, split_metrics, write_config, write_corpus
 from metalcandle import checkpoint as ck
 from metalcandle import train as T
 from metalcandle.cli import main
@@ -34,11 +34,6 @@ def make_cfg(workdir, name="tiny", steps=12, overrides=(), template=SCRATCH_TOML
         workdir / f"{name}.toml", name, workdir / "runs" / name, workdir / "models", steps, template
     )
     return load_config(p, list(overrides))
-
-
-def split_metrics(out):
-    rows = read_metrics(out)
-    return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
 
 
 def run(cfg, **kw):

@@ -9,12 +9,12 @@ import pytest
 from safetensors.numpy import load_file
 
 import metalcandle as mc
-from conftest import MODELS
+from conftest import ATOL_FORWARD, MODELS
 
 # Fixtures' README: losses, grad norms, trained weights, logits after our own training run
-# (merged_logits*, final_logits), and a forward of given weights (logits, lora_logits_step0_nonzeroB).
+# (merged_logits*, final_logits); a forward of given weights (logits, lora_logits_step0_nonzeroB)
+# uses conftest's ATOL_FORWARD.
 ATOL_LOSS, RTOL_NORM, ATOL_WEIGHTS, ATOL_TRAINED_LOGITS = 3e-5, 3e-5, 5e-4, 5e-4
-ATOL_FORWARD = 5e-5
 
 
 def run(trainer, batches):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from typing import Any
 
 import tomllib
 
+from metalcandle import optim
 from metalcandle.data import FORMATS as DATA_FORMATS
 from metalcandle.errors import UserError, did_you_mean
 from metalcandle.hooks import SECTIONS as HOOK_SECTIONS
@@ -89,15 +91,17 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "target_modules": Key("target_modules", ["q_proj", "v_proj"]),
         "use_rslora": Key("bool", False),
     },
+    # The keys left out take the defaults of the optimizer `name` picks (`metalcandle.optim`), so a
+    # config's "lion" is `mc.Lion()`; see `_optimizer_defaults`.
     "optimizer": {
         "name": Key("str", "adamw", choices=("adamw", "sgd", "lion")),
-        "lr": Key("float", 1e-3, min=0.0, min_exclusive=True),
-        "betas": Key("float_pair", [0.9, 0.999], min=0.0, max=1.0),
-        "eps": Key("float", 1e-8, min=0.0, min_exclusive=True),
-        "weight_decay": Key("float", 0.01, min=0.0),
+        "lr": Key("float", None, min=0.0, min_exclusive=True),
+        "betas": Key("float_pair", None, min=0.0, max=1.0),
+        "eps": Key("float", None, min=0.0, min_exclusive=True),
+        "weight_decay": Key("float", None, min=0.0),
         # SGD only.
-        "momentum": Key("float", 0.0, min=0.0),
-        "nesterov": Key("bool", False),
+        "momentum": Key("float", None, min=0.0),
+        "nesterov": Key("bool", None),
     },
     "scheduler": {
         "name": Key("str", "cosine", choices=("constant", "linear", "cosine")),
@@ -304,31 +308,14 @@ def _check_hooks(where: str, dotted: str, value: Any) -> list[dict]:
         at = f"{dotted}[{i}]"
         if not isinstance(entry, dict):
             raise UserError(f'{where}{at} must be a table with kind = "...", got {entry!r}')
-        if not isinstance(entry.get("kind"), str) or not entry["kind"]:
-            raise UserError(f'{where}{at} needs kind = "..." (a string), got {entry.get("kind")!r}')
-        for name, v in entry.items():
-            _check_hook_param(where, f"{at}.{name}", v)
         try:
-            # With its defaults filled in, like every other key, so spelling one out changes no hash.
+            # Checked key by key (unknown keys refused, each value's type and finiteness, so that
+            # the resolved config hashes as JSON and compares on resume), and with its defaults
+            # filled in, like every other key, so spelling one out changes no hash.
             out.append(check_entry(dotted.split(".", 1)[1], entry, at))
         except ValueError as e:
             raise UserError(f"{where}{e}") from None
     return out
-
-
-def _check_hook_param(where: str, dotted: str, value: Any) -> None:
-    # The resolved config is hashed as JSON and compared key by key on resume: TOML dates would not
-    # serialize, and a NaN never equals itself.
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _check_hook_param(where, f"{dotted}.{k}", v)
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_hook_param(where, f"{dotted}[{i}]", v)
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{where}{dotted} must be a finite number, got {value!r}")
-    elif not isinstance(value, str | int | float | bool):
-        raise UserError(f"{where}{dotted} must be a number, string, boolean, list or table, got {value!r}")
 
 
 def _validate_table(where: str, section: str, table: Any, keys: dict[str, Key]) -> dict[str, Any]:
@@ -423,6 +410,15 @@ def _check_cross_keys(where: str, s: dict) -> None:
             )
         if s["data"]["seq_len"] is None:
             s["data"]["seq_len"] = 512
+    o = s["optimizer"]
+    for name, value in _optimizer_defaults(o["name"]).items():
+        if name in o and o[name] is None:  # not given
+            o[name] = _check_value(where, f"optimizer.{name}", SCHEMA["optimizer"][name], value)
+    if o["name"] == "sgd" and o["nesterov"] and o["momentum"] == 0:
+        raise UserError(
+            f"{where}optimizer.nesterov = true needs optimizer.momentum > 0 (Nesterov's variant of "
+            "momentum), got momentum = 0"
+        )
     t = s["train"]
     if t["max_steps"] is None and t["epochs"] is None:
         raise UserError(f"{where}[train] needs 'max_steps' or 'epochs'")
@@ -430,6 +426,19 @@ def _check_cross_keys(where: str, s: dict) -> None:
         raise UserError(f"{where}[train] takes 'max_steps' or 'epochs', not both")
     if s["data"]["valid"] is None and s["data"]["valid_fraction"] <= 0:
         raise UserError(f"{where}[data] needs 'valid' files or a 'valid_fraction' > 0 for evaluation")
+
+
+def _optimizer_defaults(name: str) -> dict[str, Any]:
+    """The keyword defaults of optimizer `name`'s class in `metalcandle.optim` (`mc.Lion()` for
+    "lion"), and for the keys that class does not take those of the base `Optimizer`, so the
+    resolved config names every key. Tuples come as lists, as TOML writes them."""
+    cls = {"adamw": optim.AdamW, "sgd": optim.SGD, "lion": optim.Lion}[name]
+    out = {}
+    for init in (optim.Optimizer.__init__, cls.__init__):
+        for key, p in inspect.signature(init).parameters.items():
+            if p.default is not inspect.Parameter.empty:
+                out[key] = list(p.default) if isinstance(p.default, tuple) else p.default
+    return out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

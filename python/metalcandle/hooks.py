@@ -50,10 +50,11 @@ from typing import Any
 
 import numpy as np
 
+from metalcandle import _core
 from metalcandle.errors import UserError, did_you_mean
 
 SECTIONS = ("forward", "backward", "update", "aux_loss")
-_POINTS_IN_A_LAYER = ("attn_in", "attn_scores", "attn_probs", "attn_out", "mlp_out", "residual")
+_POINTS_IN_A_LAYER = tuple(_core.POINTS_IN_A_LAYER)
 _NO_DEFAULT = object()
 
 
@@ -72,7 +73,8 @@ _SEED = _Param("int", 0, min=0)
 _MAX = _Param("number", min=0.0, min_exclusive=True)
 
 # Kind -> its parameters, per section. "python" (a function) and "patch" (an array) cannot be
-# written in a config, so they are only in PYTHON_ONLY.
+# written in a config, so they are only in PYTHON_ONLY; "capture" is in both, since nothing reads
+# what a config's hook would capture (it would only hold memory at every step).
 KINDS: dict[str, dict[str, dict[str, _Param]]] = {
     "forward": {
         "capture": {"full": _Param("bool", True)},
@@ -104,7 +106,17 @@ KINDS: dict[str, dict[str, dict[str, _Param]]] = {
         "attention_entropy": {"weight": _Param("number")},
     },
 }
-PYTHON_ONLY = {"forward": ("patch", "python"), "backward": ("python",), "update": ("python",)}
+PYTHON_ONLY = {
+    "forward": ("capture", "patch", "python"),
+    "backward": ("python",),
+    "update": ("python",),
+}
+# Why each kind of PYTHON_ONLY cannot be in a config, and what to use instead.
+_PYTHON_ONLY_WHY = {
+    "python": "it runs a Python function; see Model.add_{section}_hook",
+    "patch": "it needs the activation array to patch in; see Model.add_forward_hook",
+    "capture": "a training run never reads what it captures; use model.capture(...) from Python",
+}
 _AUX_DEFAULT_POINT = {"attention_entropy": "layers.*.attn_probs"}
 _LABEL = {
     "forward": "forward hook",
@@ -125,20 +137,20 @@ def check_entry(section: str, entry: dict, at: str | None = None) -> dict:
     kinds = KINDS[section]
     kind = entry.get("kind")
     python_only = PYTHON_ONLY.get(section, ())
-    if at is not None and kind in python_only:
-        how = {
-            "python": "it runs a Python function",
-            "patch": "it needs the activation array to patch in",
-        }[kind]
-        raise ValueError(
-            f'{at}.kind = "{kind}" is only available from Python ({how}; see Model.add_{section}_hook)'
-        )
-    if not isinstance(kind, str) or kind not in kinds:
-        if at is not None:
+    if at is not None:
+        if isinstance(kind, str) and kind in python_only:
+            why = _PYTHON_ONLY_WHY[kind].format(section=section)
+            raise ValueError(f'{at}.kind = "{kind}" is only available from Python ({why})')
+        in_config = [k for k in kinds if k not in python_only]
+        if kind is None:
+            raise ValueError(f'{at} needs kind = "..." (one of {_quoted(in_config)})')
+        if not isinstance(kind, str) or kind not in in_config:
             raise ValueError(
-                f"{at}.kind must be one of {_quoted(kinds)}, got {kind!r}{did_you_mean(str(kind), kinds)}"
+                f"{at}.kind must be one of {_quoted(in_config)}, got {kind!r}"
+                f"{did_you_mean(str(kind), in_config)}"
             )
-        known = list(kinds) + [k for k in python_only if k != "python"]
+    if not isinstance(kind, str) or kind not in kinds:
+        known = list(kinds) + [k for k in python_only if k not in kinds and k != "python"]
         raise ValueError(
             f"unknown {_LABEL[section]} kind {kind!r}{did_you_mean(str(kind), known)} "
             f"(kinds: {', '.join(known)}{'; or pass a function' if python_only else ''})"
@@ -232,27 +244,9 @@ def _check_param(dotted: str, p: _Param, value: Any) -> Any:
 # Points ---------------------------------------------------------------------------------------
 
 
-def point_names(num_layers: int) -> list[str]:
-    """Every point of a model with `num_layers` blocks, in the order a forward reaches them."""
-    inner = [f"layers.{i}.{p}" for i in range(num_layers) for p in _POINTS_IN_A_LAYER]
-    return ["embed", *inner, "final_norm", "logits"]
-
-
-def glob_match(pattern: str, name: str) -> bool:
-    """The core's matching: `*` is any run of characters (dots too); nothing else is special."""
-    parts = pattern.split("*")
-    if len(parts) == 1:
-        return pattern == name
-    first, last = parts[0], parts[-1]
-    if not name.startswith(first) or len(name) < len(first) + len(last) or not name.endswith(last):
-        return False
-    rest = name[len(first) : len(name) - len(last)]
-    for mid in parts[1:-1]:
-        i = rest.find(mid)
-        if i < 0:
-            return False
-        rest = rest[i + len(mid) :]
-    return True
+# The core's point names and pattern matching, so that Python checks agree with it exactly.
+point_names = _core.hook_points
+glob_match = _core.glob_match
 
 
 def matching_points(model, pattern: str) -> list[str]:
@@ -270,9 +264,9 @@ def matching_points(model, pattern: str) -> list[str]:
     return found
 
 
-def _check_attention_points(model, kind: str, pattern: str, heads=None) -> None:
+def _check_attention_points(model, kind: str, pattern: str, points: list[str], heads=None) -> None:
     # The core finds these out only in the middle of a forward; here they fail when attached.
-    points = matching_points(model, pattern)
+    # `points`: what `pattern` matches (`matching_points`).
     wanted = ("attn_probs",) if kind == "attention_entropy" else ("attn_scores", "attn_probs")
     other = [p for p in points if p.rsplit(".", 1)[-1] not in wanted]
     if other:
@@ -345,7 +339,7 @@ def _backward_fn(fn: Callable) -> Callable:
     def call(point, grad):
         out = fn(point, grad)
         if out is None:
-            return grad
+            return None  # the core keeps the gradient without reading it back
         out = _float32(out)
         # The core's own check of this shape fails inside autograd, as an untyped error; here it
         # is a ValueError naming the shapes.
@@ -359,7 +353,7 @@ def _backward_fn(fn: Callable) -> Callable:
 def _update_fn(fn: Callable) -> Callable:
     def call(name, param, grad):
         out = fn(name, param, grad)
-        return grad if out is None else _float32(out)
+        return None if out is None else _float32(out)
 
     return call
 
@@ -375,7 +369,7 @@ def _params_json(spec: dict) -> str:
 
 def add_forward_hook(model, point: str, fn_or_kind, array=None, **params) -> HookHandle:
     """See `Model.add_forward_hook`."""
-    matching_points(model, point)
+    points = matching_points(model, point)
     if not callable(fn_or_kind) and fn_or_kind == "patch":
         if params:
             raise ValueError(f'forward hook "patch" takes only array=, got {", ".join(params)}')
@@ -390,17 +384,22 @@ def add_forward_hook(model, point: str, fn_or_kind, array=None, **params) -> Hoo
         if callable(fn_or_kind):
             raise ValueError("a forward hook function takes no parameters; close over them instead")
         raise ValueError(f'array= is for the "patch" kind, not {fn_or_kind!r}')
-    return _add_hook(model, "forward", point, fn_or_kind, params, _forward_fn)
+    return _add_hook(model, "forward", point, points, fn_or_kind, params, _forward_fn)
 
 
 def add_backward_hook(model, point: str, fn_or_kind, **params) -> HookHandle:
     """See `Model.add_backward_hook`."""
-    matching_points(model, point)
-    return _add_hook(model, "backward", point, fn_or_kind, params, _backward_fn)
+    points = matching_points(model, point)
+    return _add_hook(model, "backward", point, points, fn_or_kind, params, _backward_fn)
 
 
 def add_update_hook(model, pattern: str, fn_or_kind, **params) -> HookHandle:
     """See `Model.add_update_hook`."""
+    _check_update_pattern(model, pattern)
+    return _add_hook(model, "update", pattern, None, fn_or_kind, params, _update_fn)
+
+
+def _check_update_pattern(model, pattern: str) -> None:
     names = _trainable_names(model)
     if not isinstance(pattern, str) or not any(glob_match(pattern, n) for n in names):
         hint = "; attach the LoRA adapter first" if "lora" in str(pattern) and not model.has_adapter else ""
@@ -408,30 +407,54 @@ def add_update_hook(model, pattern: str, fn_or_kind, **params) -> HookHandle:
             f"update hook pattern {pattern!r} matches no trainable parameter"
             f"{did_you_mean(str(pattern), names)} (names look like {names[0]!r}{hint})"
         )
-    return _add_hook(model, "update", pattern, fn_or_kind, params, _update_fn)
 
 
-def _add_hook(model, section: str, where: str, fn_or_kind, params: dict, wrap: Callable) -> HookHandle:
-    """Attaches a forward, backward or update hook, a function or a built-in kind, at `where` (a
-    point, or for update hooks a parameter pattern) that the caller has already checked."""
+# Names a built-in kind's parameters can never take: the entry's own keys.
+_ENTRY_KEYS = ("kind", "point", "pattern")
+
+
+def _add_hook(
+    model, section: str, where: str, points: list[str] | None, fn_or_kind, params: dict, wrap: Callable
+) -> HookHandle:
+    """Attaches a forward, backward or update hook, a function or a built-in kind with its keyword
+    `params` (checked here), at `where` (a point, or for update hooks a parameter pattern) that the
+    caller has already checked against the model; `points`: what the point matches."""
     key = "pattern" if section == "update" else "point"
+    reserved = [k for k in _ENTRY_KEYS if k in params]
+    if reserved:
+        names = ", ".join(k + "=" for k in reserved)
+        verb = "is not a parameter" if len(reserved) == 1 else "are not parameters"
+        raise ValueError(
+            f"{_LABEL[section]}: {names} {verb} (the {key} and the kind are the first two "
+            f"arguments: model.add_{section}_hook({key}, kind, ...))"
+        )
     place = f"on {where!r}" if section == "update" else f'at "{where}"'
-    core_add = getattr(model._core, f"add_{section}_hook")
     if callable(fn_or_kind):
         if params:
             article = "an" if section == "update" else "a"
             raise ValueError(
                 f"{article} {_LABEL[section]} function takes no parameters; close over them instead"
             )
-        hook_id = core_add(where, "python", "{}", wrap(fn_or_kind))
+        hook_id = getattr(model._core, f"add_{section}_hook")(where, "python", "{}", wrap(fn_or_kind))
         return HookHandle(model, hook_id, f"{section} {_name_of(fn_or_kind)} {place}")
     if fn_or_kind == "python":
         raise ValueError(f"pass the function itself: model.add_{section}_hook({key}, fn)")
-    spec = check_entry(section, {"kind": fn_or_kind, key: where, **params})
-    if fn_or_kind == "ablate_heads":
-        _check_attention_points(model, fn_or_kind, where, spec["heads"])
-    hook_id = core_add(where, fn_or_kind, _params_json(spec))
-    return HookHandle(model, hook_id, f'{section} "{fn_or_kind}" {place}')
+    return _attach(model, section, check_entry(section, {"kind": fn_or_kind, key: where, **params}), points)
+
+
+def _attach(model, section: str, spec: dict, points: list[str] | None) -> HookHandle:
+    """Attaches a built-in forward, backward or update hook from its checked entry (`check_entry`'s
+    output), whose point or pattern the caller has checked against the model (`points`: what the
+    point matches; None for an update hook)."""
+    kind = spec["kind"]
+    if section == "update":
+        where, place = spec["pattern"], f"on {spec['pattern']!r}"
+    else:
+        where, place = spec["point"], f'at "{spec["point"]}"'
+    if kind == "ablate_heads":
+        _check_attention_points(model, kind, where, points, spec["heads"])
+    hook_id = getattr(model._core, f"add_{section}_hook")(where, kind, _params_json(spec))
+    return HookHandle(model, hook_id, f'{section} "{kind}" {place}')
 
 
 def add_aux_loss(model, kind: str, weight: float, point: str | None = None) -> HookHandle:
@@ -439,13 +462,18 @@ def add_aux_loss(model, kind: str, weight: float, point: str | None = None) -> H
     entry = {"kind": kind, "weight": weight}
     if point is not None:
         entry["point"] = point
-    spec = check_entry("aux_loss", entry)
-    if "point" in spec:
-        matching_points(model, spec["point"])
+    return _attach_aux_loss(model, check_entry("aux_loss", entry))
+
+
+def _attach_aux_loss(model, spec: dict) -> HookHandle:
+    """Attaches an auxiliary loss from its checked entry, after checking its point against the model."""
+    kind, point = spec["kind"], spec.get("point")
+    if point is not None:
+        points = matching_points(model, point)
         if kind == "attention_entropy":
-            _check_attention_points(model, kind, spec["point"])
-    hook_id = model._core.add_aux_loss(kind, float(spec["weight"]), spec.get("point"))
-    where = f' at "{spec["point"]}"' if "point" in spec else ""
+            _check_attention_points(model, kind, point, points)
+    hook_id = model._core.add_aux_loss(kind, float(spec["weight"]), point)
+    where = f' at "{point}"' if point is not None else ""
     return HookHandle(model, hook_id, f'aux loss "{kind}"{where}, weight {spec["weight"]}')
 
 
@@ -459,17 +487,10 @@ def _name_of(fn) -> str:
 def _drain(model) -> None:
     """Moves what the core captured to the open captures that asked for it; the rest waits for
     `Model.take_captured`."""
-    values = model._core.take_captured()
-    if not values:
-        return
-    for point, value in values.items():
-        claimed = False
-        for cap in model._captures:
-            if cap._wants(point):
-                cap._data[point] = value
-                claimed = True
-        if not claimed:
-            model._captured[point] = value
+    for hook_id, point, value in model._core.take_captured():
+        owner = next((c for c in model._captures if c._owns(hook_id)), None)
+        target = model._captured if owner is None else owner._data
+        target[point] = value
 
 
 def take_captured(model) -> dict:
@@ -499,8 +520,8 @@ class Capture(Mapping):
         self._data: dict[str, Any] = {}
         self._handles: list[HookHandle] = []
 
-    def _wants(self, point: str) -> bool:
-        return any(glob_match(p, point) for p in self._patterns)
+    def _owns(self, hook_id: int) -> bool:
+        return any(h.id == hook_id for h in self._handles)
 
     @property
     def active(self) -> bool:
@@ -527,8 +548,8 @@ class Capture(Mapping):
         for h in self._handles:
             h.remove()
         self._handles = []
-        if self in self._model._captures:
-            self._model._captures.remove(self)
+        # By identity: a Mapping's == compares the captured arrays.
+        self._model._captures = [c for c in self._model._captures if c is not self]
 
     def _sync(self) -> None:
         if self.active:
@@ -558,29 +579,24 @@ class Capture(Mapping):
 
 
 def attach_hooks(model, hooks_cfg: dict | None, source: str | Path | None = None) -> list[HookHandle]:
-    """Attaches the hooks of a run config's `[hooks]` section (lists of tables per section) to
-    `model`; a UserError naming the entry (`hooks.forward[0]: ...`) for any that does not fit it."""
+    """Attaches the hooks of a validated run config's `[hooks]` section (`Config["hooks"]`: per
+    section, the entries that `config.validate` checked and completed with `check_entry`) to
+    `model`. Only what depends on the model is checked here, the points and parameter patterns: a
+    UserError naming the entry (`hooks.forward[0]: ...`) for any that does not fit it."""
     where = f"{source}: " if source else ""
     handles = []
     for section in SECTIONS:
-        for i, entry in enumerate((hooks_cfg or {}).get(section) or []):
-            at = f"hooks.{section}[{i}]"
+        for i, spec in enumerate((hooks_cfg or {}).get(section) or []):
             try:
-                spec = check_entry(section, entry, at)
-            except ValueError as e:
-                raise UserError(f"{where}{e}") from None
-            params = _params(spec)
-            try:
-                if section == "forward":
-                    h = add_forward_hook(model, spec["point"], spec["kind"], **params)
-                elif section == "backward":
-                    h = add_backward_hook(model, spec["point"], spec["kind"], **params)
+                if section == "aux_loss":
+                    h = _attach_aux_loss(model, spec)
                 elif section == "update":
-                    h = add_update_hook(model, spec["pattern"], spec["kind"], **params)
+                    _check_update_pattern(model, spec["pattern"])
+                    h = _attach(model, section, spec, None)
                 else:
-                    h = add_aux_loss(model, spec["kind"], params["weight"], spec.get("point"))
+                    h = _attach(model, section, spec, matching_points(model, spec["point"]))
             except ValueError as e:
-                raise UserError(f"{where}{at}: {e}") from None
+                raise UserError(f"{where}hooks.{section}[{i}]: {e}") from None
             handles.append(h)
     return handles
 

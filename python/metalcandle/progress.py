@@ -30,10 +30,10 @@ class Progress:
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def update(self, step: int, loss: float, lr: float, tokens_per_s: float, aux: dict | None = None) -> None:
-        """`aux`: auxiliary losses by metrics key ("aux/z_loss"), shown after the main loss."""
+        """`aux`: auxiliary losses by name ("z_loss"), shown after the main loss."""
         if self.bar is None:
             return
-        extra = "".join(f" {k.removeprefix('aux/')}={v:.4g}" for k, v in (aux or {}).items())
+        extra = "".join(f" {k}={v:.4g}" for k, v in (aux or {}).items())
         self.bar.set_postfix_str(
             f"loss={loss:.4f}{extra} lr={lr:.2e} tok/s={tokens_per_s:,.0f} mem={rss_mib():,.0f}MiB",
             refresh=False,

@@ -37,6 +37,7 @@ from metalcandle.loading import (
     load_model_dir,
     resolve_base,
     scratch_model_config,
+    untrained_error,
 )
 from metalcandle.plotting import plot_loss
 from metalcandle.progress import Progress
@@ -429,7 +430,7 @@ def train(
                 first_loss = loss if first_loss is None else first_loss
                 last_loss = loss
                 tps = window_tokens / max(window_time, 1e-9)
-                aux = {f"aux/{name}": float(v) for name, v in stats.aux.items()}
+                aux = {name: float(v) for name, v in stats.aux.items()}
                 bar.update(step, loss, lr, tps, aux)
                 if step % t["log_every"] == 0 or step == max_steps:
                     metrics.write(
@@ -441,7 +442,7 @@ def train(
                             "tokens_per_s": tps,
                             "tokens_seen": state.tokens_seen,
                             "epoch": stream.epoch,
-                            **aux,
+                            **{f"aux/{name}": v for name, v in aux.items()},
                         }
                     )
                     window_tokens, window_time = 0, 0.0
@@ -557,9 +558,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Path | None) -> dict:
     if checkpoint is None:
         checkpoint = ck.latest_checkpoint(cfg.output_dir / "checkpoints")
     if checkpoint is None and base is None:
-        raise UserError(
-            f"no checkpoint in {cfg.output_dir / 'checkpoints'}: train first or pass --checkpoint"
-        )
+        raise untrained_error(cfg)
     folder = checkpoint if checkpoint is not None else base.path
     model = load_model_dir(folder, device_of(cfg))
     tokenizer = load_folder_tokenizer(folder)

@@ -145,16 +145,13 @@ impl Decoder {
             attention_mask: batch.attention_mask.as_deref(),
             ..Default::default()
         };
-        let collect = !self.hooks.aux_losses().is_empty();
-        self.hooks.set_collecting(collect);
+        let losses = self.hooks.aux_losses();
+        self.hooks.set_collecting(!losses.is_empty());
         let out = self.forward_hidden(&batch.ids, &opts, None);
-        let out = match out {
-            Ok(o) => o,
-            Err(e) => {
-                self.hooks.set_collecting(false);
-                return Err(e);
-            }
-        };
+        // Gathering ends with the forward, whether or not it succeeded.
+        let collected = self.hooks.take_collected();
+        self.hooks.set_collecting(false);
+        let out = out?;
         let (b, t, h) = out.last_hidden.dims3()?;
         let hidden = out.last_hidden.reshape((b * t, h))?;
         let (main, flat) = match self.fused_head_weight() {
@@ -165,10 +162,7 @@ impl Decoder {
             }
         };
         let mut aux = vec![];
-        let losses = self.hooks.aux_losses();
         if !losses.is_empty() {
-            let collected = self.hooks.take_collected();
-            self.hooks.set_collecting(false);
             // Only the z-loss reads logits, and it turns the fused head off (needs_logits).
             let label_logits = match &flat {
                 Some(f) => {

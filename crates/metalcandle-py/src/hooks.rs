@@ -10,6 +10,35 @@ use pyo3::prelude::*;
 use serde_json::Value;
 use std::sync::Arc;
 
+/// Every hook point of a model with `num_layers` blocks, in the order a forward reaches them.
+#[pyfunction]
+pub fn hook_points(num_layers: usize) -> Vec<String> {
+    metalcandle_core::hooks::point_names(num_layers)
+}
+
+/// Whether a hook or module pattern matches a name: `*` is any run of characters.
+#[pyfunction]
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    metalcandle_core::weights::names::glob_match(pattern, name)
+}
+
+/// Runs a Python hook on a gradient: its None keeps `g` as it is (no copy back from numpy),
+/// anything else is read back as the new gradient.
+fn call_or_keep(
+    g: &Tensor,
+    what: &str,
+    call: impl FnOnce(Python<'_>) -> PyResult<Py<PyAny>>,
+) -> Result<Tensor> {
+    Python::attach(|py| -> PyResult<Tensor> {
+        let out = call(py)?;
+        if out.is_none(py) {
+            return Ok(g.clone());
+        }
+        from_numpy(out.bind(py), g.device())
+    })
+    .map_err(|e| py_err(what, e))
+}
+
 fn num(params: &Value, kind: &str, key: &str) -> Result<f64> {
     params
         .get(key)
@@ -131,11 +160,9 @@ pub fn backward_action(kind: &str, params: &Value, f: Option<Py<PyAny>>) -> Resu
         "python" => {
             let f = callable(f, kind)?;
             BackwardAction::Custom(Arc::new(move |point, g| {
-                Python::attach(|py| -> PyResult<Tensor> {
-                    let out = f.call1(py, (point, to_numpy(py, g)?))?;
-                    from_numpy(out.bind(py), g.device())
+                call_or_keep(g, &format!("backward hook at \"{point}\""), |py| {
+                    f.call1(py, (point, to_numpy(py, g)?))
                 })
-                .map_err(|e| py_err(&format!("backward hook at \"{point}\""), e))
             }))
         }
         other => {
@@ -171,11 +198,9 @@ pub fn update_transform(kind: &str, params: &Value, f: Option<Py<PyAny>>) -> Res
         "python" => {
             let f = callable(f, kind)?;
             GradTransform::Custom(Arc::new(move |name, p, g| {
-                Python::attach(|py| -> PyResult<Tensor> {
-                    let out = f.call1(py, (name, to_numpy(py, p)?, to_numpy(py, g)?))?;
-                    from_numpy(out.bind(py), g.device())
+                call_or_keep(g, &format!("update hook on `{name}`"), |py| {
+                    f.call1(py, (name, to_numpy(py, p)?, to_numpy(py, g)?))
                 })
-                .map_err(|e| py_err(&format!("update hook on `{name}`"), e))
             }))
         }
         other => {

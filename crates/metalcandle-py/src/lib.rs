@@ -18,6 +18,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(train::eval_loss, m)?)?;
     m.add_function(wrap_pyfunction!(quant::gguf_tokenizer_json, m)?)?;
     m.add_function(wrap_pyfunction!(quant::gguf_metadata, m)?)?;
+    m.add_function(wrap_pyfunction!(hooks::hook_points, m)?)?;
+    m.add_function(wrap_pyfunction!(hooks::glob_match, m)?)?;
+    m.add(
+        "POINTS_IN_A_LAYER",
+        metalcandle_core::hooks::POINTS_IN_A_LAYER.to_vec(),
+    )?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

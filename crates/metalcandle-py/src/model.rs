@@ -14,7 +14,7 @@ use metalcandle_core::{Decoder, KvCache, ModelSpec};
 use numpy::{PyArrayDyn, PyReadonlyArray2};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -465,13 +465,13 @@ impl PyModel {
         self.inner.hooks.clear()
     }
 
-    /// What capture hooks recorded since the last call: point -> array (full captures) or a
-    /// dict of statistics.
-    fn take_captured<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let out = PyDict::new(py);
-        for (point, c) in self.inner.hooks.take_captured() {
-            match c {
-                Captured::Full(t) => out.set_item(point, to_numpy(py, &t)?)?,
+    /// What capture hooks recorded since the last call, as (hook id, point, value) tuples:
+    /// value is an array (full captures) or a dict of statistics.
+    fn take_captured<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for ((id, point), c) in self.inner.hooks.take_captured() {
+            let value = match c {
+                Captured::Full(t) => to_numpy(py, &t)?.into_any(),
                 Captured::Stats(s) => {
                     let d = PyDict::new(py);
                     d.set_item("shape", s.shape)?;
@@ -480,9 +480,10 @@ impl PyModel {
                     d.set_item("min", s.min)?;
                     d.set_item("max", s.max)?;
                     d.set_item("absmax", s.absmax)?;
-                    out.set_item(point, d)?;
+                    d.into_any()
                 }
-            }
+            };
+            out.append((id, point, value))?;
         }
         Ok(out)
     }

@@ -100,7 +100,8 @@ pub struct Hooks {
     backward: Vec<Entry<BackwardAction>>,
     aux: Vec<(u64, AuxLoss)>,
     update: Vec<(u64, String, GradTransform)>,
-    captured: Arc<Mutex<BTreeMap<String, Captured>>>,
+    /// The latest value each capture hook recorded at each point, by (hook id, point).
+    captured: Arc<Mutex<BTreeMap<(u64, String), Captured>>>,
     /// Values at aux-loss points during the current loss forward, by aux id; gathered only
     /// while a loss is computed, so inference never accumulates them.
     collected: Arc<Mutex<Vec<(u64, Tensor)>>>,
@@ -121,18 +122,21 @@ impl std::fmt::Debug for Hooks {
     }
 }
 
-/// Every point name of a model with `layers` blocks.
+/// The points inside each block `layers.N`, in the order a forward reaches them.
+pub const POINTS_IN_A_LAYER: [&str; 6] = [
+    "attn_in",
+    "attn_scores",
+    "attn_probs",
+    "attn_out",
+    "mlp_out",
+    "residual",
+];
+
+/// Every point name of a model with `layers` blocks, in the order a forward reaches them.
 pub fn point_names(layers: usize) -> Vec<String> {
     let mut out = vec!["embed".to_string()];
     for i in 0..layers {
-        for p in [
-            "attn_in",
-            "attn_scores",
-            "attn_probs",
-            "attn_out",
-            "mlp_out",
-            "residual",
-        ] {
+        for p in POINTS_IN_A_LAYER {
             out.push(format!("layers.{i}.{p}"));
         }
     }
@@ -239,7 +243,7 @@ impl Hooks {
     }
 
     /// What capture hooks recorded, by point (the latest forward's value).
-    pub fn take_captured(&self) -> BTreeMap<String, Captured> {
+    pub fn take_captured(&self) -> BTreeMap<(u64, String), Captured> {
         std::mem::take(&mut *self.captured.lock().unwrap())
     }
 
@@ -304,7 +308,7 @@ impl Hooks {
             .iter()
             .filter(|e| glob_match(&e.pattern, point))
         {
-            let (next, did) = self.forward_action(point, &e.action, y)?;
+            let (next, did) = self.forward_action(e.id, point, &e.action, y)?;
             y = next;
             changed |= did;
         }
@@ -328,7 +332,13 @@ impl Hooks {
     }
 
     /// One forward action; returns the new value and whether it may differ from the input.
-    fn forward_action(&self, point: &str, a: &ForwardAction, y: Tensor) -> Result<(Tensor, bool)> {
+    fn forward_action(
+        &self,
+        id: u64,
+        point: &str,
+        a: &ForwardAction,
+        y: Tensor,
+    ) -> Result<(Tensor, bool)> {
         Ok(match a {
             ForwardAction::Capture { full } => {
                 let c = if *full {
@@ -336,7 +346,7 @@ impl Hooks {
                 } else {
                     Captured::Stats(stats(&y)?)
                 };
-                self.captured.lock().unwrap().insert(point.into(), c);
+                self.captured.lock().unwrap().insert((id, point.into()), c);
                 (y, false)
             }
             ForwardAction::Scale(s) => (y.affine(*s, 0.0)?, *s != 1.0),

@@ -173,7 +173,7 @@ fn capture_matches_hidden_states_and_removal_detaches() {
         ..Default::default()
     };
     let (_, hidden) = m.forward(&ids(), &opts, None).unwrap();
-    let Captured::Full(c) = &m.hooks.take_captured()["layers.0.residual"] else {
+    let Captured::Full(c) = &m.hooks.take_captured()[&(id, "layers.0.residual".into())] else {
         panic!("full capture expected")
     };
     assert_eq!(max_abs_diff(c, &hidden[1]), 0.0);
@@ -188,13 +188,14 @@ fn patching_an_activation_reproduces_the_run_it_came_from() {
     // Patch run A's residual after block 0 into run B (other ids): B's last block then sees
     // A's stream, so B's logits become A's.
     let mut src = tiny();
-    src.hooks
+    let id = src
+        .hooks
         .add_forward("layers.0.residual", ForwardAction::Capture { full: true });
     let a_logits = logits(&src);
     let Captured::Full(stored) = src
         .hooks
         .take_captured()
-        .remove("layers.0.residual")
+        .remove(&(id, "layers.0.residual".into()))
         .unwrap()
     else {
         panic!()
@@ -210,7 +211,8 @@ fn patching_an_activation_reproduces_the_run_it_came_from() {
 #[test]
 fn aux_losses_have_their_closed_forms_and_are_reported_apart() {
     let mut m = tiny();
-    m.hooks
+    let id = m
+        .hooks
         .add_forward("layers.0.mlp_out", ForwardAction::Capture { full: true });
     m.hooks.add_aux(AuxLoss::ActivationL2 {
         point: "layers.0.mlp_out".into(),
@@ -221,7 +223,7 @@ fn aux_losses_have_their_closed_forms_and_are_reported_apart() {
         weight: 0.0,
     });
     let parts = m.detached().loss_parts(&batch()).unwrap();
-    let Captured::Full(x) = &m.hooks.take_captured()["layers.0.mlp_out"] else {
+    let Captured::Full(x) = &m.hooks.take_captured()[&(id, "layers.0.mlp_out".into())] else {
         panic!()
     };
     let want: f32 = x.sqr().unwrap().mean_all().unwrap().to_scalar().unwrap();

@@ -8,10 +8,32 @@
 //! share each of k's KV heads [B, KV, K, D], so one batched matmul per KV head gives the
 //! scores in the [B, H, T, K] order of the mask.
 
-use super::softmax::{masked_backward, masked_in_place};
-use super::{by_dtype, cpu_tensor, use_cpu_kernel, with_slices, Elem};
+use super::{by_dtype, cpu_tensor, for_each_row, softmax, use_cpu_kernel, with_slices, Elem};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
+use num_traits::Float;
+
+/// Turns the scores x [B, H, T, K] (rows in that order) into `softmax(x * scale + mask)` in
+/// place, with the composed expression's arithmetic in its order.
+fn masked_in_place<T: Elem>(x: &mut [T], mask: &[T], dims: [usize; 4], mask_b: usize, scale: T) {
+    let [_, h, t, k] = dims;
+    for_each_row(x, k, |i, o| {
+        let (b, ti) = (i / (h * t), i % t);
+        let mrow = &mask[((b % mask_b) * t + ti) * k..][..k];
+        for j in 0..k {
+            o[j] = (o[j] * scale + T::zero()) + mrow[j];
+        }
+        let max = o.iter().fold(T::neg_infinity(), |m, v| Float::max(m, *v));
+        let mut sum = T::zero();
+        for v in o.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        for v in o.iter_mut() {
+            *v /= sum;
+        }
+    });
+}
 
 struct AttentionProbs {
     scale: f64,
@@ -79,7 +101,10 @@ impl CustomOp2 for AttentionProbs {
         let (g, kt) = (g.contiguous()?, p.dim(D::Minus1)?);
         let ds = by_dtype!(p.dtype(), "attention-probs", |T| with_slices::<T, _>(
             &[p, &g],
-            |s| cpu_tensor(masked_backward(s[0], s[1], kt, self.scale), p.shape())
+            |s| {
+                let scale = num_traits::cast::<f64, T>(self.scale).unwrap();
+                cpu_tensor(softmax::backward(s[0], s[1], kt, scale), p.shape())
+            }
         )?);
         let dq = ds.matmul(&k.detach())?;
         let dk = ds.t()?.matmul(&q.detach())?;
@@ -116,7 +141,7 @@ pub fn attention_probs(
     let raw = q
         .matmul(&k.t()?)?
         .reshape((b, kv * groups, rows / groups, k.dim(2)?))?;
-    super::masked_softmax(&raw, scale, mask)?.reshape((b, kv, rows, k.dim(2)?))
+    super::softmax_last_dim(&(raw * scale)?.broadcast_add(mask)?)?.reshape((b, kv, rows, k.dim(2)?))
 }
 
 #[cfg(test)]

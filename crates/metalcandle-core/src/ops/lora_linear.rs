@@ -5,9 +5,10 @@
 //! dx = g W + s (g B) A, dA = s (g B)^T x, dB = s g^T (x A^T).
 
 use super::frozen_matmul::linear_storage;
+use super::quantized_matmul::quantized_storage;
 use super::slice;
 use crate::nn::Weight;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
 struct LoraLinear {
     /// Contiguous.
@@ -50,7 +51,7 @@ impl CustomOp3 for LoraLinear {
                 };
                 linear_storage(xs, xl, ws, wl)?
             }
-            Weight::Quantized(q) => q.cpu_fwd(xs, xl)?,
+            Weight::Quantized(q) => quantized_storage(q, xs, xl)?,
         };
         let (xa, xa_shape) = linear_storage(xs, xl, a_s, al)?;
         let (d, _) = linear_storage(&xa, &Layout::contiguous(xa_shape), bs, bl)?;
@@ -133,6 +134,12 @@ mod tests {
     use crate::ops::gradcheck::{max_abs_diff, rand_tensor};
     use candle_core::Var;
 
+    /// The adapter branch as tensor ops: `scale * (x A^T) B^T`.
+    fn branch(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Tensor {
+        let xa = x.broadcast_matmul(&a.t().unwrap()).unwrap();
+        (xa.broadcast_matmul(&b.t().unwrap()).unwrap() * scale).unwrap()
+    }
+
     #[test]
     fn matches_the_composed_branch_in_value_and_gradients() {
         let x = Var::from_tensor(&rand_tensor(&[2, 3, 5], 1)).unwrap();
@@ -141,17 +148,11 @@ mod tests {
         let a = Var::from_tensor(&rand_tensor(&[2, 5], 4)).unwrap();
         let b = Var::from_tensor(&rand_tensor(&[4, 2], 5)).unwrap();
         let fused = lora_linear(&x, &Weight::Float(w.clone()), Some(&bias), &a, &b, 0.5).unwrap();
-        let composed = ((crate::ops::frozen_linear(&x, &w)
+        let base = crate::ops::frozen_linear(&x, &w)
             .unwrap()
             .broadcast_add(&bias)
-            .unwrap())
-            + (x.broadcast_matmul(&a.t().unwrap())
-                .unwrap()
-                .broadcast_matmul(&b.t().unwrap())
-                .unwrap()
-                * 0.5)
-                .unwrap())
-        .unwrap();
+            .unwrap();
+        let composed = (base + branch(&x, &a, &b, 0.5)).unwrap();
         assert_eq!(max_abs_diff(&fused, &composed), 0.0);
         let g = rand_tensor(&[2, 3, 4], 6);
         let gf = (fused * &g).unwrap().sum_all().unwrap().backward().unwrap();
@@ -180,14 +181,8 @@ mod tests {
         let a = Var::from_tensor(&f32(rand_tensor(&[2, 32], 4))).unwrap();
         let b = Var::from_tensor(&f32(rand_tensor(&[4, 2], 5))).unwrap();
         let fused = lora_linear(&x, &Weight::Quantized(q.clone()), None, &a, &b, 0.5).unwrap();
-        let composed = (crate::ops::quantized_linear(&x, &q).unwrap()
-            + (x.broadcast_matmul(&a.t().unwrap())
-                .unwrap()
-                .broadcast_matmul(&b.t().unwrap())
-                .unwrap()
-                * 0.5)
-                .unwrap())
-        .unwrap();
+        let composed =
+            (crate::ops::quantized_linear(&x, &q).unwrap() + branch(&x, &a, &b, 0.5)).unwrap();
         assert_eq!(max_abs_diff(&fused, &composed), 0.0);
     }
 }

@@ -32,7 +32,7 @@ pub use lora_linear::lora_linear;
 pub use quantized_matmul::quantized_linear;
 pub use rms_norm::rms_norm;
 pub use rope::rope;
-pub use softmax::{masked_softmax, softmax_last_dim};
+pub use softmax::softmax_last_dim;
 pub use swiglu::swiglu;
 
 use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor, WithDType};

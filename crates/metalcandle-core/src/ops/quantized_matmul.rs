@@ -1,7 +1,8 @@
 //! `x @ W^T` for a block-quantized frozen weight. The forward is our q4_0/q8_0 decoding
 //! kernel for a few rows, candle's quantized matmul otherwise (which has no backward at all);
-//! the backward here returns the input gradient `g @ dequant(W)`, so LoRA adapters train on top of a quantized base (QLoRA). The float
-//! copy of W lives only while one layer's backward runs.
+//! the backward here returns the input gradient `g @ dequant(W)`, so LoRA adapters train on
+//! top of a quantized base (QLoRA). The float copy of W lives only while one layer's backward
+//! runs.
 
 use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
@@ -9,22 +10,31 @@ use std::sync::Arc;
 
 struct QuantizedLinear(Arc<QTensor>);
 
+/// `x @ W^T` on CPU storage: x [.., in] contiguous, W [out, in] quantized.
+pub(crate) fn quantized_storage(
+    w: &QTensor,
+    s: &CpuStorage,
+    l: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    if let CpuStorage::F32(_) = s {
+        let x = super::slice::<f32>(s, l)?;
+        let (n, k) = w.shape().dims2()?;
+        if let Some(y) = super::quantized_gemv::try_forward(w, x, x.len() / k)? {
+            let mut dims = l.dims().to_vec();
+            *dims.last_mut().expect("input has a last dimension") = n;
+            return Ok((CpuStorage::F32(y), Shape::from(dims)));
+        }
+    }
+    w.cpu_fwd(s, l)
+}
+
 impl CustomOp1 for QuantizedLinear {
     fn name(&self) -> &'static str {
         "quantized-linear"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        if let CpuStorage::F32(_) = s {
-            let x = super::slice::<f32>(s, l)?;
-            let k = self.0.shape().dims2()?.1;
-            if let Some(y) = super::quantized_gemv::try_forward(&self.0, x, x.len() / k)? {
-                let mut dims = l.dims().to_vec();
-                *dims.last_mut().expect("input has a last dimension") = self.0.shape().dims2()?.0;
-                return Ok((CpuStorage::F32(y), Shape::from(dims)));
-            }
-        }
-        self.0.cpu_fwd(s, l)
+        quantized_storage(&self.0, s, l)
     }
 
     #[cfg(feature = "cuda")]

@@ -1,5 +1,5 @@
 //! Hugging Face checkpoint folders: `config.json` plus `model.safetensors` or a sharded
-//! `model.safetensors.index.json`, read memory-mapped by tensor name.
+//! `model.safetensors.index.json`, read tensor by tensor with plain file reads.
 
 use super::names::{is_ignorable, param_specs};
 use super::reader::TensorFiles;

@@ -3,7 +3,7 @@
 //! through one briefly holds the whole checkpoint twice (the mapped file and the f32 copy).
 
 use crate::error::{Error, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, WithDType};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -17,9 +17,8 @@ struct Entry {
     file: usize,
     dtype: DType,
     shape: Vec<usize>,
-    /// Absolute byte range in the file.
+    /// Absolute offset of the first byte in the file.
     start: u64,
-    end: u64,
 }
 
 pub struct TensorFiles {
@@ -98,7 +97,6 @@ impl TensorFiles {
                         dtype: dt,
                         shape,
                         start,
-                        end,
                     },
                 );
             }
@@ -119,16 +117,44 @@ impl TensorFiles {
         let Some(e) = self.entries.get(name) else {
             candle_core::bail!("no tensor `{name}`")
         };
-        let mut data = vec![0u8; (e.end - e.start) as usize];
-        {
-            let mut f = self.files[e.file].lock().unwrap();
-            f.seek(SeekFrom::Start(e.start))?;
-            f.read_exact(&mut data).map_err(|err| {
-                candle_core::Error::Msg(format!("{}: {err}", self.paths[e.file].display()))
-            })?;
-        }
-        Tensor::from_raw_buffer(&data, e.dtype, &e.shape, device)
+        let mut f = self.files[e.file].lock().unwrap();
+        f.seek(SeekFrom::Start(e.start))?;
+        let read = |f: &mut File| -> candle_core::Result<Tensor> {
+            match e.dtype {
+                DType::F32 => read_tensor::<f32>(f, &e.shape, device),
+                DType::F16 => read_tensor::<half::f16>(f, &e.shape, device),
+                DType::BF16 => read_tensor::<half::bf16>(f, &e.shape, device),
+                DType::F64 => read_tensor::<f64>(f, &e.shape, device),
+                DType::I64 => read_tensor::<i64>(f, &e.shape, device),
+                DType::U32 => read_tensor::<u32>(f, &e.shape, device),
+                DType::U8 => read_tensor::<u8>(f, &e.shape, device),
+                other => candle_core::bail!("unsupported dtype {other:?}"),
+            }
+        };
+        read(&mut f).map_err(|err| {
+            candle_core::Error::Msg(format!(
+                "{}: tensor `{name}`: {err}",
+                self.paths[e.file].display()
+            ))
+        })
     }
+}
+
+/// Reads the tensor's bytes straight into its element buffer (no byte buffer to copy from).
+fn read_tensor<T: WithDType>(
+    f: &mut File,
+    shape: &[usize],
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let n = shape.iter().product::<usize>();
+    let mut v = vec![T::from_f64(0.0); n];
+    // SAFETY: the element types here are plain numbers, valid for any bit pattern; safetensors
+    // stores them little-endian, as candle's own loader assumes of the machine too.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, n * std::mem::size_of::<T>())
+    };
+    f.read_exact(bytes)?;
+    Tensor::from_vec(v, shape, device)
 }
 
 #[cfg(test)]
