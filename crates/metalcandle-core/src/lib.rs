@@ -8,6 +8,7 @@ pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod quant;
+pub mod reduce;
 pub mod rng;
 pub mod spec;
 pub mod train;
