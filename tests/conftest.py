@@ -1,3 +1,4 @@
+import importlib
 import json
 import os
 from pathlib import Path
@@ -155,6 +156,28 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
     return FIXTURES
+
+
+# Interop tests (marker `interop`) run against the real clients: torch, transformers, peft and
+# llama.cpp. Without them they skip; the interop stage of .ci/run sets METALCANDLE_INTEROP=1, and
+# there a missing client, or any skipped interop test, is a failure.
+INTEROP_REQUIRED = os.environ.get("METALCANDLE_INTEROP") == "1"
+
+
+def require(module: str):
+    """Imports an interop client: skips without it, fails when METALCANDLE_INTEROP=1."""
+    if INTEROP_REQUIRED:
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"{module} not installed (interop test)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if INTEROP_REQUIRED and report.skipped and item.get_closest_marker("interop"):
+        report.outcome = "failed"
+        report.longrepr = f"METALCANDLE_INTEROP=1 but the interop test was skipped: {report.longrepr}"
 
 
 @pytest.fixture

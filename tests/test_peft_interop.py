@@ -1,17 +1,22 @@
 """Interop with the real peft + transformers + torch, both ways: adapters and merged models written
 here load there, and adapters written by peft load here, with the same logits (tolerances from the
-fixtures' README). Optional: skipped unless all three packages are installed."""
+fixtures' README). Marker `interop`: skipped unless all three packages are installed, and required
+(a failure otherwise) under METALCANDLE_INTEROP=1, as in .ci/run's interop stage."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import metalcandle as mc
-from conftest import ATOL_FORWARD
+from conftest import ATOL_FORWARD, MODELS, require
 
-REASON = "peft/torch not installed: optional interop test"
-torch = pytest.importorskip("torch", reason=REASON)
-transformers = pytest.importorskip("transformers", reason=REASON)
-peft = pytest.importorskip("peft", reason=REASON)
+pytestmark = pytest.mark.interop
+torch = require("torch")
+transformers = require("transformers")
+peft = require("peft")
 
 # ATOL_FORWARD is the README's bound for `logits` and `lora_logits_step0_nonzeroB`. Every comparison
 # here runs the same weights on both sides (no training in between), a plain or an unmerged LoRA
@@ -95,3 +100,29 @@ def test_merged_model_saved_here_loads_in_transformers(qwen, golden, tmp_path, s
     # And both agree with peft's own merge_and_unload of the same adapter.
     merged_by_peft = np.load(qwen / "lora" / "trajectory.npz")[f"merged_logits{suffix}"]
     np.testing.assert_allclose(theirs, merged_by_peft, atol=ATOL_FORWARD, rtol=0)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_checkpoint_saved_here_loads_in_transformers(fixtures, tmp_path, name):
+    golden = np.load(fixtures / name / "golden.npz")
+    mc.load_model(fixtures / name).save_pretrained(tmp_path / name)
+    theirs = hf_logits(hf_model(tmp_path / name), golden["input_ids"])
+    np.testing.assert_allclose(theirs, golden["logits"], atol=ATOL_FORWARD, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def fresh_lora(fixtures, tmp_path_factory):
+    """The LoRA part of the fixtures regenerated now with peft (tests/fixtures/generate.py)."""
+    out = tmp_path_factory.mktemp("fresh-fixtures")
+    script = Path(__file__).resolve().parent / "fixtures" / "generate.py"
+    cmd = [sys.executable, str(script), str(out), "--corpus", str(fixtures / "corpus.txt"), "--only", "lora"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}"
+    return out
+
+
+@pytest.mark.parametrize("suffix", ["", "_nonzeroB"])
+def test_lora_trajectory_matches_freshly_regenerated_peft(fresh_lora, tmp_path, suffix):
+    from test_training import test_lora_trajectory_matches_peft as check
+
+    check(fresh_lora, tmp_path, suffix)
