@@ -48,8 +48,9 @@ cmake --build "$cache/build" -j "$jobs" --target llama llama-simple llama-bench 
 
 # The greedy/logits probe links the same static libraries as llama-simple.
 libs=$(find "$cache/build" -name 'libllama.a' -o -name 'libggml*.a' | sort -r)
-g++ -O2 -std=c++17 -x c "$here/llama_greedy.c" -I"$src/include" -I"$src/ggml/include" \
-    -o "$bin/llama_greedy.tmp" -Wl,--start-group $libs -Wl,--end-group -fopenmp -lpthread -lm -ldl
+gcc -O2 -c "$here/llama_greedy.c" -I"$src/include" -I"$src/ggml/include" -o "$cache/llama_greedy.o"
+g++ "$cache/llama_greedy.o" -o "$bin/llama_greedy.tmp" \
+    -Wl,--start-group $libs -Wl,--end-group -fopenmp -lpthread -lm -ldl
 mv "$bin/llama_greedy.tmp" "$bin/llama_greedy"
 have_all
 echo "$bin"

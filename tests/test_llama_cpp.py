@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import metalcandle as mc
-from conftest import ATOL_FORWARD, INTEROP_REQUIRED, MODELS
+from conftest import INTEROP_REQUIRED, MODELS
 
 pytestmark = pytest.mark.interop
 BIN = os.environ.get("METALCANDLE_LLAMA_CPP_BIN")
@@ -21,6 +21,17 @@ BIN = os.environ.get("METALCANDLE_LLAMA_CPP_BIN")
 # product (its q8_0 x q8_0 dot product), which metalcandle does not: the logits then differ by
 # about as much as q8_0 moves them from float (test_quantize's q8_0 bound on max|d| is 0.2).
 ATOL_Q8_0 = 0.2
+# llama.cpp's own f32 CPU forward, measured against the fixtures' transformers logits: at most
+# 1.8e-3 over the four models (metalcandle's is within 5e-5), so the bound is looser than the
+# fixtures' forward tolerance; the greedy tokens must still be identical.
+ATOL_F32 = 5e-3
+# tiny-mistral-sw is written as arch `llama`, as llama.cpp's own converter writes Mistral, and
+# that arch has no sliding window in llama.cpp: it attends to the whole prefix and its greedy
+# tokens leave the 8-token window's from the 3rd token on. Strict, so a fix shows up here.
+NO_WINDOW = pytest.mark.xfail(
+    strict=True, reason="llama.cpp's llama arch ignores Mistral's sliding window (full attention)"
+)
+CASES = [pytest.param(n, marks=NO_WINDOW) if n == "tiny-mistral-sw" else n for n in MODELS]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +55,7 @@ def llama_greedy(probe, gguf, prompt, n_new, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["f32", "q8_0"])
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", CASES)
 def test_llama_cpp_decodes_our_gguf_like_we_do(probe, fixtures, tmp_path, name, fmt):
     golden = np.load(fixtures / name / "golden.npz")
     prompt, n_new = golden["gen_prompt"], golden["gen_logits"].shape[0]
@@ -61,6 +72,6 @@ def test_llama_cpp_decodes_our_gguf_like_we_do(probe, fixtures, tmp_path, name, 
     assert logits.shape == (n_new, vocab)
     if fmt == "f32":
         np.testing.assert_array_equal(ids, golden["gen_output"][0, prompt.shape[1] :])
-        np.testing.assert_allclose(logits, golden["gen_logits"][:, 0], atol=ATOL_FORWARD, rtol=0)
+        np.testing.assert_allclose(logits, golden["gen_logits"][:, 0], atol=ATOL_F32, rtol=0)
     else:
         assert np.abs(logits - golden["gen_logits"][:, 0]).max() < ATOL_Q8_0
