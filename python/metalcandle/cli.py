@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 
 from metalcandle.errors import TrainingInterrupted, UserError
+from metalcandle.presets import PRESETS
 
 EXIT_USAGE = 2
 
@@ -123,6 +124,9 @@ def build_parser() -> Parser:
         "--from-scratch", action="store_true", help="character-level model from scratch (default)"
     )
     kind.add_argument("--lora", action="store_true", help="LoRA fine-tune of an imported model")
+    kind.add_argument(
+        "--preset", choices=sorted(PRESETS), help="from scratch with a named model shape (e.g. gpt2-small)"
+    )
 
     for name, helptext in (("chat", "interactive chat"), ("generate", "complete one prompt")):
         p = sub.add_parser(name, help=f"{helptext} with a base model, a checkpoint, or base + LoRA adapter")
@@ -297,9 +301,12 @@ def cmd_models(args) -> int:
 
 
 def cmd_init(args) -> int:
-    from metalcandle.templates import FROM_SCRATCH, LORA
+    from metalcandle.templates import FROM_SCRATCH, LORA, from_preset
 
-    sys.stdout.write(LORA if args.lora else FROM_SCRATCH)
+    if args.preset:
+        sys.stdout.write(from_preset(args.preset))
+    else:
+        sys.stdout.write(LORA if args.lora else FROM_SCRATCH)
     return 0
 
 

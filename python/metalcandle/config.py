@@ -25,6 +25,7 @@ from metalcandle.data import FORMATS as DATA_FORMATS
 from metalcandle.errors import UserError, did_you_mean
 from metalcandle.hooks import SECTIONS as HOOK_SECTIONS
 from metalcandle.hooks import check_entry
+from metalcandle.presets import PRESETS, is_gpt2, preset_spec
 
 REQUIRED = object()  # default marker: the key must be given
 
@@ -44,6 +45,9 @@ class Key:
 
 SPEC_KEYS: dict[str, Key] = {
     "architecture": Key("str", "custom-transformer", choices=("custom-transformer",)),
+    # A named shape (metalcandle.presets) whose keys fill in those not written here.
+    "preset": Key("str", None, choices=tuple(PRESETS)),
+    "vocab_size": Key("int", None, min=2),  # None: the tokenizer's; larger leaves unused rows
     "d_model": Key("int", 128, min=1),
     "n_layers": Key("int", 4, min=1),
     "n_heads": Key("int", 4, min=1),
@@ -350,12 +354,18 @@ def validate(raw: dict, source: Path | None = None) -> Config:
         spec = table.pop("spec", None) if name == "model" else None
         sections[name] = _validate_table(where, name, table, keys)
         if name == "model":
-            sections[name]["spec"] = (
-                None if spec is None else _validate_table(where, "model.spec", spec, SPEC_KEYS)
-            )
+            sections[name]["spec"] = None if spec is None else _validate_spec(where, spec)
 
     _check_cross_keys(where, sections)
     return Config(sections=sections, source=source)
+
+
+def _validate_spec(where: str, spec: Any) -> dict[str, Any]:
+    """[model.spec] with its preset's keys under the ones written out."""
+    if isinstance(spec, dict) and spec.get("preset") is not None:
+        preset = _check_value(where, "model.spec.preset", SPEC_KEYS["preset"], spec["preset"])
+        spec = {**preset_spec(preset), **spec}
+    return _validate_table(where, "model.spec", spec, SPEC_KEYS)
 
 
 def _check_cross_keys(where: str, s: dict) -> None:
@@ -369,8 +379,12 @@ def _check_cross_keys(where: str, s: dict) -> None:
         )
     tok = s["tokenizer"]
     if m["spec"] is not None:
+        gpt2 = is_gpt2(m["spec"]["preset"])
         if tok["kind"] is None:
-            tok["kind"] = "char"
+            # GPT-2's vocabulary is byte-level BPE; a preset's vocab_size sizes the BPE to match.
+            tok["kind"] = "bpe" if gpt2 else "char"
+            if gpt2 and tok["vocab_size"] == SCHEMA["tokenizer"]["vocab_size"].default:
+                tok["vocab_size"] = m["spec"]["vocab_size"]
         if tok["kind"] == "pretrained":
             raise UserError(f'{where}tokenizer.kind = "pretrained" needs a pretrained [model] (name or path)')
         if s["lora"] is not None:
@@ -391,7 +405,10 @@ def _check_cross_keys(where: str, s: dict) -> None:
                 f"n_kv_heads ({spec['n_kv_heads']})"
             )
         if s["data"]["seq_len"] is None:
-            s["data"]["seq_len"] = 256 if spec["max_seq_len"] is None else min(256, spec["max_seq_len"])
+            if spec["max_seq_len"] is None:
+                s["data"]["seq_len"] = 256
+            else:  # a GPT-2 preset trains on its whole context, as GPT-2 did
+                s["data"]["seq_len"] = spec["max_seq_len"] if gpt2 else min(256, spec["max_seq_len"])
         if spec["max_seq_len"] is None:
             spec["max_seq_len"] = s["data"]["seq_len"]
         if s["data"]["seq_len"] > spec["max_seq_len"]:
