@@ -118,6 +118,8 @@ def build_parser() -> Parser:
     p.add_argument("name", nargs="?", metavar="NAME")
     p.add_argument("--models-dir", help="registry folder (default: $METALCANDLE_MODELS_DIR or ./models)")
 
+    sub.add_parser("env", help="the build's features, the devices found, threads and SIMD level")
+
     p = sub.add_parser("init", help="print a commented example config")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument(
@@ -300,6 +302,13 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_env(args) -> int:
+    from metalcandle.devices import describe
+
+    print(describe())
+    return 0
+
+
 def cmd_init(args) -> int:
     from metalcandle.templates import FROM_SCRATCH, LORA, from_preset
 
@@ -387,6 +396,7 @@ COMMANDS = {
     "import-model": cmd_import_model,
     "models": cmd_models,
     "init": cmd_init,
+    "env": cmd_env,
     "chat": cmd_chat,
     "generate": cmd_generate,
 }

@@ -26,9 +26,9 @@ class BaseModel:
 
 
 def device_of(cfg: Config) -> str:
-    # "auto" means the CPU: GPU backends are opt-in cargo features, not present in the default build.
-    d = cfg["run"]["device"]
-    return "cpu" if d == "auto" else d
+    from metalcandle.devices import resolve_device
+
+    return resolve_device(cfg["run"]["device"])
 
 
 def resolve_base(cfg: Config) -> BaseModel | None:
