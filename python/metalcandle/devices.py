@@ -25,7 +25,7 @@ def resolve_device(name: str, say=_stderr) -> str:
             built = ", ".join(info["features"]) or "cpu only"
             raise UserError(
                 f'device "{name}" is not in this build (built with: {built});'
-                f" rebuild with `pip install . --config-settings=build-args="--features {name}"`"
+                f' rebuild with `pip install . --config-settings=build-args="--features {name}"`'
             )
         if not info[f"{name}_available"]:
             raise UserError(f'device "{name}" cannot be opened: {info[f"{name}_error"]}')
