@@ -198,3 +198,53 @@ def test_init_preset_prints_a_config_that_validates(name, tmp_path):
     cfg = validate(tomllib.loads(from_preset(name)))
     assert cfg["model"]["spec"]["preset"] == name
     assert cfg["model"]["spec"]["d_model"] == PRESETS[name]["d_model"]
+
+
+def test_layer_overrides_from_toml_reach_the_model_and_survive_a_save(tmp_path):
+    import tomllib
+
+    raw = tomllib.loads(
+        """
+        [run]
+        name = "lo"
+        [model.spec]
+        d_model = 32
+        n_layers = 4
+        n_heads = 4
+        positions = "rope"
+        norm = "rmsnorm"
+        mlp = "swiglu"
+        [[model.spec.layer_overrides]]
+        layers = "0::2"
+        sliding_window = 4
+        [[model.spec.layer_overrides]]
+        layers = [3]
+        d_ff = 48
+        n_heads = 8
+        [data]
+        train = ["x.txt"]
+        seq_len = 16
+        [train]
+        max_steps = 1
+        """
+    )
+    cfg = validate(raw)
+    model = mc.Model.from_config(scratch_model_config(cfg, 50))
+    layers = model.spec["layers"]
+    assert [la["attention"]["sliding_window"] for la in layers] == [4, None, 4, None]
+    assert layers[3]["mlp"]["intermediate_size"] == 48 and layers[3]["attention"]["num_heads"] == 8
+    assert layers[3]["attention"]["num_kv_heads"] == 8 and layers[0]["mlp"]["intermediate_size"] == 128
+    ids = np.random.default_rng(0).integers(0, 50, size=(2, 12))
+    model.save_pretrained(tmp_path / "m")
+    back = mc.load_model(tmp_path / "m")
+    assert back.spec == model.spec
+    np.testing.assert_array_equal(back.forward(ids), model.forward(ids))
+    # The window really applies: a token beyond it leaves layer 0's output at a later position alone.
+    bad = {
+        **raw,
+        "model": {"spec": {**raw["model"]["spec"], "layer_overrides": [{"layers": [4], "d_ff": 8}]}},
+    }
+    with pytest.raises(Exception, match=r"layer_overrides\[0\]\.layers.*out of range"):
+        mc.Model.from_config(scratch_model_config(validate(bad), 50))
+    with pytest.raises(Exception, match="changes nothing"):
+        validate({**raw, "model": {"spec": {**raw["model"]["spec"], "layer_overrides": [{"layers": 1}]}}})

@@ -59,6 +59,15 @@ SPEC_KEYS: dict[str, Key] = {
     "positions": Key("str", "learned", choices=("learned", "sinusoidal", "rope")),
     "tie_embeddings": Key("bool", True),
     "dropout": Key("float", 0.0, min=0.0, max=1.0),
+    # [[model.spec.layer_overrides]]: layers = 3 | [0, 5] | "0::4", and the keys below for them.
+    "layer_overrides": Key("layer_overrides", []),
+}
+
+LAYER_OVERRIDE_KEYS: dict[str, Key] = {
+    "sliding_window": Key("int", None, min=1),
+    "d_ff": Key("int", None, min=1),
+    "n_heads": Key("int", None, min=1),
+    "n_kv_heads": Key("int", None, min=1),
 }
 
 SCHEMA: dict[str, dict[str, Key]] = {
@@ -293,6 +302,8 @@ def _check_value(where: str, dotted: str, key: Key, value: Any) -> Any:
         return value
     if k == "hooks":
         return _check_hooks(where, dotted, value)
+    if k == "layer_overrides":
+        return _check_layer_overrides(where, dotted, value)
     if k == "resume":
         if value is False or value in ("auto", "false", "never"):
             return False if value in (False, "false", "never") else "auto"
@@ -319,6 +330,34 @@ def _check_hooks(where: str, dotted: str, value: Any) -> list[dict]:
             out.append(check_entry(dotted.split(".", 1)[1], entry, at))
         except ValueError as e:
             raise UserError(f"{where}{e}") from None
+    return out
+
+
+def _check_layer_overrides(where: str, dotted: str, value: Any) -> list[dict]:
+    """Each entry's keys and types; which layers exist is checked with the model's layer count."""
+    if not isinstance(value, list):
+        raise UserError(f"{where}{dotted} must be an array of tables ([[{dotted}]] with layers = ...)")
+    out = []
+    for i, entry in enumerate(value):
+        at = f"{dotted}[{i}]"
+        if not isinstance(entry, dict) or "layers" not in entry:
+            raise UserError(f'{where}{at} must be a table with layers = 3, [0, 5] or "0::4", got {entry!r}')
+        layers = entry["layers"]
+        ok = (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0) or isinstance(
+            layers, str
+        )
+        ok = ok or (
+            isinstance(layers, list)
+            and bool(layers)
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers)
+        )
+        if not ok:
+            raise UserError(f'{where}{at}.layers must be an index, a list of indices or a slice like "0::4"')
+        rest = {k: v for k, v in entry.items() if k != "layers"}
+        if not rest:
+            raise UserError(f"{where}{at} changes nothing: give one of {', '.join(LAYER_OVERRIDE_KEYS)}")
+        checked = _validate_table(where, at, rest, LAYER_OVERRIDE_KEYS)
+        out.append({"layers": layers, **{k: v for k, v in checked.items() if v is not None}})
     return out
 
 
