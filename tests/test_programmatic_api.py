@@ -239,7 +239,6 @@ def test_layer_overrides_from_toml_reach_the_model_and_survive_a_save(tmp_path):
     back = mc.load_model(tmp_path / "m")
     assert back.spec == model.spec
     np.testing.assert_array_equal(back.forward(ids), model.forward(ids))
-    # The window really applies: a token beyond it leaves layer 0's output at a later position alone.
     bad = {
         **raw,
         "model": {"spec": {**raw["model"]["spec"], "layer_overrides": [{"layers": [4], "d_ff": 8}]}},
