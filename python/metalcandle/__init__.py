@@ -2,6 +2,7 @@
 
 from metalcandle._core import __version__
 from metalcandle.chat import InteractivePrompt
+from metalcandle.fit import train_epoch, train_model
 from metalcandle.generate import generate_text, stream_text
 from metalcandle.model import Model, load_model
 from metalcandle.optim import SGD, AdamW, Lion, Optimizer
@@ -13,11 +14,18 @@ from metalcandle.quantize import (
     quantize_model,
 )
 from metalcandle.sampling import next_token_probs
+from metalcandle.text_dataset import TextDataset
 from metalcandle.tokenizers import CharTokenizer, Tokenizer, load_tokenizer, train_bpe
+from metalcandle.trainable_tokenizers import BasicTokenizer, BPETokenizer
 from metalcandle.trainer import StepStats, Trainer
 
 __all__ = ["SGD", "AdamW", "Lion", "Optimizer", "Model", "StepStats", "Trainer", "load_model", "__version__"]
 __all__ += [
+    "BasicTokenizer",
+    "BPETokenizer",
+    "TextDataset",
+    "train_epoch",
+    "train_model",
     "CharTokenizer",
     "InteractivePrompt",
     "Tokenizer",

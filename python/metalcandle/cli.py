@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 
 from metalcandle.errors import TrainingInterrupted, UserError
+from metalcandle.presets import PRESETS
 
 EXIT_USAGE = 2
 
@@ -117,12 +118,17 @@ def build_parser() -> Parser:
     p.add_argument("name", nargs="?", metavar="NAME")
     p.add_argument("--models-dir", help="registry folder (default: $METALCANDLE_MODELS_DIR or ./models)")
 
+    sub.add_parser("env", help="the build's features, the devices found, threads and SIMD level")
+
     p = sub.add_parser("init", help="print a commented example config")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument(
         "--from-scratch", action="store_true", help="character-level model from scratch (default)"
     )
     kind.add_argument("--lora", action="store_true", help="LoRA fine-tune of an imported model")
+    kind.add_argument(
+        "--preset", choices=sorted(PRESETS), help="from scratch with a named model shape (e.g. gpt2-small)"
+    )
 
     for name, helptext in (("chat", "interactive chat"), ("generate", "complete one prompt")):
         p = sub.add_parser(name, help=f"{helptext} with a base model, a checkpoint, or base + LoRA adapter")
@@ -296,10 +302,20 @@ def cmd_models(args) -> int:
     return 0
 
 
-def cmd_init(args) -> int:
-    from metalcandle.templates import FROM_SCRATCH, LORA
+def cmd_env(args) -> int:
+    from metalcandle.devices import describe
 
-    sys.stdout.write(LORA if args.lora else FROM_SCRATCH)
+    print(describe())
+    return 0
+
+
+def cmd_init(args) -> int:
+    from metalcandle.templates import FROM_SCRATCH, LORA, from_preset
+
+    if args.preset:
+        sys.stdout.write(from_preset(args.preset))
+    else:
+        sys.stdout.write(LORA if args.lora else FROM_SCRATCH)
     return 0
 
 
@@ -380,6 +396,7 @@ COMMANDS = {
     "import-model": cmd_import_model,
     "models": cmd_models,
     "init": cmd_init,
+    "env": cmd_env,
     "chat": cmd_chat,
     "generate": cmd_generate,
 }

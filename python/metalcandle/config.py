@@ -25,6 +25,7 @@ from metalcandle.data import FORMATS as DATA_FORMATS
 from metalcandle.errors import UserError, did_you_mean
 from metalcandle.hooks import SECTIONS as HOOK_SECTIONS
 from metalcandle.hooks import check_entry
+from metalcandle.presets import PRESETS, is_gpt2, preset_spec
 
 REQUIRED = object()  # default marker: the key must be given
 
@@ -44,6 +45,9 @@ class Key:
 
 SPEC_KEYS: dict[str, Key] = {
     "architecture": Key("str", "custom-transformer", choices=("custom-transformer",)),
+    # A named shape (metalcandle.presets) whose keys fill in those not written here.
+    "preset": Key("str", None, choices=tuple(PRESETS)),
+    "vocab_size": Key("int", None, min=2),  # None: the tokenizer's; larger leaves unused rows
     "d_model": Key("int", 128, min=1),
     "n_layers": Key("int", 4, min=1),
     "n_heads": Key("int", 4, min=1),
@@ -55,6 +59,15 @@ SPEC_KEYS: dict[str, Key] = {
     "positions": Key("str", "learned", choices=("learned", "sinusoidal", "rope")),
     "tie_embeddings": Key("bool", True),
     "dropout": Key("float", 0.0, min=0.0, max=1.0),
+    # [[model.spec.layer_overrides]]: layers = 3 | [0, 5] | "0::4", and the keys below for them.
+    "layer_overrides": Key("layer_overrides", []),
+}
+
+LAYER_OVERRIDE_KEYS: dict[str, Key] = {
+    "sliding_window": Key("int", None, min=1),
+    "d_ff": Key("int", None, min=1),
+    "n_heads": Key("int", None, min=1),
+    "n_kv_heads": Key("int", None, min=1),
 }
 
 SCHEMA: dict[str, dict[str, Key]] = {
@@ -289,6 +302,8 @@ def _check_value(where: str, dotted: str, key: Key, value: Any) -> Any:
         return value
     if k == "hooks":
         return _check_hooks(where, dotted, value)
+    if k == "layer_overrides":
+        return _check_layer_overrides(where, dotted, value)
     if k == "resume":
         if value is False or value in ("auto", "false", "never"):
             return False if value in (False, "false", "never") else "auto"
@@ -315,6 +330,34 @@ def _check_hooks(where: str, dotted: str, value: Any) -> list[dict]:
             out.append(check_entry(dotted.split(".", 1)[1], entry, at))
         except ValueError as e:
             raise UserError(f"{where}{e}") from None
+    return out
+
+
+def _check_layer_overrides(where: str, dotted: str, value: Any) -> list[dict]:
+    """Each entry's keys and types; which layers exist is checked with the model's layer count."""
+    if not isinstance(value, list):
+        raise UserError(f"{where}{dotted} must be an array of tables ([[{dotted}]] with layers = ...)")
+    out = []
+    for i, entry in enumerate(value):
+        at = f"{dotted}[{i}]"
+        if not isinstance(entry, dict) or "layers" not in entry:
+            raise UserError(f'{where}{at} must be a table with layers = 3, [0, 5] or "0::4", got {entry!r}')
+        layers = entry["layers"]
+        ok = (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0) or isinstance(
+            layers, str
+        )
+        ok = ok or (
+            isinstance(layers, list)
+            and bool(layers)
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers)
+        )
+        if not ok:
+            raise UserError(f'{where}{at}.layers must be an index, a list of indices or a slice like "0::4"')
+        rest = {k: v for k, v in entry.items() if k != "layers"}
+        if not rest:
+            raise UserError(f"{where}{at} changes nothing: give one of {', '.join(LAYER_OVERRIDE_KEYS)}")
+        checked = _validate_table(where, at, rest, LAYER_OVERRIDE_KEYS)
+        out.append({"layers": layers, **{k: v for k, v in checked.items() if v is not None}})
     return out
 
 
@@ -350,12 +393,18 @@ def validate(raw: dict, source: Path | None = None) -> Config:
         spec = table.pop("spec", None) if name == "model" else None
         sections[name] = _validate_table(where, name, table, keys)
         if name == "model":
-            sections[name]["spec"] = (
-                None if spec is None else _validate_table(where, "model.spec", spec, SPEC_KEYS)
-            )
+            sections[name]["spec"] = None if spec is None else _validate_spec(where, spec)
 
     _check_cross_keys(where, sections)
     return Config(sections=sections, source=source)
+
+
+def _validate_spec(where: str, spec: Any) -> dict[str, Any]:
+    """[model.spec] with its preset's keys under the ones written out."""
+    if isinstance(spec, dict) and spec.get("preset") is not None:
+        preset = _check_value(where, "model.spec.preset", SPEC_KEYS["preset"], spec["preset"])
+        spec = {**preset_spec(preset), **spec}
+    return _validate_table(where, "model.spec", spec, SPEC_KEYS)
 
 
 def _check_cross_keys(where: str, s: dict) -> None:
@@ -369,8 +418,12 @@ def _check_cross_keys(where: str, s: dict) -> None:
         )
     tok = s["tokenizer"]
     if m["spec"] is not None:
+        gpt2 = is_gpt2(m["spec"]["preset"])
         if tok["kind"] is None:
-            tok["kind"] = "char"
+            # GPT-2's vocabulary is byte-level BPE; a preset's vocab_size sizes the BPE to match.
+            tok["kind"] = "bpe" if gpt2 else "char"
+            if gpt2 and tok["vocab_size"] == SCHEMA["tokenizer"]["vocab_size"].default:
+                tok["vocab_size"] = m["spec"]["vocab_size"]
         if tok["kind"] == "pretrained":
             raise UserError(f'{where}tokenizer.kind = "pretrained" needs a pretrained [model] (name or path)')
         if s["lora"] is not None:
@@ -391,7 +444,10 @@ def _check_cross_keys(where: str, s: dict) -> None:
                 f"n_kv_heads ({spec['n_kv_heads']})"
             )
         if s["data"]["seq_len"] is None:
-            s["data"]["seq_len"] = 256 if spec["max_seq_len"] is None else min(256, spec["max_seq_len"])
+            if spec["max_seq_len"] is None:
+                s["data"]["seq_len"] = 256
+            else:  # a GPT-2 preset trains on its whole context, as GPT-2 did
+                s["data"]["seq_len"] = spec["max_seq_len"] if gpt2 else min(256, spec["max_seq_len"])
         if spec["max_seq_len"] is None:
             spec["max_seq_len"] = s["data"]["seq_len"]
         if s["data"]["seq_len"] > spec["max_seq_len"]:

@@ -581,6 +581,31 @@ def stream_text(
         yield text[shown:end]
 
 
-def generate_text(model, tokenizer, prompt, **options) -> str:
-    """The new text generated from `prompt` (without the prompt); options as `stream_text`."""
+def generate_text(model, *args, tokenizer=None, max_length: int | None = None, **options) -> str:
+    """The new text generated from a prompt (without the prompt); options as `stream_text`.
+
+    Called as `generate_text(model, tokenizer, prompt, max_new_tokens=..., ...)`, or in the form
+    GPT-2 scripts use, `generate_text(model, prompt, tokenizer=tok, max_length=..., temperature=...,
+    top_k=..., top_p=...)`: there `max_length` counts the prompt, as in transformers, and a
+    temperature, top_k or top_p turns sampling on (temperature 0 is greedy)."""
+    if tokenizer is None:
+        if len(args) != 2:
+            raise TypeError(
+                "generate_text(model, tokenizer, prompt, ...) or generate_text(model, prompt, tokenizer=...)"
+            )
+        tokenizer, prompt = args
+    else:
+        if len(args) != 1:
+            raise TypeError("generate_text(model, prompt, tokenizer=...) takes one prompt")
+        (prompt,) = args
+        sampling = [k for k in ("temperature", "top_k", "top_p") if options.get(k) is not None]
+        if "do_sample" not in options and sampling:
+            options["do_sample"] = options.get("temperature", 1.0) != 0
+            if not options["do_sample"]:
+                for k in sampling:
+                    options.pop(k)
+    if max_length is not None:
+        if "max_new_tokens" in options:
+            raise ValueError("pass max_length (prompt included) or max_new_tokens, not both")
+        options["max_new_tokens"] = max(0, max_length - len(_prompt_ids(tokenizer, prompt)))
     return "".join(stream_text(model, tokenizer, prompt, **options))

@@ -26,9 +26,9 @@ class BaseModel:
 
 
 def device_of(cfg: Config) -> str:
-    # "auto" means the CPU: GPU backends are opt-in cargo features, not present in the default build.
-    d = cfg["run"]["device"]
-    return "cpu" if d == "auto" else d
+    from metalcandle.devices import resolve_device
+
+    return resolve_device(cfg["run"]["device"])
 
 
 def resolve_base(cfg: Config) -> BaseModel | None:
@@ -70,9 +70,15 @@ def build_tokenizer(cfg: Config, base: BaseModel | None, train_files: list[Path]
 
 
 def scratch_model_config(cfg: Config, vocab_size: int) -> dict:
-    spec = dict(cfg["model"]["spec"])
-    spec.pop("architecture")
-    return {"model_type": "custom-transformer", "vocab_size": vocab_size, **spec}
+    """The config.json of a from-scratch model for a tokenizer of `vocab_size` ids: the spec's own
+    vocab_size when given (it may be larger, leaving rows no id reaches, never smaller)."""
+    spec = {k: v for k, v in cfg["model"]["spec"].items() if k not in ("architecture", "preset")}
+    rows = spec.pop("vocab_size") or vocab_size
+    if rows < vocab_size:
+        raise UserError(
+            f"{cfg.source}: model.spec.vocab_size ({rows}) is smaller than the tokenizer's {vocab_size} ids"
+        )
+    return {"model_type": "custom-transformer", "vocab_size": rows, **spec}
 
 
 def load_model_dir(path: Path, device: str = "cpu"):

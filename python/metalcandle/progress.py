@@ -19,6 +19,21 @@ def rss_mib() -> float:
         return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+def peak_rss_mib() -> float:
+    """The largest resident set size this process has had, in MiB (VmHWM; getrusage elsewhere)."""
+    try:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 class Progress:
     """A tqdm bar over optimizer steps; quiet when `enabled` is false (tests, --quiet)."""
 

@@ -121,3 +121,30 @@ target_modules = ["q_proj", "v_proj"]   # or "all-linear"
 use_rslora = false
 
 """ + _COMMON_TAIL.format(lr="2e-4", wd="0.0", warmup=10, steps=200, batch=4, eval_every=50, max_new=128)
+
+
+def from_preset(name: str) -> str:
+    """The from-scratch example with [model.spec] set to preset `name` (its keys spelled out, commented,
+    to override), and for the GPT-2 presets a BPE tokenizer of GPT-2's size and its 1024-token context."""
+    from metalcandle.presets import is_gpt2, preset_spec
+
+    spec = preset_spec(name)
+    head, rest = FROM_SCRATCH.split("[model.spec]", 1)
+    rest = rest[rest.index("[tokenizer]") :]
+    lines = [f'[model.spec]\npreset = "{name}"              # keys below override the preset\n']
+    for key, value in spec.items():
+        shown = ("true" if value else "false") if isinstance(value, bool) else repr(value).replace("'", '"')
+        lines.append(f"# {key} = {shown}\n")
+    head = head.replace(
+        "train a small character-level model from scratch", f"train a {name} model from scratch"
+    )
+    text = head + "".join(lines) + "dropout = 0.0\n\n" + rest
+    if is_gpt2(name):
+        text = text.replace('kind = "char" ', 'kind = "bpe"  ').replace(
+            "# vocab_size = 1024             # bpe only", f"vocab_size = {spec['vocab_size']}"
+        )
+        text = text.replace(
+            "seq_len = 128                   #", f"seq_len = {spec['max_seq_len']}                  #"
+        )
+        text = text.replace("batch_size = 16 ", "batch_size = 8  ").replace("lr = 3e-3 ", "lr = 6e-4 ")
+    return text

@@ -40,7 +40,7 @@ from metalcandle.loading import (
     untrained_error,
 )
 from metalcandle.plotting import plot_loss
-from metalcandle.progress import Progress
+from metalcandle.progress import Progress, peak_rss_mib, rss_mib
 from metalcandle.registry import Registry, new_model_id, read_license
 from metalcandle.schedule import lr_at
 
@@ -440,6 +440,8 @@ def train(
                             "lr": lr,
                             "grad_norm": float(stats.grad_norm),
                             "tokens_per_s": tps,
+                            "rss_mib": round(rss_mib(), 1),
+                            "peak_rss_mib": round(peak_rss_mib(), 1),
                             "tokens_seen": state.tokens_seen,
                             "epoch": stream.epoch,
                             **{f"aux/{name}": v for name, v in aux.items()},

@@ -34,11 +34,17 @@ def _micro_batches(name, value, like=None):
     return arrays
 
 
-def _inputs(input_ids, labels, attention_mask):
-    """(ids, labels, mask) as lists of micro-batches; labels default to the ids."""
+def _inputs(input_ids, labels, attention_mask, targets=None):
+    """(ids, labels, mask, pre_shifted) as lists of micro-batches; labels default to the ids.
+    `targets` are labels already shifted (position t predicts targets[t])."""
+    if targets is not None and labels is not None:
+        raise ValueError("pass labels (shifted inside) or targets (already shifted), not both")
     ids = _micro_batches("input_ids", input_ids)
-    labs = _micro_batches("labels", labels if labels is not None else ids, ids)
-    return ids, labs, _micro_batches("attention_mask", attention_mask, ids)
+    given = targets if targets is not None else labels
+    labs = _micro_batches(
+        "targets" if targets is not None else "labels", given if given is not None else ids, ids
+    )
+    return ids, labs, _micro_batches("attention_mask", attention_mask, ids), targets is not None
 
 
 class Trainer:
@@ -57,16 +63,16 @@ class Trainer:
         self.max_grad_norm = max_grad_norm
         self.step_count = 0
 
-    def step(self, input_ids, labels=None, attention_mask=None) -> StepStats:
-        ids, labs, mask = _inputs(input_ids, labels, attention_mask)
+    def step(self, input_ids, labels=None, attention_mask=None, targets=None) -> StepStats:
+        ids, labs, mask, pre_shifted = _inputs(input_ids, labels, attention_mask, targets)
         loss, norm, tokens, aux = _core.train_step(
-            self.model._core, self.optimizer._core, ids, labs, mask, self.max_grad_norm
+            self.model._core, self.optimizer._core, ids, labs, mask, self.max_grad_norm, pre_shifted
         )
         self.step_count += 1
         return StepStats(loss=loss, grad_norm=norm, tokens=tokens, aux=dict(aux))
 
-    def eval_loss(self, input_ids, labels=None, attention_mask=None) -> float:
-        return _core.eval_loss(self.model._core, *_inputs(input_ids, labels, attention_mask))
+    def eval_loss(self, input_ids, labels=None, attention_mask=None, targets=None) -> float:
+        return _core.eval_loss(self.model._core, *_inputs(input_ids, labels, attention_mask, targets))
 
     def save_state(self, path) -> None:
         """Optimizer moments and step counters (the weights are saved separately)."""

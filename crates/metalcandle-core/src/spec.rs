@@ -562,6 +562,88 @@ pub struct CustomSpec {
     pub bos_token_id: Option<u32>,
     #[serde(default)]
     pub eos_token_id: Option<u32>,
+    /// Layers that differ from the rest, applied in order (a later entry wins).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layer_overrides: Vec<LayerOverride>,
+}
+
+/// Which layers an override applies to: an index, a list of indices, or a Python-style slice
+/// `"start:stop:step"` (each part optional, negative counting from the end), e.g. `"0::4"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LayerSelector {
+    One(usize),
+    Many(Vec<usize>),
+    Slice(String),
+}
+
+impl LayerSelector {
+    /// The selected layer indices of a model of `n` layers, or why the selector is wrong.
+    pub fn indices(&self, n: usize) -> std::result::Result<Vec<usize>, String> {
+        let check = |i: usize| {
+            if i < n {
+                Ok(i)
+            } else {
+                Err(format!(
+                    "layer {i} is out of range (the model has {n} layers)"
+                ))
+            }
+        };
+        match self {
+            LayerSelector::One(i) => Ok(vec![check(*i)?]),
+            LayerSelector::Many(v) => v.iter().map(|&i| check(i)).collect(),
+            LayerSelector::Slice(text) => slice_indices(text, n),
+        }
+    }
+}
+
+fn slice_indices(text: &str, n: usize) -> std::result::Result<Vec<usize>, String> {
+    let bad = || format!("\"{text}\" is not a slice like \"0::4\" or \"2:6\"");
+    let parts: Vec<&str> = text.split(':').collect();
+    if !(2..=3).contains(&parts.len()) {
+        return Err(bad());
+    }
+    let num = |p: &str| -> std::result::Result<Option<i64>, String> {
+        let p = p.trim();
+        if p.is_empty() {
+            Ok(None)
+        } else {
+            p.parse::<i64>().map(Some).map_err(|_| bad())
+        }
+    };
+    let step = match parts.get(2) {
+        Some(p) => num(p)?.unwrap_or(1),
+        None => 1,
+    };
+    if step <= 0 {
+        return Err(format!("\"{text}\": the step must be > 0"));
+    }
+    let n = n as i64;
+    let clamp = |v: Option<i64>, default: i64| match v {
+        None => default,
+        Some(v) if v < 0 => (v + n).max(0),
+        Some(v) => v.min(n),
+    };
+    let (start, stop) = (clamp(num(parts[0])?, 0), clamp(num(parts[1])?, n));
+    Ok((start..stop)
+        .step_by(step as usize)
+        .map(|i| i as usize)
+        .collect())
+}
+
+/// Keys a layer may change; `None` keeps the model-wide value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerOverride {
+    pub layers: LayerSelector,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub d_ff: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_heads: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_kv_heads: Option<usize>,
 }
 
 fn custom_model_type() -> String {
@@ -664,13 +746,55 @@ impl CustomSpec {
                 eps: self.norm_eps,
             },
         };
+        let mut layers = vec![layer; self.n_layers];
+        for (k, o) in self.layer_overrides.iter().enumerate() {
+            let key = |name: &str| format!("layer_overrides[{k}].{name}");
+            let selected = o
+                .layers
+                .indices(self.n_layers)
+                .map_err(|m| err(&key("layers"), m))?;
+            for i in selected {
+                let l = &mut layers[i];
+                if let Some(w) = o.sliding_window {
+                    l.attention.sliding_window = Some(w);
+                }
+                if let Some(ff) = o.d_ff {
+                    l.mlp.intermediate_size = ff;
+                }
+                let heads = o.n_heads.unwrap_or(l.attention.num_heads);
+                // An MHA model stays MHA when a layer changes its head count.
+                let kv = match (o.n_kv_heads, o.n_heads) {
+                    (Some(kv), _) => kv,
+                    (None, Some(_)) if n_kv == self.n_heads => heads,
+                    _ => l.attention.num_kv_heads,
+                };
+                if heads == 0 || self.d_model % heads != 0 {
+                    return Err(err(
+                        &key("n_heads"),
+                        format!(
+                            "d_model ({}) must be divisible by n_heads ({heads})",
+                            self.d_model
+                        ),
+                    ));
+                }
+                if kv == 0 || heads % kv != 0 {
+                    return Err(err(
+                        &key("n_kv_heads"),
+                        format!("n_heads ({heads}) must be divisible by n_kv_heads ({kv})"),
+                    ));
+                }
+                l.attention.num_heads = heads;
+                l.attention.num_kv_heads = kv;
+                l.attention.head_dim = self.d_model / heads;
+            }
+        }
         let spec = ModelSpec {
             architecture: Architecture::CustomTransformer,
             vocab_size: self.vocab_size,
             hidden_size: self.d_model,
             max_position_embeddings: self.max_seq_len,
             positions,
-            layers: vec![layer; self.n_layers],
+            layers,
             final_norm: NormSpec {
                 kind: norm,
                 eps: self.norm_eps,
@@ -763,6 +887,7 @@ mod tests {
             dropout: 0.0,
             bos_token_id: None,
             eos_token_id: None,
+            layer_overrides: vec![],
         };
         let v = serde_json::to_value(&custom).unwrap();
         let s = ModelSpec::from_hf_config(&v, "config.json").unwrap();
@@ -774,5 +899,53 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`norm`"), "{e}");
+    }
+
+    #[test]
+    fn layer_overrides_select_layers_like_python_slices() {
+        let sel = |s: &str| LayerSelector::Slice(s.into()).indices(10);
+        assert_eq!(sel("0::4").unwrap(), vec![0, 4, 8]);
+        assert_eq!(sel("2:6").unwrap(), vec![2, 3, 4, 5]);
+        assert_eq!(sel("-2:").unwrap(), vec![8, 9]);
+        assert_eq!(sel("::3").unwrap(), (0..10).step_by(3).collect::<Vec<_>>());
+        assert!(sel("0::0").is_err() && sel("a:b").is_err() && sel("1").is_err());
+        assert!(LayerSelector::Many(vec![1, 10]).indices(10).is_err());
+        let cfg = json!({"model_type": "custom-transformer", "vocab_size": 50, "d_model": 32,
+            "n_layers": 8, "n_heads": 4, "d_ff": 64, "max_seq_len": 64, "positions": "rope",
+            "layer_overrides": [{"layers": "0::4", "sliding_window": 16},
+                                {"layers": [1, 2], "d_ff": 96, "n_heads": 8, "n_kv_heads": 2}]});
+        let s = ModelSpec::from_hf_config(&cfg, "config.json").unwrap();
+        let windows: Vec<_> = s
+            .layers
+            .iter()
+            .map(|l| l.attention.sliding_window)
+            .collect();
+        assert_eq!(
+            windows,
+            [Some(16), None, None, None, Some(16), None, None, None]
+        );
+        assert_eq!(s.layers[1].mlp.intermediate_size, 96);
+        assert_eq!(
+            (
+                s.layers[2].attention.num_heads,
+                s.layers[2].attention.num_kv_heads
+            ),
+            (8, 2)
+        );
+        assert_eq!(s.layers[2].attention.head_dim, 4);
+        assert_eq!(s.layers[3].mlp.intermediate_size, 64);
+        // Stored back as written, so a saved config.json reloads the same spec.
+        let custom: CustomSpec = serde_json::from_value(cfg.clone()).unwrap();
+        let again = serde_json::to_value(&custom).unwrap();
+        assert_eq!(ModelSpec::from_hf_config(&again, "config.json").unwrap(), s);
+        let mut bad = cfg.clone();
+        bad["layer_overrides"][1]["n_heads"] = json!(5);
+        let e = ModelSpec::from_hf_config(&bad, "config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("layer_overrides[1].n_heads") && e.contains("divisible"),
+            "{e}"
+        );
     }
 }

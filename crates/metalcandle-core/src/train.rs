@@ -12,14 +12,19 @@ use std::collections::HashMap;
 pub struct Batch {
     /// u32 [B, T]
     pub ids: Tensor,
-    /// [B*T], unshifted (Hugging Face convention: position t predicts labels[t+1]).
+    /// [B*T], unshifted (Hugging Face convention: position t predicts labels[t+1]), unless
+    /// `pre_shifted`.
     pub labels: Vec<i64>,
+    /// The labels are already the next-token targets (position t predicts labels[t]), as in
+    /// nanoGPT's (x, y) windows: every position, the last included, has a target.
+    pub pre_shifted: bool,
     /// [B*T], 1 = token, 0 = padding.
     pub attention_mask: Option<Vec<i64>>,
 }
 
 impl Batch {
-    /// Labels moved one step left within each row, the last position ignored.
+    /// The target of every position: labels moved one step left within each row, the last
+    /// position ignored (or the labels as they are when `pre_shifted`).
     fn shifted_labels(&self) -> Result<Vec<i64>> {
         let (b, t) = self.ids.dims2()?;
         if self.labels.len() != b * t {
@@ -27,6 +32,9 @@ impl Batch {
                 "labels have {} entries, input_ids {b} x {t}",
                 self.labels.len()
             )));
+        }
+        if self.pre_shifted {
+            return Ok(self.labels.clone());
         }
         Ok((0..b * t)
             .map(|i| {
@@ -321,4 +329,64 @@ fn accumulate(
         }
     }
     Ok((loss_sum, aux_sum, grads))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::ModelSpec;
+    use candle_core::Device;
+
+    fn tiny() -> Decoder {
+        let config = serde_json::json!({"model_type": "llama", "vocab_size": 50, "hidden_size": 16,
+            "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "max_position_embeddings": 16});
+        let spec = ModelSpec::from_hf_config(&config, "config").unwrap();
+        Decoder::random(spec, config, 3, &Device::Cpu).unwrap()
+    }
+
+    fn batch(ids: &[u32], labels: Vec<i64>, pre_shifted: bool) -> Batch {
+        Batch {
+            ids: Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap(),
+            labels,
+            attention_mask: None,
+            pre_shifted,
+        }
+    }
+
+    #[test]
+    fn pre_shifted_targets_are_the_shifted_labels_plus_the_last_position() {
+        let m = tiny();
+        let w: Vec<u32> = vec![4, 9, 17, 2, 33, 8, 21];
+        let (x, y) = (&w[..6], &w[1..]);
+        let as_labels = |v: &[u32]| v.iter().map(|&i| i as i64).collect::<Vec<_>>();
+        // The last target ignored: the same loss as the unshifted labels of x.
+        let mut cut = as_labels(y);
+        cut[5] = IGNORE_INDEX;
+        let unshifted = m.eval_loss(&[batch(x, as_labels(x), false)]).unwrap();
+        let shifted = m.eval_loss(&[batch(x, cut, true)]).unwrap();
+        assert!((unshifted - shifted).abs() < 1e-12, "{unshifted} {shifted}");
+        // With it: the mean over all six positions, by the closed form from the logits.
+        let all = m.eval_loss(&[batch(x, as_labels(y), true)]).unwrap();
+        let (logits, _) = m
+            .detached()
+            .forward(
+                &batch(x, vec![], false).ids,
+                &ForwardOptions::default(),
+                None,
+            )
+            .unwrap();
+        let rows = logits.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        let want: f64 = rows
+            .iter()
+            .zip(y)
+            .map(|(r, &t)| {
+                let max = r.iter().cloned().fold(f32::MIN, f32::max) as f64;
+                let lse = max + r.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+                lse - r[t as usize] as f64
+            })
+            .sum::<f64>()
+            / 6.0;
+        assert!((all - want).abs() < 1e-5, "{all} {want}");
+    }
 }

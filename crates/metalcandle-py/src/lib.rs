@@ -2,6 +2,7 @@
 //! exceptions, and the GIL released while Rust computes. No model logic lives here.
 
 mod convert;
+mod env;
 mod hooks;
 mod model;
 mod quant;
@@ -20,6 +21,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quant::gguf_metadata, m)?)?;
     m.add_function(wrap_pyfunction!(hooks::hook_points, m)?)?;
     m.add_function(wrap_pyfunction!(hooks::glob_match, m)?)?;
+    m.add_function(wrap_pyfunction!(env::build_info, m)?)?;
     m.add(
         "POINTS_IN_A_LAYER",
         metalcandle_core::hooks::POINTS_IN_A_LAYER.to_vec(),

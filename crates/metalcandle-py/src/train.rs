@@ -98,6 +98,7 @@ fn batches(
     ids: Vec<Arr<'_>>,
     labels: Vec<Arr<'_>>,
     masks: Option<Vec<Arr<'_>>>,
+    pre_shifted: bool,
 ) -> PyResult<Vec<Batch>> {
     if ids.len() != labels.len() || masks.as_ref().is_some_and(|m| m.len() != ids.len()) {
         return Err(PyValueError::new_err(
@@ -130,6 +131,7 @@ fn batches(
             ids,
             labels: yv,
             attention_mask,
+            pre_shifted,
         });
     }
     Ok(out)
@@ -141,7 +143,8 @@ type StepResult = (f64, f64, usize, Vec<(String, f64)>);
 /// One optimizer step over micro-batches; returns (loss, pre-clip gradient norm, label tokens,
 /// [(aux loss name, unweighted value)]).
 #[pyfunction]
-#[pyo3(signature = (model, optimizer, input_ids, labels, attention_mask = None, max_grad_norm = None))]
+#[pyo3(signature = (model, optimizer, input_ids, labels, attention_mask = None, max_grad_norm = None, pre_shifted = false))]
+#[allow(clippy::too_many_arguments)]
 pub fn train_step(
     py: Python<'_>,
     mut model: PyRefMut<'_, PyModel>,
@@ -150,8 +153,9 @@ pub fn train_step(
     labels: Vec<Arr<'_>>,
     attention_mask: Option<Vec<Arr<'_>>>,
     max_grad_norm: Option<f64>,
+    pre_shifted: bool,
 ) -> PyResult<StepResult> {
-    let b = batches(&model, input_ids, labels, attention_mask)?;
+    let b = batches(&model, input_ids, labels, attention_mask, pre_shifted)?;
     let (m, o) = (&mut model.inner, &mut optimizer.inner);
     let stats = py
         .detach(|| core_step(m, o, &b, max_grad_norm))
@@ -161,15 +165,16 @@ pub fn train_step(
 
 /// Token-weighted mean loss without gradients.
 #[pyfunction]
-#[pyo3(signature = (model, input_ids, labels, attention_mask = None))]
+#[pyo3(signature = (model, input_ids, labels, attention_mask = None, pre_shifted = false))]
 pub fn eval_loss(
     py: Python<'_>,
     model: PyRef<'_, PyModel>,
     input_ids: Vec<Arr<'_>>,
     labels: Vec<Arr<'_>>,
     attention_mask: Option<Vec<Arr<'_>>>,
+    pre_shifted: bool,
 ) -> PyResult<f64> {
-    let b = batches(&model, input_ids, labels, attention_mask)?;
+    let b = batches(&model, input_ids, labels, attention_mask, pre_shifted)?;
     let m = &model.inner;
     py.detach(|| m.eval_loss(&b)).map_err(to_py_err)
 }

@@ -26,6 +26,7 @@ fn batch() -> Batch {
         ids: Tensor::from_vec(ids.clone(), (2, 6), &Device::Cpu).unwrap(),
         labels: ids.iter().map(|&x| x as i64).collect(),
         attention_mask: None,
+        pre_shifted: false,
     }
 }
 
