@@ -25,6 +25,7 @@ from metalcandle.data import FORMATS as DATA_FORMATS
 from metalcandle.errors import UserError, did_you_mean
 from metalcandle.hooks import SECTIONS as HOOK_SECTIONS
 from metalcandle.hooks import check_entry
+from metalcandle.registry import check_name
 
 REQUIRED = object()  # default marker: the key must be given
 
@@ -346,6 +347,8 @@ def validate(raw: dict, source: Path | None = None) -> Config:
         if table is None and name in OPTIONAL_SECTIONS:
             sections[name] = None
             continue
+        if table is not None and not isinstance(table, dict):
+            raise UserError(f"{where}[{name}] must be a table, got {table!r}")
         table = dict(table or {})
         spec = table.pop("spec", None) if name == "model" else None
         sections[name] = _validate_table(where, name, table, keys)
@@ -360,6 +363,8 @@ def validate(raw: dict, source: Path | None = None) -> Config:
 
 def _check_cross_keys(where: str, s: dict) -> None:
     """Constraints that involve more than one key."""
+    # The run's name becomes folder names (runs/<name>, the registry's <models_dir>/<name>).
+    check_name(s["run"]["name"], f"{where}run.name")
     m = s["model"]
     given = [k for k in ("name", "path", "spec") if m.get(k) is not None]
     if len(given) != 1:
@@ -484,6 +489,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise UserError(f"config file not found: {path}") from None
     except OSError as e:
         raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -3,13 +3,16 @@ AdamW update all run in Rust)."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from metalcandle import _core
 from metalcandle.checkpoint import read_json, write_json_atomic
-from metalcandle.model import Model, as_ids
+from metalcandle.model import Model, as_ids, check_mask
 from metalcandle.optim import Optimizer
 
 
@@ -38,7 +41,22 @@ def _inputs(input_ids, labels, attention_mask):
     """(ids, labels, mask) as lists of micro-batches; labels default to the ids."""
     ids = _micro_batches("input_ids", input_ids)
     labs = _micro_batches("labels", labels if labels is not None else ids, ids)
-    return ids, labs, _micro_batches("attention_mask", attention_mask, ids)
+    masks = _micro_batches("attention_mask", attention_mask, ids)
+    for m in masks or []:
+        check_mask(m)
+    return ids, labs, masks
+
+
+def _check_labels(model: Model, labels: list[np.ndarray]) -> None:
+    """Labels are token ids or -100 (no loss); checked here so a bad one is a ValueError like
+    forward's, not an error from inside the loss."""
+    vocab = model.vocab_size
+    for i, lab in enumerate(labels):
+        bad = (lab != -100) & ((lab < 0) | (lab >= vocab))
+        if bad.any():
+            at = tuple(int(x) for x in np.argwhere(bad)[0])
+            where = f"labels[{i}]{list(at)}" if len(labels) > 1 else f"labels{list(at)}"
+            raise ValueError(f"{where} = {lab[at]} is outside the vocabulary [0, {vocab}) and not -100")
 
 
 class Trainer:
@@ -50,7 +68,7 @@ class Trainer:
     tokens, so the step equals one step on the concatenated batch."""
 
     def __init__(self, model: Model, optimizer: Optimizer, max_grad_norm: float | None = 1.0):
-        if max_grad_norm is not None and max_grad_norm <= 0:
+        if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         self.model = model
         self.optimizer = optimizer
@@ -59,6 +77,7 @@ class Trainer:
 
     def step(self, input_ids, labels=None, attention_mask=None) -> StepStats:
         ids, labs, mask = _inputs(input_ids, labels, attention_mask)
+        _check_labels(self.model, labs)
         loss, norm, tokens, aux = _core.train_step(
             self.model._core, self.optimizer._core, ids, labs, mask, self.max_grad_norm
         )
@@ -66,7 +85,9 @@ class Trainer:
         return StepStats(loss=loss, grad_norm=norm, tokens=tokens, aux=dict(aux))
 
     def eval_loss(self, input_ids, labels=None, attention_mask=None) -> float:
-        return _core.eval_loss(self.model._core, *_inputs(input_ids, labels, attention_mask))
+        ids, labs, mask = _inputs(input_ids, labels, attention_mask)
+        _check_labels(self.model, labs)
+        return _core.eval_loss(self.model._core, ids, labs, mask)
 
     def save_state(self, path) -> None:
         """Optimizer moments and step counters (the weights are saved separately)."""
