@@ -81,7 +81,7 @@ def test_lora_rank_beyond_memory_is_refused(fixtures, tmp_path):
     model = mc.load_model(fixtures / "tiny-qwen2")
     with pytest.raises(ValueError, match="key `r`.*GiB"):
         model.add_lora(r=10**9)
-    with pytest.raises(ValueError, match="r must be a positive integer"):
+    with pytest.raises(ValueError, match="r must be > 0 and an integer"):
         model.add_lora(r=1.5)
     assert not model.has_adapter
     adapter = tmp_path / "a"

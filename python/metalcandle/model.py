@@ -33,7 +33,7 @@ def check_mask(mask: np.ndarray | None) -> None:
 
 def _rank(r) -> int:
     if isinstance(r, bool) or not isinstance(r, int | np.integer) or r < 1:
-        raise ValueError(f"r must be a positive integer, got {r!r}")
+        raise ValueError(f"r must be > 0 and an integer, got {r!r}")
     return int(r)
 
 

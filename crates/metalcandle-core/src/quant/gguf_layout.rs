@@ -90,3 +90,62 @@ pub fn check_layout(c: &Content, file_len: u64, path: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::gguf_file::{TensorInfo, VersionedMagic};
+    use candle_core::quantized::GgmlDType;
+    use std::collections::HashMap;
+
+    fn content(tensors: &[(&str, GgmlDType, u64)]) -> Content {
+        Content {
+            magic: VersionedMagic::GgufV3,
+            metadata: HashMap::new(),
+            tensor_infos: tensors
+                .iter()
+                .map(|&(n, t, offset)| {
+                    let info = TensorInfo {
+                        ggml_dtype: t,
+                        shape: candle_core::Shape::from(vec![64]),
+                        offset,
+                    };
+                    (n.to_string(), info)
+                })
+                .collect(),
+            tensor_data_offset: 0,
+        }
+    }
+
+    #[test]
+    fn unaligned_overlapping_and_shrunk_tensors_are_refused() {
+        let p = Path::new("m.gguf");
+        // Two f32 [64] tensors, 256 bytes each, back to back.
+        let ok = content(&[("a", GgmlDType::F32, 0), ("b", GgmlDType::F32, 256)]);
+        check_layout(&ok, 512, p).unwrap();
+        let e = |c: Content| check_layout(&c, 512, p).unwrap_err().to_string();
+        let unaligned = e(content(&[
+            ("a", GgmlDType::F32, 0),
+            ("b", GgmlDType::F32, 250),
+        ]));
+        assert!(
+            unaligned.contains("m.gguf") && unaligned.contains("alignment"),
+            "{unaligned}"
+        );
+        let overlap = e(content(&[
+            ("a", GgmlDType::F32, 0),
+            ("b", GgmlDType::F32, 224),
+        ]));
+        assert!(overlap.contains("overlaps"), "{overlap}");
+        let shrunk = e(content(&[
+            ("a", GgmlDType::F16, 0),
+            ("b", GgmlDType::F32, 256),
+        ]));
+        assert!(shrunk.contains("wrong type"), "{shrunk}");
+        let outside = e(content(&[
+            ("a", GgmlDType::F32, 0),
+            ("b", GgmlDType::F32, 512),
+        ]));
+        assert!(outside.contains("does not fit"), "{outside}");
+    }
+}
