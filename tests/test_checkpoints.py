@@ -108,7 +108,7 @@ def test_config_errors_name_the_key(fixtures, tmp_path):
     with pytest.raises(ValueError, match="num_attention_heads.*missing"):
         mc.load_model(dst)
     (dst / "config.json").write_text("{not json")
-    with pytest.raises(RuntimeError, match="config.json: invalid JSON"):
+    with pytest.raises(ValueError, match="config.json: invalid JSON"):
         mc.load_model(dst)
 
 

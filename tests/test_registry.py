@@ -11,9 +11,9 @@ from metalcandle.registry import ENTRY_KEYS, Registry, default_models_dir, read_
 
 def test_register_get_and_lineage(tmp_path):
     reg = Registry(tmp_path / "models")
-    reg.register({"model_name": "base", "architecture_type": "qwen", "source": "local:/x", "path": "/x"})
-    reg.register({"model_name": "ft1", "architecture_type": "qwen", "fine_tuned_from": "base", "path": "/y"})
-    reg.register({"model_name": "ft2", "architecture_type": "qwen", "fine_tuned_from": "ft1", "path": "/z"})
+    reg.register({"model_name": "base", "architecture_type": "qwen", "source": "local:/x"})
+    reg.register({"model_name": "ft1", "architecture_type": "qwen", "fine_tuned_from": "base"})
+    reg.register({"model_name": "ft2", "architecture_type": "qwen", "fine_tuned_from": "ft1"})
     e = reg.get("ft2")
     assert set(ENTRY_KEYS) <= set(e)
     assert e["model_id"].startswith("mc-") and e["created_at"]
@@ -47,9 +47,7 @@ def _writer(args):
     models_dir, worker, count = args
     reg = Registry(models_dir)
     for i in range(count):
-        reg.register(
-            {"model_name": f"w{worker}-m{i}", "architecture_type": "gpt2", "path": f"/p/{worker}/{i}"}
-        )
+        reg.register({"model_name": f"w{worker}-m{i}", "architecture_type": "gpt2"})
     return worker
 
 

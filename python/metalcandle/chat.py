@@ -20,8 +20,10 @@ class InteractivePrompt:
     generates a reply.
 
     When the rendered prompt would exceed `max_context_length` tokens, the oldest user/assistant turns are
-    dropped, never the system prompt and never the newest message. The reply may use the room left in
-    the context, at most `max_new_tokens` (default 256). Other keyword options go to `generate`
+    dropped, never the system prompt and never the newest message; after each reply the kept
+    history, rendered, fits `max_context_length` again (older turns dropped, a reply too long to
+    keep cut). The reply may use the room left in the context, at most `max_new_tokens` (default 256).
+    Other keyword options go to `generate`
     (temperature, top_p, do_sample, seed, ...)."""
 
     def __init__(
@@ -109,6 +111,43 @@ class InteractivePrompt:
 
     def _keep_reply(self, pieces: list[str]) -> None:
         self.history.append({"role": "assistant", "content": "".join(pieces).strip()})
+        self._trim_history()
+
+    def _fits(self, messages: list[dict]) -> bool:
+        return self._token_count(messages, add_generation_prompt=False) <= self.max_context_length
+
+    def _trim_history(self) -> None:
+        """After a reply the kept history, rendered, must fit max_context_length too: the reply as
+        re-tokenized and the template's end-of-turn tokens after it were not in the prompt's budget.
+        The oldest turns go first; the system prompt and the newest exchange stay, with a reply too
+        long to keep cut to the longest prefix that fits."""
+        system = self.history[:1] if self.history and self.history[0]["role"] == "system" else []
+        turns = self.history[len(system) :]
+        while not self._fits(system + turns):
+            users = [i for i, m in enumerate(turns) if m["role"] == "user"]
+            if not users:
+                turns = []
+                break
+            newest = users[-1]
+            if newest > 0:
+                cut = 1
+                while cut < newest and turns[cut]["role"] != "user":
+                    cut += 1
+                turns = turns[cut:]
+                continue
+            reply = turns[-1]["content"] if turns and turns[-1]["role"] == "assistant" else None
+            if reply is None or not self._fits(system + turns[:-1] + [{"role": "assistant", "content": ""}]):
+                turns = []  # not even the exchange with an empty reply fits: keep the system prompt
+                break
+            lo, hi = 0, len(reply)  # longest prefix of the reply that fits: reply[:lo] fits
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self._fits(system + turns[:-1] + [{"role": "assistant", "content": reply[:mid]}]):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            turns = turns[:-1] + [{"role": "assistant", "content": reply[:lo]}]
+        self.history = system + turns
 
     def send_message(self, text: str) -> str:
         """Adds the user message, generates the assistant's reply, keeps both, returns the reply."""

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from metalcandle.errors import UserError
+from metalcandle.errors import BadFileError, UserError
 
 STATE_FILE = "state.json"
 METADATA_FILE = "metadata.json"
@@ -100,7 +100,14 @@ def prune(ckpt_root: Path, keep_last: int) -> list[Path]:
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """A JSON object from `path`; anything else is a BadFileError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise BadFileError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise BadFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def write_json(path: Path, data: dict) -> None:

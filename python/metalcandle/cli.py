@@ -225,7 +225,7 @@ def cmd_import_model(args) -> int:
     import metalcandle as mc
     from metalcandle.adapters import architecture_type_of
     from metalcandle.checkpoint import write_atomic_dir
-    from metalcandle.registry import Registry, read_license
+    from metalcandle.registry import Registry, check_name, read_license
 
     src = Path(args.source).expanduser()
     if src.exists():
@@ -238,6 +238,13 @@ def cmd_import_model(args) -> int:
         default_name = args.source.split("/")[-1]
     else:
         raise UserError(f"model folder not found: {src}")
+    if args.name is not None:
+        check_name(args.name, "--name")
+    else:
+        check_name(
+            default_name,
+            f"the model name {default_name!r} taken from {args.source} (choose one with --name):",
+        )
     name = args.name or default_name
     registry = Registry(args.models_dir or None)
     if name in registry:

@@ -26,6 +26,7 @@ from metalcandle.errors import UserError, did_you_mean
 from metalcandle.hooks import SECTIONS as HOOK_SECTIONS
 from metalcandle.hooks import check_entry
 from metalcandle.presets import PRESETS, is_gpt2, preset_spec
+from metalcandle.registry import check_name
 
 REQUIRED = object()  # default marker: the key must be given
 
@@ -389,6 +390,8 @@ def validate(raw: dict, source: Path | None = None) -> Config:
         if table is None and name in OPTIONAL_SECTIONS:
             sections[name] = None
             continue
+        if table is not None and not isinstance(table, dict):
+            raise UserError(f"{where}[{name}] must be a table, got {table!r}")
         table = dict(table or {})
         spec = table.pop("spec", None) if name == "model" else None
         sections[name] = _validate_table(where, name, table, keys)
@@ -409,6 +412,8 @@ def _validate_spec(where: str, spec: Any) -> dict[str, Any]:
 
 def _check_cross_keys(where: str, s: dict) -> None:
     """Constraints that involve more than one key."""
+    # The run's name becomes folder names (runs/<name>, the registry's <models_dir>/<name>).
+    check_name(s["run"]["name"], f"{where}run.name")
     m = s["model"]
     given = [k for k in ("name", "path", "spec") if m.get(k) is not None]
     if len(given) != 1:
@@ -540,6 +545,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise UserError(f"config file not found: {path}") from None
     except OSError as e:
         raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -48,20 +48,35 @@ class Windows:
         return int((self.labels[:, 1:] != IGNORE).sum())
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = Path(path).read_bytes()[: e.start].count(b"\n") + 1
+        raise UserError(
+            f"{path}:{line}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x})"
+        ) from None
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((lineno, obj))
+    # Split on "\n" only: JSON strings may hold other line separators (U+2028) literally.
+    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{lineno}: JSON nested too deeply") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        rows.append((lineno, obj))
     return rows
 
 
@@ -160,7 +175,7 @@ def read_examples(paths: list[Path], fmt: str, tokenizer, mask_prompt: bool) -> 
         if rows is None:
             if kind != "text":
                 raise UserError(f"{path}: data.format = {kind!r} needs a .jsonl file")
-            examples.append(text_example(tokenizer, path.read_text(encoding="utf-8")))
+            examples.append(text_example(tokenizer, _read_text(path)))
             continue
         for lineno, obj in rows:
             if kind == "text":
@@ -174,6 +189,18 @@ def read_examples(paths: list[Path], fmt: str, tokenizer, mask_prompt: bool) -> 
                 for m in messages:
                     if not isinstance(m, dict) or "role" not in m or "content" not in m:
                         raise UserError(f"{path}:{lineno}: each message needs 'role' and 'content'")
+                    if m["role"] not in CHAT_ROLES:
+                        raise UserError(
+                            f"{path}:{lineno}: message role {m['role']!r} is not one of "
+                            + ", ".join(CHAT_ROLES)
+                        )
+                    if not isinstance(m["content"], str):
+                        raise UserError(f"{path}:{lineno}: message content must be a string")
+                if getattr(tokenizer, "chat_template", None) is None:
+                    raise UserError(
+                        f"{path}: chat rows ('messages') need a tokenizer with a chat template; "
+                        "this one has none (use text or prompt/completion rows)"
+                    )
                 examples.append(chat_example(tokenizer, messages, mask_prompt))
     return examples
 

@@ -11,6 +11,11 @@ class UserError(Exception):
     `error: <message>` and exits with code 2, without a traceback unless --debug."""
 
 
+class BadFileError(UserError, ValueError):
+    """A file (checkpoint state, registry, metadata, data) that cannot be read as what it should
+    be; the message names the file. A ValueError too, as for every other malformed input."""
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped `train`; the message says which checkpoint holds the work and how to resume.
     A KeyboardInterrupt still, so callers that stop on Ctrl-C keep doing so."""

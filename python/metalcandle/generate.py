@@ -5,6 +5,7 @@ scoring), so the fixture checkpoints give HF's tokens. Batches are left-padded."
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -374,6 +375,29 @@ def _finalize_beams(hyps, done, seqs, beam_scores, prompt_len, num_return_sequen
 # --- public entry points ----------------------------------------------------------------------------------
 
 
+def physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def _check_beam_memory(model, prompt_shape, num_beams: int, max_new_tokens: int) -> None:
+    """Beam search keeps num_beams rows of logits and of KV cache per prompt: refuse a count that
+    cannot fit before allocating any of it."""
+    batch, prompt_len = prompt_shape
+    rows = batch * num_beams
+    spec = model.config
+    hidden = spec.get("hidden_size") or spec.get("d_model") or spec.get("n_embd") or 1
+    per_row = 4 * (2 * model.vocab_size + 2 * model.num_layers * (prompt_len + max_new_tokens) * hidden)
+    need = rows * per_row
+    if need > physical_memory():
+        raise ValueError(
+            f"num_beams={num_beams} would need about {need / 2**30:.1f} GiB for logits and the KV cache, "
+            f"more than this machine's {physical_memory() / 2**30:.1f} GiB"
+        )
+
+
 def _validate_search(num_beams, num_return_sequences, do_sample, early_stopping, stop_strings):
     if isinstance(num_beams, bool) or int(num_beams) != num_beams or num_beams < 1:
         raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
@@ -490,6 +514,7 @@ def generate(
         pad_token_id=pad_token_id,
     )
     if num_beams > 1:
+        _check_beam_memory(model, plan.ids.shape, num_beams, max_new_tokens)
         sequences, _ = beam_search(
             model, plan, num_beams, num_return_sequences, length_penalty, early_stopping, repetition_penalty
         )

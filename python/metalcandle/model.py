@@ -24,6 +24,19 @@ def as_ids(name: str, array: Any) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
+def check_mask(mask: np.ndarray | None) -> None:
+    """An attention mask holds only 0 (padding) and 1 (a token)."""
+    if mask is not None and mask.size and not np.isin(mask, (0, 1)).all():
+        bad = mask[~np.isin(mask, (0, 1))][0]
+        raise ValueError(f"attention_mask must hold only 0 and 1, got {bad}")
+
+
+def _rank(r) -> int:
+    if isinstance(r, bool) or not isinstance(r, int | np.integer) or r < 1:
+        raise ValueError(f"r must be > 0 and an integer, got {r!r}")
+    return int(r)
+
+
 class Model:
     """A decoder-only transformer (qwen2, llama, mistral, gpt2 or custom-transformer)."""
 
@@ -72,6 +85,7 @@ class Model:
         pos = None if position_ids is None else as_ids("position_ids", position_ids)
         if mask is not None and mask.shape != ids.shape:
             raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
+        check_mask(mask)
         if pos is not None and pos.shape != ids.shape:
             raise ValueError(f"position_ids has shape {pos.shape}, input_ids {ids.shape}")
         logits, hidden = self._core.forward(ids, mask, pos, output_hidden_states)
@@ -101,8 +115,10 @@ class Model:
         linears named in `target_modules` (or "all-linear"); returns how many were adapted."""
         targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
         layers = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
+        if not isinstance(use_rslora, bool | np.bool_):
+            raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
         return self._core.add_lora(
-            int(r), float(alpha), float(dropout), targets, int(seed), bool(use_rslora), layers
+            _rank(r), float(alpha), float(dropout), targets, int(seed), bool(use_rslora), layers
         )
 
     def load_adapter(self, path: str | os.PathLike) -> int:

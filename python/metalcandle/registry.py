@@ -32,6 +32,27 @@ ENTRY_KEYS = (
 )
 
 
+NAME_MAX = 100
+_NAME_CHARS = "letters, digits, '.', '_' and '-'"
+
+
+def check_name(name, what: str = "model name") -> str:
+    """`name` if it is a plain name that can be a folder of its own: letters, digits, ".", "_", "-",
+    not starting with "." or "-", at most NAME_MAX characters; else a UserError saying so."""
+    ok = (
+        isinstance(name, str)
+        and 0 < len(name) <= NAME_MAX
+        and name[0] not in ".-"
+        and all(c.isascii() and (c.isalnum() or c in "._-") for c in name)
+    )
+    if not ok:
+        raise UserError(
+            f"{what} {name!r} is not a plain name: use 1 to {NAME_MAX} {_NAME_CHARS}, "
+            "not starting with '.' or '-' (no path separators, '..', spaces or control characters)"
+        )
+    return name
+
+
 def default_models_dir(configured: str | None = None) -> Path:
     """`[run] models_dir` if set, else $METALCANDLE_MODELS_DIR, else ./models."""
     d = configured or os.environ.get("METALCANDLE_MODELS_DIR") or "models"
@@ -68,8 +89,27 @@ class Registry:
             data = read_json(self.file)
         except json.JSONDecodeError as e:
             raise UserError(f"{self.file}: corrupt registry ({e})") from None
-        data.setdefault("models", {})
+        if not isinstance(data, dict) or not isinstance(data.setdefault("models", {}), dict):
+            raise UserError(f'{self.file}: corrupt registry (expected {{"models": {{...}}}})')
+        for name, entry in data["models"].items():
+            self._check_entry(name, entry)
         return data
+
+    def _check_entry(self, name, entry) -> None:
+        """An entry read back must be a plain name whose path is that name's folder in this
+        registry, so an edited registry.json cannot point a load or an overwrite elsewhere."""
+        try:
+            check_name(name)
+        except UserError as e:
+            raise UserError(f"{self.file}: {e}") from None
+        if not isinstance(entry, dict) or entry.get("model_name") != name:
+            raise UserError(f"{self.file}: entry '{name}' is not an object with model_name '{name}'")
+        path = entry.get("path")
+        if not isinstance(path, str) or os.path.normpath(path) != str(self.dir / name):
+            raise UserError(
+                f"{self.file}: entry '{name}' has path {path!r}; a registered model lives in "
+                f"{self.dir / name}"
+            )
 
     def entries(self) -> list[dict]:
         return sorted(self._read()["models"].values(), key=lambda e: e.get("created_at") or "")
@@ -91,6 +131,14 @@ class Registry:
         }
         if not entry["model_name"]:
             raise ValueError("registry entry needs a model_name")
+        check_name(entry["model_name"])
+        folder = str(self.dir / entry["model_name"])
+        if entry["path"] is None:
+            entry["path"] = folder
+        elif os.path.normpath(str(entry["path"])) != folder:
+            raise ValueError(
+                f"registry entry {entry['model_name']!r}: path must be {folder}, got {entry['path']}"
+            )
         entry["model_id"] = entry["model_id"] or new_model_id()
         entry["created_at"] = entry["created_at"] or now_iso()
         with self._locked():

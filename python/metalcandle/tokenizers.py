@@ -93,8 +93,12 @@ class Tokenizer:
         template = self.config.get("chat_template")
         if isinstance(template, list):
             # Multi-template configs: transformers uses the one named "default".
+            if not all(isinstance(t, dict) and "name" in t and "template" in t for t in template):
+                raise ValueError('chat_template: a list of templates must hold {"name", "template"} objects')
             named = {t["name"]: t["template"] for t in template}
             template = named.get("default")
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"chat_template must be a string, got {type(template).__name__}")
         return template
 
     def apply_chat_template(
@@ -177,8 +181,24 @@ def _compile_chat_template(source: str):
 
 CHAR_UNK = "<unk>"
 CHAR_EOS = "<|endoftext|>"
+_LONGEST_SPECIAL = max(len(CHAR_UNK), len(CHAR_EOS))
 # Printable ASCII (space .. tilde), then newline and tab.
 CHAR_ALPHABET = "".join(chr(c) for c in range(0x20, 0x7F)) + "\n\t"
+
+
+def _chunks(text: str, size: int, longest_special: int) -> Iterator[str]:
+    """`text` in pieces of about `size` characters, never cut inside a special-token string: every
+    special token starts with "<", so a cut just before a "<" (or with no "<" close before it) is safe."""
+    size = max(size, 2 * longest_special)  # room for a whole special token after any cut
+    start = 0
+    while len(text) - start > size:
+        cut = start + size
+        lt = text.rfind("<", cut - longest_special + 1, cut)
+        if lt > start:
+            cut = lt
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 class CharTokenizer(Tokenizer):
@@ -205,9 +225,17 @@ class CharTokenizer(Tokenizer):
         self.unknown_counts: Counter[str] = Counter()
         self._unknown = re.compile("[^" + re.escape(CHAR_ALPHABET) + "]")
 
+    # Encoding holds a few hundred bytes per character in the tokenizers library (offsets, token
+    # strings), so long texts go through it in pieces of this many characters.
+    ENCODE_CHUNK = 1 << 20
+
     def encode(self, text: str) -> list[int]:
-        ids = super().encode(text)
-        self.unknown_counts.update(self._unknown_chars(text))
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        ids: list[int] = []
+        for piece in _chunks(text, self.ENCODE_CHUNK, _LONGEST_SPECIAL):
+            ids += super().encode(piece)
+            self.unknown_counts.update(self._unknown_chars(piece))
         return ids
 
     def _unknown_chars(self, text: str) -> list[str]:
@@ -304,6 +332,16 @@ def train_bpe(
 # --- loading ----------------------------------------------------------------------------------------------
 
 
+def _read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
     """The tokenizer in a model or checkpoint folder: tokenizer.json + tokenizer_config.json (with its chat
     template, or a separate chat_template.jinja), or a char tokenizer metalcandle saved. A GGUF file
@@ -318,15 +356,23 @@ def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
     path = folder / TOKENIZER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {TOKENIZER_FILE} in {folder}")
-    backend = _Backend.from_file(str(path))
+    try:
+        backend = _Backend.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception without the file
+        raise ValueError(f"{path}: not a valid tokenizer.json: {e}") from None
     config_path = folder / CONFIG_FILE
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    config = _read_json_object(config_path) if config_path.is_file() else {}
     template_path = folder / CHAT_TEMPLATE_FILE
     if "chat_template" not in config and template_path.is_file():
         config["chat_template"] = template_path.read_text(encoding="utf-8")
-    if (folder / CHAR_FILE).is_file():
-        return CharTokenizer(backend, config)
-    return Tokenizer(backend, config)
+    tokenizer = (
+        CharTokenizer(backend, config) if (folder / CHAR_FILE).is_file() else Tokenizer(backend, config)
+    )
+    try:
+        tokenizer.chat_template  # noqa: B018 (checked here, where the file can be named)
+    except ValueError as e:
+        raise ValueError(f"{config_path}: {e}") from None
+    return tokenizer
 
 
 def _gguf_tokenizer(path: Path) -> Tokenizer:

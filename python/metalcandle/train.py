@@ -27,7 +27,7 @@ from metalcandle import data as D
 from metalcandle import runs as R
 from metalcandle.adapters import architecture_type_of
 from metalcandle.config import Config, to_toml
-from metalcandle.errors import TrainingInterrupted, UserError
+from metalcandle.errors import BadFileError, TrainingInterrupted, UserError
 from metalcandle.hooks import attach_hooks
 from metalcandle.loading import (
     BaseModel,
@@ -64,6 +64,34 @@ class RunState:
     stopped_early: bool = False  # so a resumed run that had already stopped early stays stopped
     run_id: str = ""  # given when the run starts fresh; kept across resumes
     run_created_at: str = ""
+
+    @classmethod
+    def from_saved(cls, saved: dict, path: Path) -> RunState:
+        """The state a checkpoint's state.json holds, each field of its type, else a BadFileError."""
+        kinds = {
+            "step": int,
+            "data_position": int,
+            "tokens_seen": int,
+            "best_val_loss": (float, int, type(None)),
+            "best_step": (int, type(None)),
+            "evals_since_best": int,
+            "model_id": str,
+            "stopped_early": bool,
+            "run_id": str,
+            "run_created_at": str,
+        }
+        for key, value in saved.items():
+            if key not in kinds:
+                raise BadFileError(f"{path}: unknown key {key!r}")
+            kind = kinds[key]
+            bad_bool = isinstance(value, bool) and kind is not bool
+            if (
+                bad_bool
+                or not isinstance(value, kind)
+                or (isinstance(value, int) and kind is int and value < 0)
+            ):
+                raise BadFileError(f"{path}: {key} = {value!r} is not a valid value")
+        return cls(**saved)
 
 
 @dataclass
@@ -328,7 +356,12 @@ def train(
         (log or (lambda m: print(m, file=sys.stderr)))(msg)
 
     out = cfg.output_dir
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"run.output_dir: {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"run.output_dir: cannot create {out} ({e.strerror})") from None
     t = cfg["train"]
     resume_from = ck.resolve_resume(t["resume"], out)
     base = resolve_base(cfg)
@@ -342,7 +375,7 @@ def train(
         if saved_hash != cfg.hash():
             saved_config = ck.read_json(resume_from / RUN_CONFIG_JSON)["config"]
             changed = R.check_resume(cfg, saved_config, resume_from, allow_config_change, say)
-        state = RunState(**saved)
+        state = RunState.from_saved(saved, resume_from / ck.STATE_FILE)
         resumed = {
             "at": R.utc_now(),
             "step": state.step,
@@ -372,6 +405,7 @@ def train(
     if resume_from is not None:
         trainer.load_state(resume_from / ck.TRAINER_DIR)
 
+    check_step_memory(cfg, model)
     stream = D.BatchStream(data.train, t["batch_size"], cfg["run"]["seed"])
     stream.position = state.data_position
     valid_batches = D.eval_batches(data.valid, t["batch_size"], t["eval_batches"])
@@ -520,6 +554,33 @@ def train(
         tokens_per_s=run_tokens / max(run_time, 1e-9),
         registered_as=registered,
     )
+
+
+def check_step_memory(cfg: Config, model) -> None:
+    """Refuses a batch_size or grad_accum whose step cannot fit in memory, before any batch is built:
+    the grad_accum micro-batches of ids are held at once, and each micro-batch's activations
+    (logits and, per layer, a few hidden-sized tensors) while it runs."""
+    from metalcandle.generate import physical_memory
+
+    t, seq = cfg["train"], cfg["data"]["seq_len"]
+    c = model.config
+    hidden = c.get("hidden_size") or c.get("d_model") or c.get("n_embd") or 1
+    per_row = seq * 4 * (2 * model.vocab_size + 16 * model.num_layers * hidden)
+    limit = physical_memory()
+    where = f"{cfg.source}: " if cfg.source else ""
+    gib = limit / 2**30
+    if t["batch_size"] * per_row > limit:
+        raise UserError(
+            f"{where}train.batch_size = {t['batch_size']} needs about "
+            f"{t['batch_size'] * per_row / 2**30:.1f} GiB of activations per micro-batch at seq_len "
+            f"{seq}, more than this machine's {gib:.1f} GiB"
+        )
+    windows = t["batch_size"] * t["grad_accum"]
+    if windows * seq * 16 > limit:
+        raise UserError(
+            f"{where}train.grad_accum = {t['grad_accum']} holds {windows:,} windows per step, more than "
+            f"this machine's {gib:.1f} GiB can hold"
+        )
 
 
 def register_run(cfg: Config, final_dir: Path, meta: dict) -> str:

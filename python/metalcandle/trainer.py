@@ -3,13 +3,16 @@ AdamW update all run in Rust)."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from metalcandle import _core
 from metalcandle.checkpoint import read_json, write_json_atomic
-from metalcandle.model import Model, as_ids
+from metalcandle.model import Model, as_ids, check_mask
 from metalcandle.optim import Optimizer
 
 
@@ -40,11 +43,24 @@ def _inputs(input_ids, labels, attention_mask, targets=None):
     if targets is not None and labels is not None:
         raise ValueError("pass labels (shifted inside) or targets (already shifted), not both")
     ids = _micro_batches("input_ids", input_ids)
-    given = targets if targets is not None else labels
-    labs = _micro_batches(
-        "targets" if targets is not None else "labels", given if given is not None else ids, ids
-    )
-    return ids, labs, _micro_batches("attention_mask", attention_mask, ids), targets is not None
+    name, given = ("targets", targets) if targets is not None else ("labels", labels)
+    labs = _micro_batches(name, given if given is not None else ids, ids)
+    masks = _micro_batches("attention_mask", attention_mask, ids)
+    for m in masks or []:
+        check_mask(m)
+    return ids, labs, masks, targets is not None
+
+
+def _check_labels(model: Model, labels: list[np.ndarray]) -> None:
+    """Labels are token ids or -100 (no loss); checked here so a bad one is a ValueError like
+    forward's, not an error from inside the loss."""
+    vocab = model.vocab_size
+    for i, lab in enumerate(labels):
+        bad = (lab != -100) & ((lab < 0) | (lab >= vocab))
+        if bad.any():
+            at = tuple(int(x) for x in np.argwhere(bad)[0])
+            where = f"labels[{i}]{list(at)}" if len(labels) > 1 else f"labels{list(at)}"
+            raise ValueError(f"{where} = {lab[at]} is outside the vocabulary [0, {vocab}) and not -100")
 
 
 class Trainer:
@@ -56,7 +72,7 @@ class Trainer:
     tokens, so the step equals one step on the concatenated batch."""
 
     def __init__(self, model: Model, optimizer: Optimizer, max_grad_norm: float | None = 1.0):
-        if max_grad_norm is not None and max_grad_norm <= 0:
+        if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         self.model = model
         self.optimizer = optimizer
@@ -65,6 +81,7 @@ class Trainer:
 
     def step(self, input_ids, labels=None, attention_mask=None, targets=None) -> StepStats:
         ids, labs, mask, pre_shifted = _inputs(input_ids, labels, attention_mask, targets)
+        _check_labels(self.model, labs)
         loss, norm, tokens, aux = _core.train_step(
             self.model._core, self.optimizer._core, ids, labs, mask, self.max_grad_norm, pre_shifted
         )
@@ -72,7 +89,9 @@ class Trainer:
         return StepStats(loss=loss, grad_norm=norm, tokens=tokens, aux=dict(aux))
 
     def eval_loss(self, input_ids, labels=None, attention_mask=None, targets=None) -> float:
-        return _core.eval_loss(self.model._core, *_inputs(input_ids, labels, attention_mask, targets))
+        ids, labs, mask, pre_shifted = _inputs(input_ids, labels, attention_mask, targets)
+        _check_labels(self.model, labs)
+        return _core.eval_loss(self.model._core, ids, labs, mask, pre_shifted)
 
     def save_state(self, path) -> None:
         """Optimizer moments and step counters (the weights are saved separately)."""

@@ -2,6 +2,7 @@
 
 pub mod error;
 pub mod hooks;
+pub mod limits;
 pub mod lora;
 pub mod model;
 pub mod nn;

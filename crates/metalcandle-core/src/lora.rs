@@ -149,6 +149,16 @@ impl Decoder {
                 "an adapter is already attached (merge or remove it first)".into(),
             ));
         }
+        let mut bytes = Some(0u64);
+        for lin in self.linears_mut() {
+            if cfg.targets(&lin.name) {
+                let n = (lin.in_features() as u64 + lin.out_features() as u64)
+                    .checked_mul(cfg.r as u64)
+                    .and_then(|n| n.checked_mul(4));
+                bytes = bytes.zip(n).and_then(|(a, b)| a.checked_add(b));
+            }
+        }
+        crate::limits::check_bytes("lora", "r", &format!("rank {} adapters", cfg.r), bytes)?;
         let mut rng = Rng::new(seed);
         let (dev, scaling, dropout) = (self.device.clone(), cfg.scaling(), cfg.dropout);
         let mut count = 0;
@@ -318,6 +328,7 @@ impl Decoder {
                 "DoRA adapters are not supported",
             ));
         }
+        refuse_unsupported_fields(&v, &ctx, self.spec.architecture)?;
         let num = |k: &str| {
             v.get(k)
                 .and_then(|x| x.as_f64())
@@ -340,17 +351,39 @@ impl Decoder {
             ),
             _ => None,
         });
+        let r = v
+            .get("r")
+            .and_then(|x| x.as_u64())
+            .filter(|&r| r > 0)
+            .ok_or_else(|| {
+                Error::config(
+                    &ctx,
+                    "r",
+                    format!(
+                        "must be a positive integer, got {}",
+                        v.get("r").unwrap_or(&Value::Null)
+                    ),
+                )
+            })? as usize;
+        let use_rslora = match v.get("use_rslora") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(Error::config(
+                    &ctx,
+                    "use_rslora",
+                    format!("must be true or false, got {other}"),
+                ))
+            }
+        };
         let cfg = LoraConfig {
-            r: num("r")? as usize,
+            r,
             alpha: num("lora_alpha")?,
             dropout: v
                 .get("lora_dropout")
                 .and_then(|x| x.as_f64())
                 .unwrap_or(0.0),
-            use_rslora: v
-                .get("use_rslora")
-                .and_then(|x| x.as_bool())
-                .unwrap_or(false),
+            use_rslora,
             target_modules: targets,
             layers_to_transform: layers,
         };
@@ -369,6 +402,22 @@ impl Decoder {
             .into_iter()
             .map(|(k, t)| (k.replace(".default.weight", ".weight"), t))
             .collect();
+        // The rank in the config must be the rank of the tensors before any adapter is allocated.
+        for (k, t) in &saved {
+            let rank = match (k.contains("lora_A"), k.contains("lora_B"), t.dims()) {
+                (true, _, [r, _]) => Some(*r),
+                (_, true, [_, r]) => Some(*r),
+                _ => None,
+            };
+            if rank.is_some_and(|x| x != cfg.r) {
+                return Err(Error::Weights(format!(
+                    "{}: tensor `{k}` has shape {:?}, but {ctx} says r = {}",
+                    file.display(),
+                    t.dims(),
+                    cfg.r
+                )));
+            }
+        }
         self.add_lora(cfg, 0)?;
         let mut problems = vec![];
         let mut used = 0;
@@ -420,6 +469,55 @@ impl Decoder {
         }
         Ok(used / 2)
     }
+}
+
+/// PEFT fields that would change the adapter's meaning but are not implemented here: refused,
+/// naming the field, rather than silently ignored.
+fn refuse_unsupported_fields(v: &Value, ctx: &str, arch: Architecture) -> Result<()> {
+    let set = |k: &str| match v.get(k) {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Object(m)) => !m.is_empty(),
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(_) => true,
+    };
+    for k in [
+        "rank_pattern",
+        "alpha_pattern",
+        "exclude_modules",
+        "modules_to_save",
+    ] {
+        if set(k) {
+            return Err(Error::config(
+                ctx,
+                k,
+                format!(
+                    "is not supported (got {}); only one rank and alpha for every targeted module",
+                    v[k]
+                ),
+            ));
+        }
+    }
+    // GPT-2's Conv1D stores weights transposed, which is what PEFT's fan_in_fan_out describes.
+    if set("fan_in_fan_out") && arch != Architecture::Gpt2 {
+        return Err(Error::config(
+            ctx,
+            "fan_in_fan_out",
+            "true is only meaningful for GPT-2's Conv1D layers",
+        ));
+    }
+    match v.get("bias") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(b)) if b == "none" => {}
+        Some(other) => {
+            return Err(Error::config(
+                ctx,
+                "bias",
+                format!("only \"none\" is supported, got {other}"),
+            ))
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

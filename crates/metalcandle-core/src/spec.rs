@@ -348,7 +348,11 @@ fn rope_from_hf(c: &Cfg) -> Result<Positions> {
 
 fn llama_family(c: &Cfg, arch: Architecture) -> Result<ModelSpec> {
     let hidden = c.req_usize("hidden_size")?;
-    let n_layers = c.req_usize("num_hidden_layers")?;
+    let n_layers = crate::limits::check_layers(
+        c.context,
+        "num_hidden_layers",
+        c.req_usize("num_hidden_layers")?,
+    )?;
     let n_heads = c.req_usize("num_attention_heads")?;
     let n_kv = c.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
     if n_heads == 0 {
@@ -511,7 +515,10 @@ fn gpt2(c: &Cfg) -> Result<ModelSpec> {
         hidden_size: hidden,
         max_position_embeddings: c.req_usize("n_positions")?,
         positions: Positions::Learned,
-        layers: vec![layer; c.req_usize("n_layer")?],
+        layers: vec![
+            layer;
+            crate::limits::check_layers(c.context, "n_layer", c.req_usize("n_layer")?)?
+        ],
         final_norm: NormSpec {
             kind: NormKind::LayerNorm,
             eps,
@@ -746,7 +753,7 @@ impl CustomSpec {
                 eps: self.norm_eps,
             },
         };
-        let mut layers = vec![layer; self.n_layers];
+        let mut layers = vec![layer; crate::limits::check_layers(context, "n_layers", self.n_layers)?];
         for (k, o) in self.layer_overrides.iter().enumerate() {
             let key = |name: &str| format!("layer_overrides[{k}].{name}");
             let selected = o

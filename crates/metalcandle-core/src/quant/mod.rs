@@ -3,6 +3,7 @@
 
 pub mod calibrate;
 pub mod gguf;
+mod gguf_layout;
 
 pub use crate::weights::names::glob_match;
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 pub fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text)
-        .map_err(|e| Error::Msg(format!("{}: invalid JSON: {e}", path.display())))
+        .map_err(|e| Error::Input(format!("{}: invalid JSON: {e}", path.display())))
 }
 
 /// The safetensors files of a folder: the shards an index names, or `model.safetensors`.
@@ -32,14 +32,74 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
                     "missing or not an object",
                 )
             })?;
-        let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
-        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+        let mut files = BTreeSet::new();
+        for (tensor, f) in map {
+            let f = f.as_str().ok_or_else(|| {
+                Error::config(
+                    index.display().to_string(),
+                    format!("weight_map.{tensor}"),
+                    format!("expected a file name, got {f}"),
+                )
+            })?;
+            files.insert(shard_path(dir, &index, tensor, f)?);
+        }
+        return Ok(files.into_iter().collect());
     }
     let single = dir.join("model.safetensors");
     if single.exists() {
         return Ok(vec![single]);
     }
+    refuse_pickled(dir)?;
     Err(Error::NotFound(dir.join("model.safetensors")))
+}
+
+/// A shard the index names: a plain file name inside the folder (no `..`, no absolute path, no
+/// subfolder escaping it) that is a regular file, so a FIFO or device cannot block the load.
+fn shard_path(dir: &Path, index: &Path, tensor: &str, f: &str) -> Result<PathBuf> {
+    let rel = Path::new(f);
+    let plain = !f.is_empty()
+        && rel
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    if !plain {
+        return Err(Error::config(
+            index.display().to_string(),
+            format!("weight_map.{tensor}"),
+            format!("shard {f:?} must be a file name inside {}", dir.display()),
+        ));
+    }
+    let path = dir.join(rel);
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() => Ok(path),
+        Ok(_) => Err(Error::config(
+            index.display().to_string(),
+            format!("weight_map.{tensor}"),
+            format!("shard {} is not a regular file", path.display()),
+        )),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// A folder holding only pickled PyTorch weights: loading those would run code from the file.
+fn refuse_pickled(dir: &Path) -> Result<()> {
+    let pickled = [
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+        "model.pt",
+        "model.pth",
+    ]
+    .iter()
+    .map(|n| dir.join(n))
+    .find(|p| p.exists());
+    match pickled {
+        Some(p) => Err(Error::Input(format!(
+            "{}: PyTorch pickle checkpoints are not loaded (unpickling runs code from the file); \
+             convert it to safetensors first, e.g. with `transformers`: \
+             AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)",
+            p.display()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Loads a checkpoint folder. Every problem with the tensors (missing, unexpected, wrong
@@ -156,8 +216,17 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
         std::process::id()
     ));
-    write(&tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    let done = write(&tmp).and_then(|()| {
+        // The rename is only atomic with respect to contents that reached the disk first.
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    });
+    if done.is_err() {
+        std::fs::remove_file(&tmp).ok();
+    }
+    done
 }
 
 /// Saves `config.json` and `model.safetensors` in the checkpoint's own names and layouts.

@@ -14,6 +14,8 @@ pub fn init_tensors(
     std: f64,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
+    // A from-scratch config allocates all of its parameters at once: refuse what cannot fit first.
+    crate::limits::check_model_size(spec, "config")?;
     let mut rng = Rng::new(seed);
     let mut out = HashMap::new();
     for p in param_specs(spec) {

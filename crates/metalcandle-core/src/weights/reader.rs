@@ -43,7 +43,7 @@ fn dtype(s: &str) -> Option<DType> {
 impl TensorFiles {
     pub fn open(paths: &[PathBuf]) -> Result<Self> {
         let mut files = vec![];
-        let mut entries = BTreeMap::new();
+        let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
         for (i, path) in paths.iter().enumerate() {
             let bad = |m: String| {
                 Error::Weights(format!(
@@ -63,9 +63,16 @@ impl TensorFiles {
             }
             let mut header = vec![0u8; n as usize];
             f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
-            let header: serde_json::Map<String, serde_json::Value> =
+            let Entries(header) =
                 serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+            let mut seen = std::collections::BTreeSet::new();
+            // (begin, end, name) of every tensor: together they must tile the data exactly, as
+            // the reference reader requires, so a shifted header or overlapping tensors are refused.
+            let mut spans = vec![];
             for (name, info) in header {
+                if !seen.insert(name.clone()) {
+                    return Err(bad(format!("tensor `{name}` appears twice in the header")));
+                }
                 if name == "__metadata__" {
                     continue;
                 }
@@ -83,13 +90,21 @@ impl TensorFiles {
                     .map_err(|e| bad(format!("tensor `{name}`: shape: {e}")))?;
                 let (a, b): (u64, u64) = serde_json::from_value(field("data_offsets")?.clone())
                     .map_err(|e| bad(format!("tensor `{name}`: data_offsets: {e}")))?;
-                let want = shape.iter().product::<usize>() as u64 * dt.size_in_bytes() as u64;
-                let (start, end) = (8 + n + a, 8 + n + b);
-                if b < a || b - a != want || end > len {
+                let want = crate::limits::elem_count(&shape)
+                    .and_then(|c| (c as u64).checked_mul(dt.size_in_bytes() as u64));
+                let (start, end) = (8 + n + a.min(len), 8 + n + b.min(len));
+                if b < a || Some(b - a) != want || b > len || end > len {
                     return Err(bad(format!(
                         "tensor `{name}`: bytes {a}..{b} do not hold {shape:?} {dt:?} within the file"
                     )));
                 }
+                if entries.contains_key(&name) {
+                    return Err(bad(format!(
+                        "tensor `{name}` is also in {}",
+                        paths[entries[&name].file].display()
+                    )));
+                }
+                spans.push((a, b, name.clone()));
                 entries.insert(
                     name,
                     Entry {
@@ -99,6 +114,22 @@ impl TensorFiles {
                         start,
                     },
                 );
+            }
+            spans.sort();
+            let mut at = 0;
+            for (a, b, name) in &spans {
+                if *a != at {
+                    return Err(bad(format!(
+                        "tensor `{name}` starts at byte {a} of the data, expected {at} (tensors must follow each other without gaps or overlaps)"
+                    )));
+                }
+                at = *b;
+            }
+            if 8 + n + at != len {
+                return Err(bad(format!(
+                    "the tensors end at byte {} but the file has {len} (header length or offsets are wrong)",
+                    8 + n + at
+                )));
             }
             files.push(Mutex::new(f));
         }
@@ -157,6 +188,32 @@ fn read_tensor<T: WithDType>(
     Tensor::from_vec(v, shape, device)
 }
 
+/// A JSON object's entries in file order, duplicates kept (a map would silently keep the last).
+struct Entries(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Entries, A::Error> {
+                let mut out = vec![];
+                while let Some(kv) = m.next_entry()? {
+                    out.push(kv);
+                }
+                Ok(Entries(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +250,40 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("m.safetensors") && e.contains("tensor `"), "{e}");
+
+        // A header length one byte short (its padding space then read as data) shifts every
+        // tensor by a byte; the reference reader refuses it, since the last offset no longer
+        // meets the end of the file.
+        let header = br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}} "#;
+        let file = |n: usize| {
+            let mut v = (n as u64).to_le_bytes().to_vec();
+            v.extend_from_slice(header);
+            v.extend_from_slice(&1f32.to_le_bytes());
+            v
+        };
+        std::fs::write(&path, file(header.len())).unwrap();
+        assert!(TensorFiles::open(std::slice::from_ref(&path)).is_ok());
+        std::fs::write(&path, file(header.len() - 1)).unwrap();
+        let e = TensorFiles::open(std::slice::from_ref(&path))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("m.safetensors") && e.contains("the file has"),
+            "{e}"
+        );
+
+        // A tensor named twice: the reference reader refuses it, so do we.
+        let header = br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+        let mut dup = (header.len() as u64).to_le_bytes().to_vec();
+        dup.extend_from_slice(header);
+        dup.extend_from_slice(&[0u8; 8]);
+        std::fs::write(&path, &dup).unwrap();
+        let e = TensorFiles::open(std::slice::from_ref(&path))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("appears twice"), "{e}");
         std::fs::remove_dir_all(dir).ok();
     }
 }
