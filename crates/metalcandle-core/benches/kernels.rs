@@ -1,7 +1,8 @@
 //! Each custom kernel against the composed candle expression it replaces, forward alone and
 //! forward + backward, at the shapes of a Qwen2.5-0.5B step on 256 tokens, and the quantized
-//! decoding product against candle's quantized matmul. Run with `cargo bench -p
-//! metalcandle-core`; times are medians, the ratio is candle's / ours.
+//! decoding and prefill products against candle's quantized matmul. Run with `cargo bench -p
+//! metalcandle-core` (`-- prefill` for the quantized prefill products alone); times are
+//! medians, the ratio is candle's / ours.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
@@ -85,8 +86,35 @@ fn decode_case(format: GgmlDType, n: usize, k: usize) -> Result<()> {
     Ok(())
 }
 
+/// A prefill product `x @ W^T`, x [256, in], for a quantized W: ours against candle's
+/// quantized matmul and against the float32 matmul of the same weight.
+fn prefill_case(format: GgmlDType, m: usize, n: usize, k: usize) -> Result<()> {
+    let wf = (randn(&[n, k], 17)? * 0.02)?;
+    let w = Arc::new(QTensor::quantize(&wf, format)?);
+    let x = randn(&[m, k], 18)?;
+    let candle = QMatMul::from_arc(w.clone())?;
+    let ours = median_ms(7, || ops::quantized_linear(&x, &w).map(|_| ()))?;
+    let theirs = median_ms(7, || candle.forward(&x).map(|_| ()))?;
+    let float = median_ms(7, || ops::frozen_linear(&x, &wf).map(|_| ()))?;
+    let gops = 2.0 * (m * n * k) as f64 / ours / 1e6;
+    println!(
+        "{:34} fwd {ours:8.2} ms vs {theirs:8.2} ms ({:4.2}x), f32 {float:8.2} ms ({:4.2}x), {gops:.0} GOP/s",
+        format!("prefill {format:?} [{m}, {k}] -> {n}"),
+        theirs / ours,
+        float / ours
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let (t, h, ff, heads, hd, vocab) = (256, 896, 4864, 14, 64, 151_936);
+    if std::env::args().any(|a| a == "prefill") {
+        for format in [GgmlDType::Q4_0, GgmlDType::Q8_0] {
+            prefill_case(format, t, ff, h)?;
+            prefill_case(format, t, h, ff)?;
+        }
+        return Ok(());
+    }
     println!("kernel (ours vs composed candle), medians of 7, f32 on the CPU");
     let x = randn(&[1, t, h], 1)?;
     let g = randn(&[h], 2)?;
@@ -181,6 +209,8 @@ fn main() -> Result<()> {
     for format in [GgmlDType::Q4_0, GgmlDType::Q8_0] {
         decode_case(format, ff, h)?;
         decode_case(format, h, ff)?;
+        prefill_case(format, t, ff, h)?;
+        prefill_case(format, t, h, ff)?;
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ pub mod frozen_matmul;
 pub mod head_loss;
 pub mod layer_norm;
 pub mod lora_linear;
+pub mod quantized_gemm;
 pub mod quantized_gemv;
 pub mod quantized_matmul;
 pub mod rms_norm;

@@ -17,42 +17,77 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Result;
 
-/// Above this many rows of x, candle's tiled matmul reuses each weight block better.
+/// Above this many rows of x, the tiled matmul (quantized_gemm) reuses each weight block better.
 pub(crate) const MAX_ROWS: usize = 8;
 
-const QK: usize = 32;
+pub(super) const QK: usize = 32;
 
 /// `Some(x @ W^T)` as [m, n] when this kernel applies (a CPU q4_0 or q8_0 weight, at most
 /// `MAX_ROWS` rows, AVX2 and FMA available), `None` to let candle's kernel run.
 pub(crate) fn try_forward(w: &QTensor, x: &[f32], m: usize) -> Result<Option<Vec<f32>>> {
-    let format = match w.dtype() {
-        GgmlDType::Q4_0 => Format::Q4_0,
-        GgmlDType::Q8_0 => Format::Q8_0,
-        _ => return Ok(None),
+    if m == 0 || m > MAX_ROWS || !simd::available() {
+        return Ok(None);
+    }
+    let Some(wb) = WeightBytes::of(w, x, m)? else {
+        return Ok(None);
     };
-    if m == 0 || m > MAX_ROWS || !w.device().is_cpu() || !simd::available() {
-        return Ok(None);
+    let act = Activations::quantize(x, m, wb.k);
+    Ok(Some(simd::gemv(
+        wb.format,
+        &wb.data,
+        wb.row_bytes,
+        wb.n,
+        &act,
+    )))
+}
+
+/// The raw blocks of a CPU q4_0 or q8_0 weight [n, k] whose rows `x` (m rows) can multiply.
+pub(super) struct WeightBytes<'a> {
+    pub(super) format: Format,
+    pub(super) data: std::borrow::Cow<'a, [u8]>,
+    pub(super) n: usize,
+    pub(super) k: usize,
+    pub(super) row_bytes: usize,
+}
+
+impl<'a> WeightBytes<'a> {
+    /// None when the weight is in another format, off the CPU, or not a whole number of
+    /// blocks per row; an error when its storage does not hold its shape.
+    pub(super) fn of(w: &'a QTensor, x: &[f32], m: usize) -> Result<Option<Self>> {
+        let format = match w.dtype() {
+            GgmlDType::Q4_0 => Format::Q4_0,
+            GgmlDType::Q8_0 => Format::Q8_0,
+            _ => return Ok(None),
+        };
+        if !w.device().is_cpu() {
+            return Ok(None);
+        }
+        let (n, k) = w.shape().dims2()?;
+        if k % QK != 0 || x.len() != m * k {
+            return Ok(None);
+        }
+        let data = w.data()?;
+        let row_bytes = k / QK * format.block_bytes();
+        if data.len() != n * row_bytes {
+            candle_core::bail!(
+                "quantized matmul: {:?} weight of shape [{n}, {k}] holds {} bytes, expected {}",
+                w.dtype(),
+                data.len(),
+                n * row_bytes
+            );
+        }
+        Ok(Some(WeightBytes {
+            format,
+            data,
+            n,
+            k,
+            row_bytes,
+        }))
     }
-    let (n, k) = w.shape().dims2()?;
-    if k % QK != 0 || x.len() != m * k {
-        return Ok(None);
-    }
-    let data = w.data()?;
-    let row_bytes = k / QK * format.block_bytes();
-    if data.len() != n * row_bytes {
-        candle_core::bail!(
-            "quantized gemv: {:?} weight of shape [{n}, {k}] holds {} bytes, expected {}",
-            w.dtype(),
-            data.len(),
-            n * row_bytes
-        );
-    }
-    let act = Activations::quantize(x, m, k);
-    Ok(Some(simd::gemv(format, &data, row_bytes, n, &act)))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Format {
+pub(super) enum Format {
     /// f16 scale, then 16 bytes of two 4-bit values each (low nibbles are elements 0..16).
     Q4_0,
     /// f16 scale, then 32 signed bytes.
@@ -60,7 +95,7 @@ enum Format {
 }
 
 impl Format {
-    fn block_bytes(self) -> usize {
+    pub(super) fn block_bytes(self) -> usize {
         match self {
             Format::Q4_0 => 2 + QK / 2,
             Format::Q8_0 => 2 + QK,
@@ -70,6 +105,20 @@ impl Format {
 
 /// x in ggml's q8_0 form: per block of 32, `d = max|x| / 127` (kept at f16 precision, as the
 /// stored block would be) and `round(x / d)`, plus `8 d sum(q)` for the q4_0 offset.
+/// One block of 32 activations in ggml's q8_0 form, into `q`: returns the scale (at f16
+/// precision) and the sum of the quantized values.
+pub(super) fn quantize_block(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
+    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let scale = amax / 127.0;
+    let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in q.iter_mut().zip(xs) {
+        *q = (v * inv).round() as i8;
+        sum += *q as i32;
+    }
+    (half::f16::from_f32(scale).to_f32(), sum)
+}
+
 struct Activations {
     m: usize,
     blocks: usize,
@@ -85,16 +134,9 @@ impl Activations {
         let mut d = vec![0f32; m * blocks];
         let mut offset = vec![0f32; m * blocks];
         for (b, (xs, q)) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).enumerate() {
-            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let scale = amax / 127.0;
-            let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, &v) in q.iter_mut().zip(xs) {
-                *q = (v * inv).round() as i8;
-                sum += *q as i32;
-            }
-            d[b] = half::f16::from_f32(scale).to_f32();
-            offset[b] = 8.0 * d[b] * sum as f32;
+            let (scale, sum) = quantize_block(xs, q);
+            d[b] = scale;
+            offset[b] = 8.0 * scale * sum as f32;
         }
         Activations {
             m,

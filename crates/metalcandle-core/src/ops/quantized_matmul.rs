@@ -1,5 +1,6 @@
 //! `x @ W^T` for a block-quantized frozen weight. The forward is our q4_0/q8_0 decoding
-//! kernel for a few rows, candle's quantized matmul otherwise (which has no backward at all);
+//! kernel for a few rows, our tiled integer matmul for more, candle's quantized matmul for the
+//! other formats (which has no backward at all);
 //! the backward here returns the input gradient `g @ dequant(W)`, so LoRA adapters train on
 //! top of a quantized base (QLoRA). The float copy of W lives only while one layer's backward
 //! runs.
@@ -19,7 +20,13 @@ pub(crate) fn quantized_storage(
     if let CpuStorage::F32(_) = s {
         let x = super::slice::<f32>(s, l)?;
         let (n, k) = w.shape().dims2()?;
-        if let Some(y) = super::quantized_gemv::try_forward(w, x, x.len() / k)? {
+        let m = x.len() / k;
+        let y = if m <= super::quantized_gemv::MAX_ROWS {
+            super::quantized_gemv::try_forward(w, x, m)?
+        } else {
+            super::quantized_gemm::try_forward(w, x, m)?
+        };
+        if let Some(y) = y {
             let mut dims = l.dims().to_vec();
             *dims.last_mut().expect("input has a last dimension") = n;
             return Ok((CpuStorage::F32(y), Shape::from(dims)));

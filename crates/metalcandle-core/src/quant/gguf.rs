@@ -362,9 +362,57 @@ pub fn save_gguf(model: &Decoder, path: &Path, tokenizer: &GgufTokenizer) -> Res
         let file = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
         let mut w = std::io::BufWriter::new(file);
         gguf_file::write(&mut w, &md_refs, &t_refs)?;
+        type_empty_arrays(&mut w, &md_refs).map_err(|e| Error::io(tmp, e))?;
         use std::io::Write;
         w.flush().map_err(|e| Error::io(tmp, e))
     })
+}
+
+/// The element type of our arrays, by key: candle writes every empty array as one of u32,
+/// and llama.cpp refuses that for a string array (`invalid gguf type for
+/// tokenizer.ggml.merges`, a BPE tokenizer without merges).
+fn array_element_type(key: &str) -> Option<u32> {
+    const STRING: u32 = 8;
+    const I32: u32 = 5;
+    match key {
+        "tokenizer.ggml.tokens" | "tokenizer.ggml.merges" => Some(STRING),
+        "tokenizer.ggml.token_type" => Some(I32),
+        _ => None,
+    }
+}
+
+/// Rewrites the element type of each empty array `gguf_file::write` just wrote from `md`.
+fn type_empty_arrays<W: std::io::Write + std::io::Seek>(
+    w: &mut W,
+    md: &[(&str, &Value)],
+) -> std::io::Result<()> {
+    use std::io::SeekFrom;
+    fn size(v: &Value) -> u64 {
+        match v {
+            Value::U8(_) | Value::I8(_) | Value::Bool(_) => 1,
+            Value::U16(_) | Value::I16(_) => 2,
+            Value::U32(_) | Value::I32(_) | Value::F32(_) => 4,
+            Value::U64(_) | Value::I64(_) | Value::F64(_) => 8,
+            Value::String(s) => 8 + s.len() as u64,
+            Value::Array(a) => 4 + 8 + a.iter().map(size).sum::<u64>(),
+        }
+    }
+    let end = w.stream_position()?;
+    // Header: magic, version, tensor count, metadata count; then per entry the key (u64
+    // length + bytes), the value type (u32) and the value (an array: element type first).
+    let mut pos = 4 + 4 + 8 + 8;
+    for (key, value) in md {
+        let value_at = pos + 8 + key.len() as u64 + 4;
+        if let (Value::Array(a), Some(t)) = (value, array_element_type(key)) {
+            if a.is_empty() {
+                w.seek(SeekFrom::Start(value_at))?;
+                w.write_all(&t.to_le_bytes())?;
+            }
+        }
+        pos = value_at + size(value);
+    }
+    w.seek(SeekFrom::Start(end))?;
+    Ok(())
 }
 
 fn read_content(path: &Path) -> Result<(gguf_file::Content, std::fs::File)> {
@@ -643,6 +691,41 @@ mod tests {
             .fold(0f32, f32::max);
         // rms_norm_eps travels as f32 in GGUF: 1e-6 comes back as 9.9999997e-7.
         assert!(d < 1e-5, "{d}");
+    }
+
+    /// A BPE tokenizer without merges: the empty merges array is typed as strings, read from
+    /// the file's bytes as the GGUF layout defines them, and the file still loads.
+    #[test]
+    fn empty_merges_are_written_as_a_string_array() {
+        let m = tiny_llama();
+        let path = tmp("merges");
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            (0..96).map(|i| (format!("t{i}"), json!(i))).collect();
+        let tok = json!({"model": {"type": "BPE", "vocab": vocab, "merges": []}});
+        let tokenizer = GgufTokenizer {
+            json: Some(tok.to_string()),
+            ..Default::default()
+        };
+        save_gguf(&m, &path, &tokenizer).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let key = b"tokenizer.ggml.merges";
+        let at = bytes
+            .windows(key.len())
+            .position(|w| w == key)
+            .expect("merges key written")
+            + key.len();
+        let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
+        assert_eq!(u32_at(at), 9, "value type: array");
+        assert_eq!(u32_at(at + 4), 8, "element type: string");
+        assert_eq!(&bytes[at + 8..at + 16], &[0u8; 8], "length 0");
+        let key = b"tokenizer.ggml.token_type";
+        let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+        assert_eq!(
+            u32_at(at + 4),
+            5,
+            "non-empty arrays keep their element type (i32)"
+        );
+        assert_eq!(logits(&load_gguf(&path, &Device::Cpu).unwrap()), logits(&m));
     }
 
     #[test]
