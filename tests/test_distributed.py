@@ -1,0 +1,129 @@
+"""Data-parallel training on MPI: `mpiexec -n 2` on this machine against one process.
+
+Needs mpi4py and mpiexec (`pip install "metalcandle[mpi]"`); with METALCANDLE_REQUIRE_MPI=1 (as CI
+sets it) their absence is a failure, not a skip."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import metalcandle as mc
+from conftest import write_config, write_corpus
+from metalcandle import checkpoint as ck
+from test_train_loop import LORA, chat_rows
+
+TIMEOUT = 300  # seconds per mpiexec job: a hung rank fails the test instead of the suite
+STEPS = 20
+MPIEXEC = shutil.which("mpiexec", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
+
+
+@pytest.fixture(autouse=True)
+def mpi_available():
+    missing = [
+        what for what, ok in (("mpi4py", importlib.util.find_spec("mpi4py")), ("mpiexec", MPIEXEC)) if not ok
+    ]
+    if missing:
+        msg = f"{' and '.join(missing)} not installed (pip install mpich mpi4py)"
+        if os.environ.get("METALCANDLE_REQUIRE_MPI") == "1":
+            pytest.fail(f"METALCANDLE_REQUIRE_MPI=1 but {msg}")
+        pytest.skip(msg)
+
+
+def ranks(n, *argv, cwd=None):
+    """`mpiexec -n N python -m metalcandle ARGV`, one thread per rank: (exit code, output)."""
+    env = dict(os.environ, RAYON_NUM_THREADS="1")
+    cmd = [MPIEXEC, "-n", str(n), sys.executable, *map(str, argv)]
+    p = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT)
+    return p.returncode, p.stdout + p.stderr
+
+
+def train_rows(out: Path):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+def assert_same_training(one: Path, two: Path, final: str):
+    a, b = train_rows(one), train_rows(two)
+    assert [r["step"] for r in b] == list(range(1, STEPS + 1))
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), x["step"]
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5), x["step"]
+        assert (x["ranks"], y["ranks"]) == (1, 2)
+    assert json.loads((two / "run.json").read_text())["ranks"] == 2
+    m1, m2 = (mc.load_model(d / "checkpoints" / final) for d in (one, two))
+    for name in m1.parameter_names():
+        np.testing.assert_allclose(m2.get_parameter(name), m1.get_parameter(name), rtol=0, atol=1e-5)
+
+
+def test_two_ranks_train_what_one_process_trains(tmp_path):
+    write_corpus(tmp_path, 12_000)
+    cfgs = {}
+    for n in (1, 2):
+        cfgs[n] = write_config(
+            tmp_path / f"r{n}.toml", f"r{n}", tmp_path / f"runs/r{n}", tmp_path / "models", STEPS
+        )
+    # grad_accum 2: accumulation composes with the split; global batch 4 x 2 windows.
+    code, log = ranks(1, "-m", "metalcandle", "train", cfgs[1], "--quiet", "--set", "train.grad_accum=2")
+    assert code == 0, log
+    code, log = ranks(2, "-m", "metalcandle", "train", cfgs[2], "--quiet", "--set", "train.grad_accum=2")
+    assert code == 0, log
+    assert_same_training(tmp_path / "runs/r1", tmp_path / "runs/r2", ck.step_dir_name(STEPS))
+
+
+def test_two_ranks_lora_match_one_process(tmp_path, fixtures):
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat_rows()))
+    models = tmp_path / "models"
+    code = subprocess.call(
+        [sys.executable, "-m", "metalcandle", "import-model", fixtures / "tiny-qwen2", "--models-dir", models]
+    )
+    assert code == 0
+    cfgs = {
+        n: write_config(tmp_path / f"l{n}.toml", f"l{n}", tmp_path / f"runs/l{n}", models, STEPS, LORA)
+        for n in (1, 2)
+    }
+    for n in (1, 2):
+        code, log = ranks(n, "-m", "metalcandle", "train", cfgs[n], "--quiet")
+        assert code == 0, log
+    a, b = train_rows(tmp_path / "runs/l1"), train_rows(tmp_path / "runs/l2")
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), x["step"]
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5), x["step"]
+    from safetensors.numpy import load_file
+
+    w1, w2 = (
+        load_file(tmp_path / f"runs/l{n}/checkpoints" / ck.step_dir_name(STEPS) / "adapter_model.safetensors")
+        for n in (1, 2)
+    )
+    for k in w1:
+        np.testing.assert_allclose(w2[k], w1[k], rtol=0, atol=1e-5, err_msg=k)
+
+
+def test_a_batch_that_does_not_split_is_refused_before_any_step(tmp_path):
+    write_corpus(tmp_path, 6000)
+    cfg = write_config(tmp_path / "c.toml", "c", tmp_path / "runs/c", tmp_path / "models", 4)
+    code, log = ranks(2, "-m", "metalcandle", "train", cfg, "--quiet", "--set", "train.batch_size=3")
+    assert code != 0
+    assert "train.batch_size = 3 does not split over 2 ranks" in log
+    assert not (tmp_path / "runs/c").exists()
+
+
+def test_a_failing_rank_stops_the_job_and_is_named(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from metalcandle import distributed\n"
+        "d = distributed.init()\n"
+        "with d.abort_on_error():\n"
+        "    if d.rank == 1:\n"
+        "        raise ValueError('bad shard')\n"
+        "    d.allreduce(np.zeros(4))  # rank 0 waits here for a rank that never comes\n"
+    )
+    code, log = ranks(2, script)
+    assert code != 0
+    assert "error: rank 1 of 2: ValueError: bad shard" in log
