@@ -127,3 +127,112 @@ def test_a_failing_rank_stops_the_job_and_is_named(tmp_path):
     code, log = ranks(2, script)
     assert code != 0
     assert "error: rank 1 of 2: ValueError: bad shard" in log
+
+
+def rank_pid(root: int, rank: int) -> int | None:
+    """The pid of `rank` among the descendants of process `root` (from PMI_RANK in its environment)."""
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            env = (p / "environ").read_bytes().split(b"\0")
+            stat = (p / "stat").read_text()
+        except OSError:
+            continue
+        if f"PMI_RANK={rank}".encode() in env and "python" in (p / "comm").read_text():
+            pid, ancestors = int(p.name), stat
+            while True:
+                ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == root:
+                    return int(p.name)
+                if ppid <= 1:
+                    break
+                pid = ppid
+            del ancestors
+    return None
+
+
+def test_a_killed_rank_ends_the_job_and_one_rank_resumes(tmp_path):
+    import signal
+    import time
+
+    write_corpus(tmp_path, 12_000)
+    constant = ["--set", 'scheduler.name="constant"', "--set", "train.save_every=5"]
+    cfg = write_config(tmp_path / "k.toml", "k", tmp_path / "runs/k", tmp_path / "models", 100_000)
+    env = dict(os.environ, RAYON_NUM_THREADS="1")
+    job = subprocess.Popen(
+        [MPIEXEC, "-n", "2", sys.executable, "-m", "metalcandle", "train", cfg, "--quiet", *constant],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while ck.latest_checkpoint(tmp_path / "runs/k/checkpoints") is None:
+            assert job.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        pid = rank_pid(job.pid, 1)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        out, _ = job.communicate(timeout=60)  # the other rank stops within bounded time
+    finally:
+        job.kill()
+    assert job.returncode != 0
+    # MPI names the dead process by pid; the run's first line says which rank that pid was.
+    import re
+
+    dead = re.search(r"BAD TERMINATION.*?PID (\d+)", out, re.S).group(1)
+    assert re.search(rf"rank 1 = pid {dead} on ", out), out
+
+    last = ck.latest_checkpoint(tmp_path / "runs/k/checkpoints")
+    mc.load_model(last)  # the last complete checkpoint is intact
+    k = json.loads((last / ck.STATE_FILE).read_text())["step"]
+    # Resume on one rank for 5 more steps; a fresh single-process run to the same step is the reference.
+    code, log = ranks(
+        1, "-m", "metalcandle", "train", cfg, "--quiet", *constant, "--set", f"train.max_steps={k + 5}"
+    )
+    assert code == 0, log
+    ref = write_config(tmp_path / "ref.toml", "ref", tmp_path / "runs/ref", tmp_path / "models", k + 5)
+    code, log = ranks(1, "-m", "metalcandle", "train", ref, "--quiet", *constant)
+    assert code == 0, log
+    got = {r["step"]: r for r in train_rows(tmp_path / "runs/k")}
+    want = {r["step"]: r for r in train_rows(tmp_path / "runs/ref")}
+    assert [s for s in got if s > k] == list(range(k + 1, k + 6))
+    for s in range(1, k + 6):
+        assert got[s]["loss"] == pytest.approx(want[s]["loss"], rel=1e-5), s
+
+
+def test_only_rank_0_writes_files(tmp_path):
+    """Each rank runs in its own working folder, where the relative output and models folders
+    resolve: rank 1's stays empty."""
+    write_corpus(tmp_path, 6000)
+    cfg = write_config(tmp_path / "w.toml", "w", "runs/w", "models", 6)
+    folders = [tmp_path / "rank0", tmp_path / "rank1"]
+    cmd = [MPIEXEC]
+    for i, f in enumerate(folders):
+        f.mkdir()
+        cmd += [":"] * (i > 0) + [
+            "-n",
+            "1",
+            "-wdir",
+            f,
+            sys.executable,
+            "-m",
+            "metalcandle",
+            "train",
+            cfg,
+            "--quiet",
+        ]
+    p = subprocess.run(
+        list(map(str, cmd)),
+        env=dict(os.environ, RAYON_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    written = {q.relative_to(folders[0]).as_posix() for q in folders[0].rglob("*") if q.is_file()}
+    assert {"runs/w/metrics.jsonl", "runs/w/run.json", "runs/w/loss.png", "models/registry.json"} <= written
+    assert list(folders[1].rglob("*")) == []
+    assert p.stdout.count("steps: 6") == 1  # the summary, from rank 0 alone

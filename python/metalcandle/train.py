@@ -14,6 +14,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -339,6 +340,13 @@ def train(
         return _train(cfg, progress, stop_at_step, log, allow_config_change, None)
     check_same_config(cfg, dist)
     rank_slice(cfg["train"]["batch_size"], dist)  # a batch that does not split: before any work
+    # A rank killed outright cannot say so; MPI then reports its pid, which this line maps to a rank.
+    where = dist.allgather(f"pid {os.getpid()} on {socket.gethostname()}")
+    if dist.is_main:
+        print(
+            f"{dist.size} ranks: " + ", ".join(f"rank {r} = {w}" for r, w in enumerate(where)),
+            file=sys.stderr,
+        )
     try:
         return _train(cfg, progress, stop_at_step, log, allow_config_change, dist)
     except KeyboardInterrupt:
