@@ -1,5 +1,6 @@
 """metalcandle: train and fine-tune small decoder-only transformers on a Rust core."""
 
+from metalcandle import distributed
 from metalcandle._core import __version__
 from metalcandle.chat import InteractivePrompt
 from metalcandle.fit import train_epoch, train_model
@@ -39,4 +40,5 @@ __all__ += [
     "quantize_model",
     "stream_text",
     "train_bpe",
+    "distributed",
 ]

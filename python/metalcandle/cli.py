@@ -52,6 +52,12 @@ def build_parser() -> Parser:
     _add_set(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train on N data-parallel processes on this machine (runs mpiexec -n N for you)",
+    )
+    p.add_argument(
         "--allow-config-change",
         action="store_true",
         help="resume even though the config differs from the checkpoint's in keys that change the "
@@ -154,11 +160,17 @@ def build_parser() -> Parser:
 
 
 def cmd_train(args) -> int:
+    from metalcandle import distributed
     from metalcandle.config import load_config
     from metalcandle.train import train
 
+    if args.nproc is not None and args.nproc > 1:
+        return launch_ranks(args.nproc, [a for a in sys.argv[1:]])
+    dist = distributed.init() if distributed.launched_by_mpi() else None
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, progress=not args.quiet, allow_config_change=args.allow_config_change)
+    result = train(cfg, progress=not args.quiet, allow_config_change=args.allow_config_change, comm=dist)
+    if dist is not None and not dist.is_main:
+        return 0
     lines = [f"steps: {result.steps}"]
     if result.first_loss is not None:
         lines.append(f"train loss: {result.first_loss:.4f} -> {result.last_loss:.4f}")
@@ -171,6 +183,30 @@ def cmd_train(args) -> int:
         lines.append(f"registered as: {result.registered_as}")
     print("\n".join(lines))
     return 0
+
+
+def launch_ranks(nproc: int, argv: list[str]) -> int:
+    """`metalcandle train ... --nproc N`: the same command under `mpiexec -n N` on this machine,
+    each rank with its share of the cores."""
+    import subprocess
+
+    mpiexec = shutil.which(
+        "mpiexec", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    )
+    if mpiexec is None:
+        raise UserError('--nproc needs mpiexec (pip install "metalcandle[mpi]")')
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    env = dict(os.environ)
+    env.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    cmd = [mpiexec, "-n", str(nproc), sys.executable, "-m", "metalcandle", *rest]
+    return subprocess.call(cmd, env=env)
 
 
 def cmd_eval(args) -> int:

@@ -112,9 +112,12 @@ def check_resume(
     return changed
 
 
-def write_run_file(out: Path, cfg: Config, run_id: str, created_at: str, resumed: dict | None = None) -> Path:
-    """OUTPUT_DIR/run.json: the run id, the current config and its hash, and one entry per resume
-    (step, checkpoint, the hash before and the keys that changed)."""
+def write_run_file(
+    out: Path, cfg: Config, run_id: str, created_at: str, resumed: dict | None = None, ranks: int = 1
+) -> Path:
+    """OUTPUT_DIR/run.json: the run id, the current config and its hash, the number of
+    data-parallel ranks, and one entry per resume (step, checkpoint, the hash before, the keys
+    that changed and the ranks it resumed on)."""
     path = Path(out) / RUN_FILE
     resumes = []
     if resumed is not None:
@@ -130,6 +133,7 @@ def write_run_file(out: Path, cfg: Config, run_id: str, created_at: str, resumed
         "config_hash": cfg.hash(),
         "config": cfg.to_dict(),
         "created_at": created_at,
+        "ranks": ranks,
         "resumes": resumes,
     }
     ck.write_json_atomic(path, data)

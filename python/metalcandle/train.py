@@ -14,6 +14,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -27,6 +28,7 @@ from metalcandle import data as D
 from metalcandle import runs as R
 from metalcandle.adapters import architecture_type_of
 from metalcandle.config import Config, to_toml
+from metalcandle.distributed import Distributed, as_distributed, rank_slice
 from metalcandle.errors import BadFileError, TrainingInterrupted, UserError
 from metalcandle.hooks import attach_hooks
 from metalcandle.loading import (
@@ -219,11 +221,15 @@ def sample_continuations(model, tokenizer, prompts: list[str], gen_opts: dict) -
 
 
 class MetricsLog:
-    """`metrics.jsonl`: one JSON object per line, appended and flushed as the run goes."""
+    """`metrics.jsonl`: one JSON object per line, appended and flushed as the run goes. Only the
+    rank that writes files (`enabled`) touches it."""
 
-    def __init__(self, path: Path, resume_step: int | None, stamp: dict | None = None):
+    def __init__(self, path: Path, resume_step: int | None, stamp: dict | None = None, enabled: bool = True):
         self.path = path
-        self.stamp = stamp or {}  # on every line: which run, under which config, wrote it
+        self.stamp = stamp or {}  # on every line: which run, under which config, on how many ranks
+        self.enabled = enabled
+        if not enabled:
+            return
         if resume_step is not None and path.exists():
             # Lines past the checkpoint came from the interrupted attempt; the resumed run redoes them.
             kept = [
@@ -236,6 +242,8 @@ class MetricsLog:
             path.unlink()
 
     def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({**row, **self.stamp}) + "\n")
 
@@ -346,24 +354,73 @@ def train(
     stop_at_step: int | None = None,
     log=None,
     allow_config_change: bool = False,
+    comm=None,
 ) -> TrainResult:
     """Runs (or resumes) the training described by `cfg`. `stop_at_step` ends the run early after
     saving a checkpoint there, as an interruption would (used to test exact resume). A resume under
-    a config that differs in more than `runs.FREE_ON_RESUME` keys needs `allow_config_change`."""
+    a config that differs in more than `runs.FREE_ON_RESUME` keys needs `allow_config_change`.
+
+    With `comm` (see `metalcandle.distributed`) this is one rank of a data-parallel run: the same
+    training on every rank, each on its slice of every global batch; rank 0 alone writes files and
+    reports. An exception on one rank aborts them all."""
+    dist = as_distributed(comm)
+    if dist is None or dist.size == 1:
+        return _train(cfg, progress, stop_at_step, log, allow_config_change, None)
+    check_same_config(cfg, dist)
+    rank_slice(cfg["train"]["batch_size"], dist)  # a batch that does not split: before any work
+    # A rank killed outright cannot say so; MPI then reports its pid, which this line maps to a rank.
+    where = dist.allgather(f"pid {os.getpid()} on {socket.gethostname()}")
+    if dist.is_main:
+        print(
+            f"{dist.size} ranks: " + ", ".join(f"rank {r} = {w}" for r, w in enumerate(where)),
+            file=sys.stderr,
+        )
+    try:
+        return _train(cfg, progress, stop_at_step, log, allow_config_change, dist)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
+        dist.abort(e)
+        raise
+
+
+def check_same_config(cfg: Config, dist: Distributed) -> None:
+    """Every rank must run the same resolved config (the hash), or they would train different
+    models while summing each other's gradients."""
+    hashes = dist.allgather(cfg.hash())
+    if len(set(hashes)) > 1:
+        by_rank = ", ".join(f"rank {r}: {h}" for r, h in enumerate(hashes))
+        raise UserError(f"{cfg.source}: the ranks were given different configs (config hashes {by_rank})")
+
+
+def _train(cfg, progress, stop_at_step, log, allow_config_change, dist: Distributed | None) -> TrainResult:
     import metalcandle as mc
 
+    main_rank = dist is None or dist.is_main
+    ranks = 1 if dist is None else dist.size
+
     def say(msg: str):
-        (log or (lambda m: print(m, file=sys.stderr)))(msg)
+        if main_rank:
+            (log or (lambda m: print(m, file=sys.stderr)))(msg)
 
     out = cfg.output_dir
-    if out.exists() and not out.is_dir():
-        raise UserError(f"run.output_dir: {out} exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"run.output_dir: cannot create {out} ({e.strerror})") from None
     t = cfg["train"]
-    resume_from = ck.resolve_resume(t["resume"], out)
+    if main_rank:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"run.output_dir: {out} exists and is not a folder")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"run.output_dir: cannot create {out} ({e.strerror})") from None
+        resume_from = ck.resolve_resume(t["resume"], out)
+    if dist is not None:
+        # Rank 0's choice, so an "auto" resume never depends on what another rank's disk shows.
+        resume_from = dist.bcast(resume_from if main_rank else None)
+        if resume_from is not None and not ck.is_checkpoint(resume_from):
+            raise UserError(
+                f"train.resume: rank {dist.rank} cannot read the checkpoint {resume_from}; every rank "
+                "must see run.output_dir (a shared filesystem) to resume"
+            )
     base = resolve_base(cfg)
 
     state = RunState()
@@ -382,11 +439,16 @@ def train(
             "checkpoint": str(resume_from),
             "config_hash_before": saved_hash,
             "changed": changed,
+            "ranks": ranks,
         }
         say(f"resuming from {resume_from} (step {state.step})")
     if not state.run_id:  # a fresh run, or a checkpoint from before run ids
         state.run_id, state.run_created_at = R.new_run_id(cfg["run"]["name"]), R.utc_now()
-    R.write_run_file(out, cfg, state.run_id, state.run_created_at, resumed)
+    if dist is not None:
+        # A fresh run id is drawn on rank 0 only (it holds the time and a random tag).
+        state.run_id, state.run_created_at = dist.bcast((state.run_id, state.run_created_at))
+    if main_rank:
+        R.write_run_file(out, cfg, state.run_id, state.run_created_at, resumed, ranks=ranks)
 
     tokenizer = (
         load_folder_tokenizer(resume_from)
@@ -401,7 +463,7 @@ def train(
     model = build_model(cfg, base, tokenizer, resume_from)
     attach_hooks(model, cfg["hooks"], cfg.source)  # before the first step, fresh or resumed alike
     opt = make_optimizer(cfg)
-    trainer = mc.Trainer(model, opt, max_grad_norm=t["max_grad_norm"] or None)
+    trainer = mc.Trainer(model, opt, max_grad_norm=t["max_grad_norm"] or None, comm=dist)
     if resume_from is not None:
         trainer.load_state(resume_from / ck.TRAINER_DIR)
 
@@ -415,7 +477,8 @@ def train(
     metrics = MetricsLog(
         out / "metrics.jsonl",
         state.step if resume_from is not None else None,
-        stamp={"run_id": state.run_id, "config_hash": cfg.hash()},
+        stamp={"run_id": state.run_id, "config_hash": cfg.hash(), "ranks": ranks},
+        enabled=main_rank,
     )
     ckpt_root = out / "checkpoints"
     s = cfg["scheduler"]
@@ -430,7 +493,7 @@ def train(
         f"{len(data.train)} train / {len(data.valid)} valid windows of {cfg['data']['seq_len']} tokens, "
         f"{max_steps} steps"
     )
-    bar = Progress(max_steps, initial=state.step, enabled=progress)
+    bar = Progress(max_steps, initial=state.step, enabled=progress and main_rank)
     first_loss = last_loss = None
     stopped_early = state.stopped_early
     window_tokens, window_time, run_tokens, run_time = 0, 0.0, 0, 0.0
@@ -486,14 +549,15 @@ def train(
             if step % t["eval_every"] == 0 or step == max_steps:
                 val_loss, val_ppl = evaluate(trainer, valid_batches)
                 metrics.write({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
-                bar.write(f"step {step}: val_loss {val_loss:.4f}  val_ppl {val_ppl:.2f}")
-                for p, text in zip(
-                    prompts, sample_continuations(model, tokenizer, prompts, gen_opts), strict=True
-                ):
-                    bar.write(f"  sample: {p!r} -> {text!r}")
+                if main_rank:
+                    bar.write(f"step {step}: val_loss {val_loss:.4f}  val_ppl {val_ppl:.2f}")
+                    for p, text in zip(
+                        prompts, sample_continuations(model, tokenizer, prompts, gen_opts), strict=True
+                    ):
+                        bar.write(f"  sample: {p!r} -> {text!r}")
                 if state.best_val_loss is None or val_loss < state.best_val_loss:
                     state.best_val_loss, state.best_step, state.evals_since_best = val_loss, step, 0
-                    if t["early_stopping_patience"]:
+                    if t["early_stopping_patience"] and main_rank:
                         save_checkpoint(out / "best", cfg, model, trainer, tokenizer, state, meta)
                 else:
                     state.evals_since_best += 1
@@ -507,7 +571,8 @@ def train(
                             f"evaluations; best val_loss {state.best_val_loss:.4f} at step {state.best_step}"
                         )
             interrupted = stop_at_step is not None and step >= stop_at_step
-            if step % t["save_every"] == 0 or step == max_steps or stopped_early or interrupted:
+            saving = step % t["save_every"] == 0 or step == max_steps or stopped_early or interrupted
+            if saving and main_rank:
                 save_checkpoint(
                     ckpt_root / ck.step_dir_name(step), cfg, model, trainer, tokenizer, state, meta
                 )
@@ -521,6 +586,8 @@ def train(
         # A step's pending evaluation is not redone on resume; training itself continues exactly.
         if state.step == start_step:
             where, saved = resume_from, False
+        elif not main_rank:
+            where, saved = ckpt_root / ck.step_dir_name(state.step), False
         else:
             where, saved = ckpt_root / ck.step_dir_name(state.step), True
             if saved_step != state.step:
@@ -538,7 +605,7 @@ def train(
         out / "best" if (stopped_early and (out / "best").exists()) else ck.latest_checkpoint(ckpt_root)
     )
     registered = None
-    if finished and final_dir is not None:
+    if finished and final_dir is not None and main_rank:
         registered = register_run(cfg, final_dir, meta)
         if (out / "metrics.jsonl").exists():
             png = plot_loss(out / "metrics.jsonl", out / "loss.png", title=cfg["run"]["name"])

@@ -12,6 +12,7 @@ import numpy as np
 
 from metalcandle import _core
 from metalcandle.checkpoint import read_json, write_json_atomic
+from metalcandle.distributed import as_distributed, rank_slice
 from metalcandle.model import Model, as_ids, check_mask
 from metalcandle.optim import Optimizer
 
@@ -69,21 +70,54 @@ class Trainer:
     `step(input_ids, labels=...)` follows the Hugging Face convention: labels are shifted inside,
     -100 marks positions without loss, and the loss is the mean over label tokens. Passing lists
     of arrays accumulates gradients over micro-batches, each weighted by its share of the label
-    tokens, so the step equals one step on the concatenated batch."""
+    tokens, so the step equals one step on the concatenated batch.
 
-    def __init__(self, model: Model, optimizer: Optimizer, max_grad_norm: float | None = 1.0):
+    With `comm` (`metalcandle.distributed.init()`, or an mpi4py communicator) every rank passes
+    the same global batches: each trains on its slice of the rows (a batch must split evenly over
+    the ranks), the gradients are summed over the ranks, and every rank takes the step one process
+    takes on the whole batch. The trainable weights are taken from rank 0 when the Trainer is made,
+    so every rank starts identical."""
+
+    def __init__(self, model: Model, optimizer: Optimizer, max_grad_norm: float | None = 1.0, comm=None):
         if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         self.model = model
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self.step_count = 0
+        self.dist = as_distributed(comm)
+        if self.parallel:
+            self.broadcast_weights()
+
+    @property
+    def parallel(self) -> bool:
+        return self.dist is not None and self.dist.size > 1
+
+    def broadcast_weights(self) -> None:
+        """Rank 0's trainable weights (all parameters, or the adapter) on every rank."""
+        synced = self.dist.broadcast_arrays(self.model.trainable_parameters())
+        if not self.dist.is_main:
+            self.model._core.set_trainable_parameters(synced)
 
     def step(self, input_ids, labels=None, attention_mask=None, targets=None) -> StepStats:
         ids, labs, mask, pre_shifted = _inputs(input_ids, labels, attention_mask, targets)
         _check_labels(self.model, labs)
+        allreduce = None
+        if self.parallel:
+            rows = [rank_slice(len(a), self.dist, "the batch") for a in ids]
+            ids = [a[r] for a, r in zip(ids, rows, strict=True)]
+            labs = [a[r] for a, r in zip(labs, rows, strict=True)]
+            mask = None if mask is None else [a[r] for a, r in zip(mask, rows, strict=True)]
+            allreduce = self.dist.allreduce
         loss, norm, tokens, aux = _core.train_step(
-            self.model._core, self.optimizer._core, ids, labs, mask, self.max_grad_norm, pre_shifted
+            self.model._core,
+            self.optimizer._core,
+            ids,
+            labs,
+            mask,
+            self.max_grad_norm,
+            pre_shifted,
+            allreduce,
         )
         self.step_count += 1
         return StepStats(loss=loss, grad_norm=norm, tokens=tokens, aux=dict(aux))
@@ -91,7 +125,22 @@ class Trainer:
     def eval_loss(self, input_ids, labels=None, attention_mask=None, targets=None) -> float:
         ids, labs, mask, pre_shifted = _inputs(input_ids, labels, attention_mask, targets)
         _check_labels(self.model, labs)
-        return _core.eval_loss(self.model._core, ids, labs, mask, pre_shifted)
+        if not self.parallel:
+            return _core.eval_loss(self.model._core, ids, labs, mask, pre_shifted)
+        # Each rank evaluates a part of the rows; the token-weighted sums are added up.
+        total = np.zeros(2)
+        for i in range(len(ids)):
+            part = np.array_split(np.arange(len(ids[i])), self.dist.size)[self.dist.rank]
+            counted = labs[i][part] if pre_shifted else labs[i][part, 1:]
+            n = int((counted != -100).sum())
+            if n:
+                m = None if mask is None else [mask[i][part]]
+                loss = _core.eval_loss(self.model._core, [ids[i][part]], [labs[i][part]], m, pre_shifted)
+                total += (loss * n, n)
+        self.dist.allreduce(total)
+        if total[1] == 0:
+            raise ValueError("no label tokens to evaluate (all labels are -100)")
+        return float(total[0] / total[1])
 
     def save_state(self, path) -> None:
         """Optimizer moments and step counters (the weights are saved separately)."""

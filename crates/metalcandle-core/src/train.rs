@@ -1,11 +1,13 @@
 //! One optimisation step: forward, loss, backward over micro-batches (gradients summed,
 //! each micro-batch weighted by its share of the label tokens), global-norm clipping as torch
-//! does it, and the optimizer update.
+//! does it, and the optimizer update. With a `GradReducer` the step is one data-parallel
+//! worker's share of a global step (see `reduce`).
 
 use crate::error::{Error, Result};
 use crate::model::{Decoder, ForwardOptions};
 use crate::ops::{self, cross_entropy::IGNORE_INDEX};
 use crate::optim::Optimizer;
+use crate::reduce::GradReducer;
 use candle_core::{Tensor, Var};
 use std::collections::HashMap;
 
@@ -226,6 +228,19 @@ pub fn train_step(
     micro_batches: &[Batch],
     max_grad_norm: Option<f64>,
 ) -> Result<StepStats> {
+    train_step_reduced(model, opt, micro_batches, max_grad_norm, None)
+}
+
+/// `train_step` as one of several data-parallel workers, each holding its own micro-batches of
+/// one global batch: the label-token count, the gradients and the reported losses are summed
+/// through `reducer`, so every worker takes the step one process with the whole batch takes.
+pub fn train_step_reduced(
+    model: &mut Decoder,
+    opt: &mut Optimizer,
+    micro_batches: &[Batch],
+    max_grad_norm: Option<f64>,
+    mut reducer: Option<&mut dyn GradReducer>,
+) -> Result<StepStats> {
     if micro_batches.is_empty() {
         return Err(Error::Input(
             "a training step needs at least one batch".into(),
@@ -240,6 +255,12 @@ pub fn train_step(
             .filter(|&&l| l != IGNORE_INDEX)
             .count();
     }
+    if let Some(r) = reducer.as_deref_mut() {
+        // Each micro-batch's share is its tokens over the global count, as in one process.
+        let mut count = [total as f64];
+        r.sum_f64(&mut count)?;
+        total = count[0] as usize;
+    }
     if total == 0 {
         return Err(Error::Input(
             "no label tokens to train on (all labels are -100)".into(),
@@ -249,7 +270,10 @@ pub fn train_step(
     model.set_training(true);
     let result = accumulate(model, &vars, micro_batches, total);
     model.set_training(false);
-    let (loss, aux, mut grads) = result?;
+    let (mut loss, mut aux, mut grads) = result?;
+    if let Some(r) = reducer {
+        (loss, aux) = sum_over_workers(r, model, &vars, loss, aux, &mut grads)?;
+    }
     if !model.hooks.update_transforms().is_empty() {
         let params: HashMap<String, Tensor> = vars
             .iter()
@@ -288,6 +312,63 @@ pub fn train_step(
 }
 
 type Accumulated = (f64, Vec<(String, f64)>, HashMap<String, Tensor>);
+
+/// Sums the workers' gradients in one flat f32 buffer (the parameters' order, then one presence
+/// flag per parameter, so a parameter no worker's batches reached stays without a gradient, as
+/// in one process), then the loss and the auxiliary losses.
+fn sum_over_workers(
+    r: &mut dyn GradReducer,
+    model: &Decoder,
+    vars: &[(String, Var)],
+    loss: f64,
+    aux: Vec<(String, f64)>,
+    grads: &mut HashMap<String, Tensor>,
+) -> Result<(f64, Vec<(String, f64)>)> {
+    let numel: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut flat = Vec::with_capacity(numel + vars.len());
+    for (name, v) in vars {
+        match grads.get(name) {
+            Some(g) => flat.extend(
+                g.to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            ),
+            None => flat.resize(flat.len() + v.elem_count(), 0.0),
+        }
+    }
+    flat.extend(vars.iter().map(|(n, _)| grads.contains_key(n) as u8 as f32));
+    r.sum_f32(&mut flat)?;
+    let (values, present) = flat.split_at(numel);
+    let mut offset = 0;
+    for ((name, v), &seen) in vars.iter().zip(present) {
+        let n = v.elem_count();
+        if seen > 0.0 {
+            let g = Tensor::from_slice(&values[offset..offset + n], v.shape(), v.device())?;
+            grads.insert(name.clone(), g.to_dtype(v.dtype())?);
+        }
+        offset += n;
+    }
+
+    // A worker whose batches held no label token accumulated no aux entries: the hooks name them.
+    let names: Vec<String> = model
+        .hooks
+        .aux_losses()
+        .iter()
+        .map(|(_, l)| l.name())
+        .collect();
+    let mut sums = vec![loss];
+    sums.extend(
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, _)| aux.get(i).map_or(0.0, |a| a.1)),
+    );
+    r.sum_f64(&mut sums)?;
+    Ok((
+        sums[0],
+        names.into_iter().zip(sums[1..].iter().copied()).collect(),
+    ))
+}
 
 fn accumulate(
     model: &Decoder,
@@ -390,3 +471,7 @@ mod tests {
         assert!((all - want).abs() < 1e-5, "{all} {want}");
     }
 }
+
+#[cfg(test)]
+#[path = "train_reduce_tests.rs"]
+mod reduce_tests;

@@ -1,6 +1,6 @@
 //! `_core.Model` and `_core.KvCache`.
 
-use crate::convert::{ids_tensor, read_i64_2d, to_numpy, to_py_err};
+use crate::convert::{candle_err, ids_tensor, read_i64_2d, to_numpy, to_py_err};
 use crate::hooks;
 use crate::quant;
 use candle_core::{Device, Tensor};
@@ -11,7 +11,7 @@ use metalcandle_core::quant::gguf::{load_gguf, save_gguf, GgufTokenizer};
 use metalcandle_core::quant::parse_format;
 use metalcandle_core::weights::{load_hf_folder, save_hf_folder};
 use metalcandle_core::{Decoder, KvCache, ModelSpec};
-use numpy::{PyArrayDyn, PyReadonlyArray2};
+use numpy::{PyArrayDyn, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -306,6 +306,40 @@ impl PyModel {
         vars.iter()
             .map(|(n, v)| Ok((n.clone(), to_numpy(py, v.as_tensor())?)))
             .collect()
+    }
+
+    /// Overwrites what a training step updates with `values` (name -> array, every trainable
+    /// tensor exactly once, in its shape): how data-parallel workers take rank 0's weights.
+    fn set_trainable_parameters(
+        &mut self,
+        values: HashMap<String, PyReadonlyArrayDyn<'_, f32>>,
+    ) -> PyResult<()> {
+        let vars = self.inner.make_trainable().map_err(to_py_err)?;
+        if values.len() != vars.len() {
+            return Err(PyValueError::new_err(format!(
+                "expected {} trainable tensors, got {}",
+                vars.len(),
+                values.len()
+            )));
+        }
+        for (name, var) in &vars {
+            let a = values.get(name).ok_or_else(|| {
+                PyValueError::new_err(format!("no value for trainable tensor `{name}`"))
+            })?;
+            if a.shape() != var.dims() {
+                return Err(PyValueError::new_err(format!(
+                    "`{name}`: expected shape {:?}, got {:?}",
+                    var.dims(),
+                    a.shape()
+                )));
+            }
+            let data: Vec<f32> = a.as_array().iter().copied().collect();
+            let t = Tensor::from_vec(data, var.shape(), var.device())
+                .and_then(|t| t.to_dtype(var.dtype()))
+                .map_err(candle_err)?;
+            var.set(&t).map_err(candle_err)?;
+        }
+        Ok(())
     }
 
     /// Writes config.json and model.safetensors (Hugging Face names and layouts).

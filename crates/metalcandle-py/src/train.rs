@@ -3,8 +3,11 @@
 use crate::convert::{ids_tensor, read_i64_2d, to_py_err};
 use crate::model::PyModel;
 use metalcandle_core::optim::{Algorithm, Optimizer, OptimizerConfig};
-use metalcandle_core::train::{train_step as core_step, Batch};
-use numpy::PyReadonlyArray2;
+use metalcandle_core::reduce::GradReducer;
+use metalcandle_core::train::{train_step_reduced as core_step, Batch};
+use metalcandle_core::Error;
+use numpy::ndarray::ArrayViewMut1;
+use numpy::{Element, PyArray1, PyReadonlyArray2};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::path::PathBuf;
@@ -140,10 +143,47 @@ fn batches(
 /// (loss, pre-clip gradient norm, label tokens, aux losses).
 type StepResult = (f64, f64, usize, Vec<(String, f64)>);
 
+/// Sums through a Python callable that all-reduces a 1-D numpy array in place (an mpi4py
+/// `Allreduce(MPI.IN_PLACE, ...)`); the array is a view of the step's own buffer, so the
+/// gradients cross into MPI without a copy.
+struct PyReducer {
+    allreduce: Py<PyAny>,
+    /// The callable's exception, raised as it is instead of as a core error.
+    error: Option<PyErr>,
+}
+
+impl PyReducer {
+    fn sum<T: Element>(&mut self, values: &mut [T]) -> metalcandle_core::Result<()> {
+        let allreduce = &self.allreduce;
+        let result = Python::attach(|py| {
+            let view = ArrayViewMut1::from(&mut *values);
+            // SAFETY: the array borrows `values`, which outlives the call; the callable sums in
+            // place and returns, keeping no reference (mpi4py's Allreduce holds none).
+            let array = unsafe { PyArray1::borrow_from_array(&view, py.None().into_bound(py)) };
+            allreduce.call1(py, (array,)).map(drop)
+        });
+        result.map_err(|e| {
+            let msg = format!("all-reduce failed: {e}");
+            self.error = Some(e);
+            Error::Msg(msg)
+        })
+    }
+}
+
+impl GradReducer for PyReducer {
+    fn sum_f64(&mut self, values: &mut [f64]) -> metalcandle_core::Result<()> {
+        self.sum(values)
+    }
+    fn sum_f32(&mut self, values: &mut [f32]) -> metalcandle_core::Result<()> {
+        self.sum(values)
+    }
+}
+
 /// One optimizer step over micro-batches; returns (loss, pre-clip gradient norm, label tokens,
-/// [(aux loss name, unweighted value)]).
+/// [(aux loss name, unweighted value)]). With `allreduce` (a callable summing a numpy array
+/// in place over the workers) the micro-batches are this worker's share of a global step.
 #[pyfunction]
-#[pyo3(signature = (model, optimizer, input_ids, labels, attention_mask = None, max_grad_norm = None, pre_shifted = false))]
+#[pyo3(signature = (model, optimizer, input_ids, labels, attention_mask = None, max_grad_norm = None, pre_shifted = false, allreduce = None))]
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
     py: Python<'_>,
@@ -154,12 +194,23 @@ pub fn train_step(
     attention_mask: Option<Vec<Arr<'_>>>,
     max_grad_norm: Option<f64>,
     pre_shifted: bool,
+    allreduce: Option<Py<PyAny>>,
 ) -> PyResult<StepResult> {
     let b = batches(&model, input_ids, labels, attention_mask, pre_shifted)?;
     let (m, o) = (&mut model.inner, &mut optimizer.inner);
-    let stats = py
-        .detach(|| core_step(m, o, &b, max_grad_norm))
-        .map_err(to_py_err)?;
+    let mut reducer = allreduce.map(|allreduce| PyReducer {
+        allreduce,
+        error: None,
+    });
+    let r = reducer.as_mut();
+    let stats = py.detach(|| core_step(m, o, &b, max_grad_norm, r.map(|r| r as _)));
+    let stats = match stats {
+        Ok(s) => s,
+        Err(e) => match reducer.and_then(|r| r.error) {
+            Some(py_err) => return Err(py_err),
+            None => return Err(to_py_err(e)),
+        },
+    };
     Ok((stats.loss, stats.grad_norm, stats.tokens, stats.aux))
 }
 
