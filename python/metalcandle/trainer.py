@@ -4,6 +4,7 @@ AdamW update all run in Rust)."""
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,19 +50,51 @@ class Trainer:
     of arrays accumulates gradients over micro-batches, each weighted by its share of the label
     tokens, so the step equals one step on the concatenated batch."""
 
-    def __init__(self, model: Model, optimizer: Optimizer, max_grad_norm: float | None = 1.0):
+    `fused=True` runs the step on the fused CPU path when the model allows it (f32 on the CPU,
+    no LoRA adapter, no hook or auxiliary loss, no gradient transform); otherwise, or with
+    `fused=False`, on the composed per-op path. `last_step_path` says which one ran ("fused" or
+    "composed") and `last_composed_reason` why the fused one did not.
+
+    `gradient_checkpointing=True` keeps only each block's input and recomputes the block in the
+    backward: less memory, the same arithmetic (identical trajectories). The composed path
+    ignores it (with a one-time warning)."""
+
+    def __init__(
+        self,
+        model: Model,
+        optimizer: Optimizer,
+        max_grad_norm: float | None = 1.0,
+        gradient_checkpointing: bool = False,
+        fused: bool = True,
+    ):
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         self.model = model
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.fused = bool(fused)
         self.step_count = 0
+        self.last_step_path: str | None = None
+        self.last_composed_reason: str | None = None
+        self._warned_checkpointing = False
 
     def step(self, input_ids, labels=None, attention_mask=None) -> StepStats:
         ids, labs, mask = _inputs(input_ids, labels, attention_mask)
-        loss, norm, tokens, aux = _core.train_step(
-            self.model._core, self.optimizer._core, ids, labs, mask, self.max_grad_norm
+        loss, norm, tokens, aux, path, why = _core.train_step(
+            self.model._core,
+            self.optimizer._core,
+            ids,
+            labs,
+            mask,
+            self.max_grad_norm,
+            fused=self.fused,
+            gradient_checkpointing=self.gradient_checkpointing,
         )
+        self.last_step_path, self.last_composed_reason = path, why
+        if path == "composed" and self.gradient_checkpointing and not self._warned_checkpointing:
+            warnings.warn(f"gradient_checkpointing is ignored on the composed path ({why})", stacklevel=2)
+            self._warned_checkpointing = True
         self.step_count += 1
         return StepStats(loss=loss, grad_norm=norm, tokens=tokens, aux=dict(aux))
 

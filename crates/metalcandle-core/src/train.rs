@@ -20,7 +20,7 @@ pub struct Batch {
 
 impl Batch {
     /// Labels moved one step left within each row, the last position ignored.
-    fn shifted_labels(&self) -> Result<Vec<i64>> {
+    pub(crate) fn shifted_labels(&self) -> Result<Vec<i64>> {
         let (b, t) = self.ids.dims2()?;
         if self.labels.len() != b * t {
             return Err(Error::Input(format!(
@@ -49,6 +49,48 @@ pub struct StepStats {
     pub tokens: usize,
     /// Each auxiliary loss, unweighted, token-weighted over the micro-batches like `loss`.
     pub aux: Vec<(String, f64)>,
+    /// Which path ran the forward and backward.
+    pub path: StepPath,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepPath {
+    /// The fused CPU path (`engine`).
+    Fused,
+    /// candle's per-op autograd, with the reason the fused path did not run.
+    Composed(String),
+}
+
+impl StepPath {
+    pub fn name(&self) -> &'static str {
+        match self {
+            StepPath::Fused => "fused",
+            StepPath::Composed(_) => "composed",
+        }
+    }
+}
+
+/// How a step runs. The default is what `train_step` does.
+pub struct StepOptions<'a> {
+    pub max_grad_norm: Option<f64>,
+    /// Take the fused path when the model allows it (else always the composed one).
+    pub fused: bool,
+    /// Keep only each block's input and recompute the block in the backward (fused path;
+    /// the composed path ignores it).
+    pub gradient_checkpointing: bool,
+    /// Sums token counts, losses and gradients over data-parallel workers.
+    pub reducer: Option<&'a mut dyn crate::reduce::GradReducer>,
+}
+
+impl Default for StepOptions<'_> {
+    fn default() -> Self {
+        Self {
+            max_grad_norm: None,
+            fused: true,
+            gradient_checkpointing: false,
+            reducer: None,
+        }
+    }
 }
 
 /// The main loss and the auxiliary losses of one batch.
@@ -218,30 +260,79 @@ pub fn train_step(
     micro_batches: &[Batch],
     max_grad_norm: Option<f64>,
 ) -> Result<StepStats> {
+    train_step_with(
+        model,
+        opt,
+        micro_batches,
+        StepOptions {
+            max_grad_norm,
+            ..Default::default()
+        },
+    )
+}
+
+/// One optimizer step, on the fused path when `opts.fused` and the model allow it.
+pub fn train_step_with(
+    model: &mut Decoder,
+    opt: &mut Optimizer,
+    micro_batches: &[Batch],
+    mut opts: StepOptions,
+) -> Result<StepStats> {
     if micro_batches.is_empty() {
         return Err(Error::Input(
             "a training step needs at least one batch".into(),
         ));
     }
     let vars = model.make_trainable()?;
-    let mut total = 0usize;
+    let mut local = 0usize;
     for b in micro_batches {
-        total += b
+        local += b
             .shifted_labels()?
             .iter()
             .filter(|&&l| l != IGNORE_INDEX)
             .count();
     }
+    let mut total = [local as f64];
+    if let Some(r) = opts.reducer.as_deref_mut() {
+        r.sum_f64(&mut total)?;
+    }
+    let total = total[0] as usize;
     if total == 0 {
         return Err(Error::Input(
             "no label tokens to train on (all labels are -100)".into(),
         ));
     }
+    let same_shape = micro_batches
+        .iter()
+        .all(|b| b.ids.dims() == micro_batches[0].ids.dims());
+    let path = match crate::engine::ineligible(model) {
+        _ if !opts.fused => StepPath::Composed("the fused path is turned off".into()),
+        _ if !same_shape => StepPath::Composed("the micro-batches differ in shape".into()),
+        Some(reason) => StepPath::Composed(reason),
+        None => StepPath::Fused,
+    };
     model.hooks.set_step(opt.step_count());
-    model.set_training(true);
-    let result = accumulate(model, &vars, micro_batches, total);
-    model.set_training(false);
-    let (loss, aux, mut grads) = result?;
+    let (loss, aux, mut grads) = if path == StepPath::Fused {
+        let names: Vec<String> = vars.iter().map(|(n, _)| n.clone()).collect();
+        let a = crate::engine::accumulate(
+            model,
+            &names,
+            micro_batches,
+            total,
+            opts.gradient_checkpointing,
+            opts.reducer,
+        )?;
+        (a.loss, vec![], a.grads)
+    } else {
+        model.set_training(true);
+        let result = accumulate(model, &vars, micro_batches, total);
+        model.set_training(false);
+        let (mut loss, mut aux, mut grads) = result?;
+        if let Some(r) = opts.reducer {
+            reduce_composed(r, &vars, &mut loss, &mut aux, &mut grads)?;
+        }
+        (loss, aux, grads)
+    };
     if !model.hooks.update_transforms().is_empty() {
         let params: HashMap<String, Tensor> = vars
             .iter()
@@ -262,7 +353,7 @@ pub fn train_step(
             .to_scalar::<f64>()?;
     }
     let grad_norm = sq.sqrt();
-    if let Some(max) = max_grad_norm {
+    if let Some(max) = opts.max_grad_norm {
         let coef = (max as f32 / (grad_norm as f32 + 1e-6)).min(1.0);
         if coef < 1.0 {
             for g in grads.values_mut() {
@@ -276,12 +367,53 @@ pub fn train_step(
         grad_norm,
         tokens: total,
         aux,
+        path,
     })
+}
+
+/// The composed path's sums over workers: the gradients flattened in the parameters' order
+/// into one buffer, so it is one call as on the fused path.
+fn reduce_composed(
+    r: &mut dyn crate::reduce::GradReducer,
+    vars: &[(String, Var)],
+    loss: &mut f64,
+    aux: &mut [(String, f64)],
+    grads: &mut HashMap<String, Tensor>,
+) -> Result<()> {
+    let mut sums: Vec<f64> = std::iter::once(*loss)
+        .chain(aux.iter().map(|a| a.1))
+        .collect();
+    r.sum_f64(&mut sums)?;
+    *loss = sums[0];
+    for (a, s) in aux.iter_mut().zip(&sums[1..]) {
+        a.1 = *s;
+    }
+    let mut flat: Vec<f32> = vec![];
+    for (name, v) in vars {
+        match grads.get(name) {
+            Some(g) => flat.extend(
+                g.to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            ),
+            None => flat.extend(std::iter::repeat_n(0f32, v.elem_count())),
+        }
+    }
+    r.sum_f32(&mut flat)?;
+    let mut off = 0;
+    for (name, v) in vars {
+        let n = v.elem_count();
+        let t =
+            Tensor::from_slice(&flat[off..off + n], v.shape(), v.device())?.to_dtype(v.dtype())?;
+        grads.insert(name.clone(), t);
+        off += n;
+    }
+    Ok(())
 }
 
 type Accumulated = (f64, Vec<(String, f64)>, HashMap<String, Tensor>);
 
-fn accumulate(
+pub(crate) fn accumulate(
     model: &Decoder,
     vars: &[(String, Var)],
     micro_batches: &[Batch],

@@ -3,7 +3,7 @@
 use crate::convert::{ids_tensor, read_i64_2d, to_py_err};
 use crate::model::PyModel;
 use metalcandle_core::optim::{Algorithm, Optimizer, OptimizerConfig};
-use metalcandle_core::train::{train_step as core_step, Batch};
+use metalcandle_core::train::{train_step_with, Batch, StepOptions};
 use numpy::PyReadonlyArray2;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -135,13 +135,14 @@ fn batches(
     Ok(out)
 }
 
-/// (loss, pre-clip gradient norm, label tokens, aux losses).
-type StepResult = (f64, f64, usize, Vec<(String, f64)>);
+/// (loss, pre-clip gradient norm, label tokens, aux losses, path, why composed).
+type StepResult = (f64, f64, usize, Vec<(String, f64)>, String, Option<String>);
 
 /// One optimizer step over micro-batches; returns (loss, pre-clip gradient norm, label tokens,
-/// [(aux loss name, unweighted value)]).
+/// [(aux loss name, unweighted value)], "fused" or "composed", the reason when composed).
 #[pyfunction]
-#[pyo3(signature = (model, optimizer, input_ids, labels, attention_mask = None, max_grad_norm = None))]
+#[pyo3(signature = (model, optimizer, input_ids, labels, attention_mask = None, max_grad_norm = None, fused = true, gradient_checkpointing = false))]
+#[allow(clippy::too_many_arguments)]
 pub fn train_step(
     py: Python<'_>,
     mut model: PyRefMut<'_, PyModel>,
@@ -150,13 +151,32 @@ pub fn train_step(
     labels: Vec<Arr<'_>>,
     attention_mask: Option<Vec<Arr<'_>>>,
     max_grad_norm: Option<f64>,
+    fused: bool,
+    gradient_checkpointing: bool,
 ) -> PyResult<StepResult> {
     let b = batches(&model, input_ids, labels, attention_mask)?;
     let (m, o) = (&mut model.inner, &mut optimizer.inner);
+    let opts = StepOptions {
+        max_grad_norm,
+        fused,
+        gradient_checkpointing,
+        reducer: None,
+    };
     let stats = py
-        .detach(|| core_step(m, o, &b, max_grad_norm))
+        .detach(|| train_step_with(m, o, &b, opts))
         .map_err(to_py_err)?;
-    Ok((stats.loss, stats.grad_norm, stats.tokens, stats.aux))
+    let why = match &stats.path {
+        metalcandle_core::train::StepPath::Composed(r) => Some(r.clone()),
+        metalcandle_core::train::StepPath::Fused => None,
+    };
+    Ok((
+        stats.loss,
+        stats.grad_norm,
+        stats.tokens,
+        stats.aux,
+        stats.path.name().to_string(),
+        why,
+    ))
 }
 
 /// Token-weighted mean loss without gradients.
