@@ -156,14 +156,16 @@ pub fn train_step(
 ) -> PyResult<StepResult> {
     let b = batches(&model, input_ids, labels, attention_mask)?;
     let (m, o) = (&mut model.inner, &mut optimizer.inner);
-    let opts = StepOptions {
-        max_grad_norm,
-        fused,
-        gradient_checkpointing,
-        reducer: None,
-    };
     let stats = py
-        .detach(|| train_step_with(m, o, &b, opts))
+        .detach(|| {
+            let opts = StepOptions {
+                max_grad_norm,
+                fused,
+                gradient_checkpointing,
+                reducer: None,
+            };
+            train_step_with(m, o, &b, opts)
+        })
         .map_err(to_py_err)?;
     let why = match &stats.path {
         metalcandle_core::train::StepPath::Composed(r) => Some(r.clone()),
