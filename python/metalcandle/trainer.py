@@ -48,7 +48,7 @@ class Trainer:
     `step(input_ids, labels=...)` follows the Hugging Face convention: labels are shifted inside,
     -100 marks positions without loss, and the loss is the mean over label tokens. Passing lists
     of arrays accumulates gradients over micro-batches, each weighted by its share of the label
-    tokens, so the step equals one step on the concatenated batch."""
+    tokens, so the step equals one step on the concatenated batch.
 
     `fused=True` runs the step on the fused CPU path when the model allows it (f32 on the CPU,
     no LoRA adapter, no hook or auxiliary loss, no gradient transform); otherwise, or with
