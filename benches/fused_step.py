@@ -42,10 +42,18 @@ def main() -> None:
     cfg = dict(TINY, max_seq_len=max(args.seq, TINY["max_seq_len"]))
     ids = np.random.default_rng(0).integers(0, cfg["vocab_size"], size=(args.batch, args.seq))
     result = {"batch": [args.batch, args.seq]}
-    for label, fused, ckpt in [("fused", True, False), ("checkpointed", True, True), ("composed", False, False)]:
+    for label, fused, ckpt in [
+        ("fused", True, False),
+        ("checkpointed", True, True),
+        ("composed", False, False),
+    ]:
         model = mc.Model.from_config(cfg, seed=0)
         trainer = mc.Trainer(
-            model, mc.AdamW(lr=3e-3, weight_decay=0.01), max_grad_norm=1.0, gradient_checkpointing=ckpt, fused=fused
+            model,
+            mc.AdamW(lr=3e-3, weight_decay=0.01),
+            max_grad_norm=1.0,
+            gradient_checkpointing=ckpt,
+            fused=fused,
         )
         trainer.step(ids)  # buffers, first-touch pages
         times, _ = timed(lambda t=trainer: t.step(ids), args.steps)
@@ -53,7 +61,9 @@ def main() -> None:
         med = float(np.median(times))
         result[label] = {"step_s_median": round(med, 4), "tokens_per_s": round(ids.size / med)}
     for label in ("fused", "checkpointed"):
-        result[f"{label}_vs_composed"] = round(result[label]["tokens_per_s"] / result["composed"]["tokens_per_s"], 2)
+        result[f"{label}_vs_composed"] = round(
+            result[label]["tokens_per_s"] / result["composed"]["tokens_per_s"], 2
+        )
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:

@@ -8,7 +8,9 @@ import pytest
 
 # The repository's own reference fixtures (see tests/fixtures/README.md); METALCANDLE_FIXTURES
 # points the tests at another copy, e.g. freshly regenerated ones.
-FIXTURES = Path(os.environ.get("METALCANDLE_FIXTURES", Path(__file__).resolve().parent / "fixtures")).resolve()
+FIXTURES = Path(
+    os.environ.get("METALCANDLE_FIXTURES", Path(__file__).resolve().parent / "fixtures")
+).resolve()
 MODELS = ["tiny-qwen2", "tiny-llama", "tiny-gpt2", "tiny-mistral-sw"]
 
 # Tolerances from the fixtures' README.

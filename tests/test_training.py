@@ -82,7 +82,9 @@ def test_merged_model_saves_as_hf_folder_with_peft_merged_logits(fixtures, tmp_p
 
 
 @pytest.mark.parametrize(
-    "fused, checkpointing", [(True, False), (True, True), (False, False)], ids=["fused", "checkpointed", "composed"]
+    "fused, checkpointing",
+    [(True, False), (True, True), (False, False)],
+    ids=["fused", "checkpointed", "composed"],
 )
 def test_full_finetuning_trajectory_matches_torch(fixtures, fused, checkpointing):
     full = fixtures / "tiny-llama" / "full"
