@@ -81,14 +81,24 @@ def test_merged_model_saves_as_hf_folder_with_peft_merged_logits(fixtures, tmp_p
     np.testing.assert_allclose(reloaded, tr[f"merged_logits{suffix}"], atol=ATOL_FORWARD, rtol=0)
 
 
-def test_full_finetuning_trajectory_matches_torch(fixtures):
+@pytest.mark.parametrize(
+    "fused, checkpointing",
+    [(True, False), (True, True), (False, False)],
+    ids=["fused", "checkpointed", "composed"],
+)
+def test_full_finetuning_trajectory_matches_torch(fixtures, fused, checkpointing):
     full = fixtures / "tiny-llama" / "full"
     tr = np.load(full / "trajectory.npz")
     model = mc.load_model(fixtures / "tiny-llama")
     trainer = mc.Trainer(
-        model, mc.AdamW(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01), max_grad_norm=1.0
+        model,
+        mc.AdamW(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
+        max_grad_norm=1.0,
+        gradient_checkpointing=checkpointing,
+        fused=fused,
     )
     losses, norms = run(trainer, tr["batches"])
+    assert trainer.last_step_path == ("fused" if fused else "composed"), trainer.last_composed_reason
     np.testing.assert_allclose(losses, tr["losses"], atol=ATOL_LOSS, rtol=0)
     np.testing.assert_allclose(norms, tr["grad_norms"], rtol=RTOL_NORM, atol=0)
     ref = load_file(full / "final_model.safetensors")

@@ -128,6 +128,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "batch_size": Key("int", 8, min=1),
         "grad_accum": Key("int", 1, min=1),
         "max_grad_norm": Key("float", 1.0, min=0.0),  # 0 disables clipping
+        "gradient_checkpointing": Key("bool", False),
         "eval_every": Key("int", 100, min=1),
         "eval_batches": Key("int", 10, min=1),
         "save_every": Key("int", 100, min=1),

@@ -20,6 +20,7 @@ max_steps = {steps}                # or: epochs = 1.5 (not both)
 batch_size = {batch}                # sequences per micro-batch
 grad_accum = 1                  # micro-batches per optimizer step
 max_grad_norm = 1.0             # clip the total gradient norm; 0 disables
+gradient_checkpointing = false  # keep only each block's input, recompute it in the backward
 eval_every = {eval_every}               # validation loss + perplexity + a few samples
 eval_batches = 8
 save_every = {eval_every}               # checkpoint into OUTPUT_DIR/checkpoints/step-N

@@ -463,7 +463,13 @@ def _train(cfg, progress, stop_at_step, log, allow_config_change, dist: Distribu
     model = build_model(cfg, base, tokenizer, resume_from)
     attach_hooks(model, cfg["hooks"], cfg.source)  # before the first step, fresh or resumed alike
     opt = make_optimizer(cfg)
-    trainer = mc.Trainer(model, opt, max_grad_norm=t["max_grad_norm"] or None, comm=dist)
+    trainer = mc.Trainer(
+        model,
+        opt,
+        max_grad_norm=t["max_grad_norm"] or None,
+        gradient_checkpointing=t["gradient_checkpointing"],
+        comm=dist,
+    )
     if resume_from is not None:
         trainer.load_state(resume_from / ck.TRAINER_DIR)
 

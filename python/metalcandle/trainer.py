@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,15 +77,37 @@ class Trainer:
     the same global batches: each trains on its slice of the rows (a batch must split evenly over
     the ranks), the gradients are summed over the ranks, and every rank takes the step one process
     takes on the whole batch. The trainable weights are taken from rank 0 when the Trainer is made,
-    so every rank starts identical."""
+    so every rank starts identical.
 
-    def __init__(self, model: Model, optimizer: Optimizer, max_grad_norm: float | None = 1.0, comm=None):
+    `fused=True` runs the step on the fused CPU path when the model allows it (f32 on the CPU,
+    no LoRA adapter, no hook or auxiliary loss, no gradient transform); otherwise, or with
+    `fused=False`, on the composed per-op path. `last_step_path` says which one ran ("fused" or
+    "composed") and `last_composed_reason` why the fused one did not.
+
+    `gradient_checkpointing=True` keeps only each block's input and recomputes the block in the
+    backward: less memory, the same arithmetic (identical trajectories). The composed path
+    ignores it (with a one-time warning)."""
+
+    def __init__(
+        self,
+        model: Model,
+        optimizer: Optimizer,
+        max_grad_norm: float | None = 1.0,
+        gradient_checkpointing: bool = False,
+        fused: bool = True,
+        comm=None,
+    ):
         if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         self.model = model
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.fused = bool(fused)
         self.step_count = 0
+        self.last_step_path: str | None = None
+        self.last_composed_reason: str | None = None
+        self._warned_checkpointing = False
         self.dist = as_distributed(comm)
         if self.parallel:
             self.broadcast_weights()
@@ -109,7 +132,7 @@ class Trainer:
             labs = [a[r] for a, r in zip(labs, rows, strict=True)]
             mask = None if mask is None else [a[r] for a, r in zip(mask, rows, strict=True)]
             allreduce = self.dist.allreduce
-        loss, norm, tokens, aux = _core.train_step(
+        loss, norm, tokens, aux, path, why = _core.train_step(
             self.model._core,
             self.optimizer._core,
             ids,
@@ -118,7 +141,13 @@ class Trainer:
             self.max_grad_norm,
             pre_shifted,
             allreduce,
+            fused=self.fused,
+            gradient_checkpointing=self.gradient_checkpointing,
         )
+        self.last_step_path, self.last_composed_reason = path, why
+        if path == "composed" and self.gradient_checkpointing and not self._warned_checkpointing:
+            warnings.warn(f"gradient_checkpointing is ignored on the composed path ({why})", stacklevel=2)
+            self._warned_checkpointing = True
         self.step_count += 1
         return StepStats(loss=loss, grad_norm=norm, tokens=tokens, aux=dict(aux))
 

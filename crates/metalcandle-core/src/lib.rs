@@ -1,5 +1,6 @@
 //! metalcandle-core: decoder-only transformers on candle, with the kernels training needs.
 
+pub mod engine;
 pub mod error;
 pub mod hooks;
 pub mod limits;

@@ -39,6 +39,8 @@ pub struct Decoder {
     pub hooks: crate::hooks::Hooks,
     pub device: Device,
     pub dtype: DType,
+    /// The fused training path's buffers, kept between steps.
+    pub(crate) engine: crate::engine::Slot,
 }
 
 /// The keys and values of every layer, and how many tokens they hold.
@@ -213,6 +215,7 @@ impl Decoder {
             hooks: Default::default(),
             device: device.clone(),
             dtype,
+            engine: Default::default(),
         })
     }
 
@@ -298,7 +301,7 @@ impl Decoder {
         }
     }
 
-    fn check_inputs(
+    pub(crate) fn check_inputs(
         &self,
         ids: &Tensor,
         past: usize,
@@ -459,6 +462,11 @@ impl Decoder {
             last_hidden,
             hidden_states: hidden,
         })
+    }
+
+    /// The rotary tables of each layer (RoPE models).
+    pub(crate) fn rope_tables(&self) -> Option<&[RotaryTables]> {
+        self.rope.as_deref()
     }
 
     /// The LM head: [.., hidden] -> [.., vocab].

@@ -753,7 +753,8 @@ impl CustomSpec {
                 eps: self.norm_eps,
             },
         };
-        let mut layers = vec![layer; crate::limits::check_layers(context, "n_layers", self.n_layers)?];
+        let mut layers =
+            vec![layer; crate::limits::check_layers(context, "n_layers", self.n_layers)?];
         for (k, o) in self.layer_overrides.iter().enumerate() {
             let key = |name: &str| format!("layer_overrides[{k}].{name}");
             let selected = o

@@ -1,13 +1,11 @@
 //! One optimisation step: forward, loss, backward over micro-batches (gradients summed,
 //! each micro-batch weighted by its share of the label tokens), global-norm clipping as torch
-//! does it, and the optimizer update. With a `GradReducer` the step is one data-parallel
-//! worker's share of a global step (see `reduce`).
+//! does it, and the optimizer update.
 
 use crate::error::{Error, Result};
 use crate::model::{Decoder, ForwardOptions};
 use crate::ops::{self, cross_entropy::IGNORE_INDEX};
 use crate::optim::Optimizer;
-use crate::reduce::GradReducer;
 use candle_core::{Tensor, Var};
 use std::collections::HashMap;
 
@@ -27,7 +25,7 @@ pub struct Batch {
 impl Batch {
     /// The target of every position: labels moved one step left within each row, the last
     /// position ignored (or the labels as they are when `pre_shifted`).
-    fn shifted_labels(&self) -> Result<Vec<i64>> {
+    pub(crate) fn shifted_labels(&self) -> Result<Vec<i64>> {
         let (b, t) = self.ids.dims2()?;
         if self.labels.len() != b * t {
             return Err(Error::Input(format!(
@@ -59,6 +57,48 @@ pub struct StepStats {
     pub tokens: usize,
     /// Each auxiliary loss, unweighted, token-weighted over the micro-batches like `loss`.
     pub aux: Vec<(String, f64)>,
+    /// Which path ran the forward and backward.
+    pub path: StepPath,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepPath {
+    /// The fused CPU path (`engine`).
+    Fused,
+    /// candle's per-op autograd, with the reason the fused path did not run.
+    Composed(String),
+}
+
+impl StepPath {
+    pub fn name(&self) -> &'static str {
+        match self {
+            StepPath::Fused => "fused",
+            StepPath::Composed(_) => "composed",
+        }
+    }
+}
+
+/// How a step runs. The default is what `train_step` does.
+pub struct StepOptions<'a> {
+    pub max_grad_norm: Option<f64>,
+    /// Take the fused path when the model allows it (else always the composed one).
+    pub fused: bool,
+    /// Keep only each block's input and recompute the block in the backward (fused path;
+    /// the composed path ignores it).
+    pub gradient_checkpointing: bool,
+    /// Sums token counts, losses and gradients over data-parallel workers.
+    pub reducer: Option<&'a mut dyn crate::reduce::GradReducer>,
+}
+
+impl Default for StepOptions<'_> {
+    fn default() -> Self {
+        Self {
+            max_grad_norm: None,
+            fused: true,
+            gradient_checkpointing: false,
+            reducer: None,
+        }
+    }
 }
 
 /// The main loss and the auxiliary losses of one batch.
@@ -228,18 +268,23 @@ pub fn train_step(
     micro_batches: &[Batch],
     max_grad_norm: Option<f64>,
 ) -> Result<StepStats> {
-    train_step_reduced(model, opt, micro_batches, max_grad_norm, None)
+    train_step_with(
+        model,
+        opt,
+        micro_batches,
+        StepOptions {
+            max_grad_norm,
+            ..Default::default()
+        },
+    )
 }
 
-/// `train_step` as one of several data-parallel workers, each holding its own micro-batches of
-/// one global batch: the label-token count, the gradients and the reported losses are summed
-/// through `reducer`, so every worker takes the step one process with the whole batch takes.
-pub fn train_step_reduced(
+/// One optimizer step, on the fused path when `opts.fused` and the model allow it.
+pub fn train_step_with(
     model: &mut Decoder,
     opt: &mut Optimizer,
     micro_batches: &[Batch],
-    max_grad_norm: Option<f64>,
-    mut reducer: Option<&mut dyn GradReducer>,
+    mut opts: StepOptions,
 ) -> Result<StepStats> {
     if micro_batches.is_empty() {
         return Err(Error::Input(
@@ -247,33 +292,55 @@ pub fn train_step_reduced(
         ));
     }
     let vars = model.make_trainable()?;
-    let mut total = 0usize;
+    let mut local = 0usize;
     for b in micro_batches {
-        total += b
+        local += b
             .shifted_labels()?
             .iter()
             .filter(|&&l| l != IGNORE_INDEX)
             .count();
     }
-    if let Some(r) = reducer.as_deref_mut() {
-        // Each micro-batch's share is its tokens over the global count, as in one process.
-        let mut count = [total as f64];
-        r.sum_f64(&mut count)?;
-        total = count[0] as usize;
+    let mut total = [local as f64];
+    if let Some(r) = opts.reducer.as_deref_mut() {
+        r.sum_f64(&mut total)?;
     }
+    let total = total[0] as usize;
     if total == 0 {
         return Err(Error::Input(
             "no label tokens to train on (all labels are -100)".into(),
         ));
     }
+    let same_shape = micro_batches
+        .iter()
+        .all(|b| b.ids.dims() == micro_batches[0].ids.dims());
+    let path = match crate::engine::ineligible(model) {
+        _ if !opts.fused => StepPath::Composed("the fused path is turned off".into()),
+        _ if !same_shape => StepPath::Composed("the micro-batches differ in shape".into()),
+        Some(reason) => StepPath::Composed(reason),
+        None => StepPath::Fused,
+    };
     model.hooks.set_step(opt.step_count());
-    model.set_training(true);
-    let result = accumulate(model, &vars, micro_batches, total);
-    model.set_training(false);
-    let (mut loss, mut aux, mut grads) = result?;
-    if let Some(r) = reducer {
-        (loss, aux) = sum_over_workers(r, model, &vars, loss, aux, &mut grads)?;
-    }
+    let (loss, aux, mut grads) = if path == StepPath::Fused {
+        let names: Vec<String> = vars.iter().map(|(n, _)| n.clone()).collect();
+        let a = crate::engine::accumulate(
+            model,
+            &names,
+            micro_batches,
+            total,
+            opts.gradient_checkpointing,
+            opts.reducer,
+        )?;
+        (a.loss, vec![], a.grads)
+    } else {
+        model.set_training(true);
+        let result = accumulate(model, &vars, micro_batches, total);
+        model.set_training(false);
+        let (mut loss, mut aux, mut grads) = result?;
+        if let Some(r) = opts.reducer {
+            (loss, aux) = sum_over_workers(r, model, &vars, loss, aux, &mut grads)?;
+        }
+        (loss, aux, grads)
+    };
     if !model.hooks.update_transforms().is_empty() {
         let params: HashMap<String, Tensor> = vars
             .iter()
@@ -294,7 +361,7 @@ pub fn train_step_reduced(
             .to_scalar::<f64>()?;
     }
     let grad_norm = sq.sqrt();
-    if let Some(max) = max_grad_norm {
+    if let Some(max) = opts.max_grad_norm {
         let coef = (max as f32 / (grad_norm as f32 + 1e-6)).min(1.0);
         if coef < 1.0 {
             for g in grads.values_mut() {
@@ -308,16 +375,15 @@ pub fn train_step_reduced(
         grad_norm,
         tokens: total,
         aux,
+        path,
     })
 }
-
-type Accumulated = (f64, Vec<(String, f64)>, HashMap<String, Tensor>);
 
 /// Sums the workers' gradients in one flat f32 buffer (the parameters' order, then one presence
 /// flag per parameter, so a parameter no worker's batches reached stays without a gradient, as
 /// in one process), then the loss and the auxiliary losses.
 fn sum_over_workers(
-    r: &mut dyn GradReducer,
+    r: &mut dyn crate::reduce::GradReducer,
     model: &Decoder,
     vars: &[(String, Var)],
     loss: f64,
@@ -370,7 +436,9 @@ fn sum_over_workers(
     ))
 }
 
-fn accumulate(
+type Accumulated = (f64, Vec<(String, f64)>, HashMap<String, Tensor>);
+
+pub(crate) fn accumulate(
     model: &Decoder,
     vars: &[(String, Var)],
     micro_batches: &[Batch],

@@ -42,6 +42,7 @@ fn rows(step: usize, micro: usize, rows: std::ops::Range<usize>) -> Batch {
         ids: Tensor::from_vec(ids[a..b].to_vec(), (rows.len(), t), &Device::Cpu).unwrap(),
         labels: labels[a..b].to_vec(),
         attention_mask: None,
+        pre_shifted: false,
     }
 }
 
@@ -143,8 +144,12 @@ fn two_workers_take_the_single_process_step() {
                 let stats: Vec<StepStats> = (0..STEPS)
                     .map(|s| {
                         let micro = [rows(s, 0, part.clone()), rows(s, 1, part.clone())];
-                        train_step_reduced(&mut m, &mut opt, &micro, Some(0.5), Some(&mut r))
-                            .unwrap()
+                        let opts = StepOptions {
+                            max_grad_norm: Some(0.5),
+                            reducer: Some(&mut r),
+                            ..Default::default()
+                        };
+                        train_step_with(&mut m, &mut opt, &micro, opts).unwrap()
                     })
                     .collect();
                 (stats, weights(&m), r.f32_calls)

@@ -4,7 +4,7 @@ use crate::convert::{ids_tensor, read_i64_2d, to_py_err};
 use crate::model::PyModel;
 use metalcandle_core::optim::{Algorithm, Optimizer, OptimizerConfig};
 use metalcandle_core::reduce::GradReducer;
-use metalcandle_core::train::{train_step_reduced as core_step, Batch};
+use metalcandle_core::train::{train_step_with, Batch, StepOptions, StepPath};
 use metalcandle_core::Error;
 use numpy::ndarray::ArrayViewMut1;
 use numpy::{Element, PyArray1, PyReadonlyArray2};
@@ -140,8 +140,8 @@ fn batches(
     Ok(out)
 }
 
-/// (loss, pre-clip gradient norm, label tokens, aux losses).
-type StepResult = (f64, f64, usize, Vec<(String, f64)>);
+/// (loss, pre-clip gradient norm, label tokens, aux losses, path, why composed).
+type StepResult = (f64, f64, usize, Vec<(String, f64)>, String, Option<String>);
 
 /// Sums through a Python callable that all-reduces a 1-D numpy array in place (an mpi4py
 /// `Allreduce(MPI.IN_PLACE, ...)`); the array is a view of the step's own buffer, so the
@@ -180,10 +180,11 @@ impl GradReducer for PyReducer {
 }
 
 /// One optimizer step over micro-batches; returns (loss, pre-clip gradient norm, label tokens,
-/// [(aux loss name, unweighted value)]). With `allreduce` (a callable summing a numpy array
-/// in place over the workers) the micro-batches are this worker's share of a global step.
+/// [(aux loss name, unweighted value)], "fused" or "composed", the reason when composed). With
+/// `allreduce` (a callable summing a numpy array in place over the workers) the micro-batches
+/// are this worker's share of a global step.
 #[pyfunction]
-#[pyo3(signature = (model, optimizer, input_ids, labels, attention_mask = None, max_grad_norm = None, pre_shifted = false, allreduce = None))]
+#[pyo3(signature = (model, optimizer, input_ids, labels, attention_mask = None, max_grad_norm = None, pre_shifted = false, allreduce = None, fused = true, gradient_checkpointing = false))]
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
     py: Python<'_>,
@@ -195,6 +196,8 @@ pub fn train_step(
     max_grad_norm: Option<f64>,
     pre_shifted: bool,
     allreduce: Option<Py<PyAny>>,
+    fused: bool,
+    gradient_checkpointing: bool,
 ) -> PyResult<StepResult> {
     let b = batches(&model, input_ids, labels, attention_mask, pre_shifted)?;
     let (m, o) = (&mut model.inner, &mut optimizer.inner);
@@ -203,7 +206,15 @@ pub fn train_step(
         error: None,
     });
     let r = reducer.as_mut();
-    let stats = py.detach(|| core_step(m, o, &b, max_grad_norm, r.map(|r| r as _)));
+    let stats = py.detach(|| {
+        let opts = StepOptions {
+            max_grad_norm,
+            fused,
+            gradient_checkpointing,
+            reducer: r.map(|r| r as _),
+        };
+        train_step_with(m, o, &b, opts)
+    });
     let stats = match stats {
         Ok(s) => s,
         Err(e) => match reducer.and_then(|r| r.error) {
@@ -211,7 +222,18 @@ pub fn train_step(
             None => return Err(to_py_err(e)),
         },
     };
-    Ok((stats.loss, stats.grad_norm, stats.tokens, stats.aux))
+    let why = match &stats.path {
+        StepPath::Composed(r) => Some(r.clone()),
+        StepPath::Fused => None,
+    };
+    Ok((
+        stats.loss,
+        stats.grad_norm,
+        stats.tokens,
+        stats.aux,
+        stats.path.name().to_string(),
+        why,
+    ))
 }
 
 /// Token-weighted mean loss without gradients.

@@ -5,7 +5,7 @@ use crate::model::{Decoder, ForwardOptions};
 use crate::ops::gradcheck::max_abs_diff;
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::spec::ModelSpec;
-use crate::train::{train_step, Batch};
+use crate::train::{train_step, train_step_with, Batch, StepOptions};
 use candle_core::Device;
 use serde_json::json;
 
@@ -49,7 +49,16 @@ fn trajectory(m: &mut Decoder, steps: usize) -> (Vec<f64>, Vec<Vec<f32>>) {
     })
     .unwrap();
     let losses = (0..steps)
-        .map(|_| train_step(m, &mut opt, &[batch()], Some(1.0)).unwrap().loss)
+        .map(|_| {
+            // Hooked models always take the composed path; the unhooked reference must too
+            // for a bit-for-bit comparison.
+            let opts = StepOptions {
+                max_grad_norm: Some(1.0),
+                fused: false,
+                ..Default::default()
+            };
+            train_step_with(m, &mut opt, &[batch()], opts).unwrap().loss
+        })
         .collect();
     let weights = m
         .named_parameters()

@@ -21,7 +21,7 @@ fn erf<T: Elem>(x: T) -> T {
     .unwrap()
 }
 
-fn value<T: Elem>(x: T, tanh: bool) -> T {
+pub(crate) fn value<T: Elem>(x: T, tanh: bool) -> T {
     let half = T::from(0.5).unwrap();
     if tanh {
         let inner = T::from(SQRT_2_OVER_PI).unwrap() * (x + T::from(0.044715).unwrap() * x * x * x);
@@ -31,7 +31,7 @@ fn value<T: Elem>(x: T, tanh: bool) -> T {
     }
 }
 
-fn derivative<T: Elem>(x: T, tanh: bool) -> T {
+pub(crate) fn derivative<T: Elem>(x: T, tanh: bool) -> T {
     let half = T::from(0.5).unwrap();
     if tanh {
         let c = T::from(SQRT_2_OVER_PI).unwrap();

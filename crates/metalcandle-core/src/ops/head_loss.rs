@@ -5,7 +5,8 @@
 //! upstream scalar.
 
 use super::cross_entropy::IGNORE_INDEX;
-use super::{cpu_tensor, Elem};
+use super::gemm::{matmul, Mat};
+use super::{cpu_tensor, with_slices, Elem};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 
@@ -89,77 +90,129 @@ fn rows_loss_and_grad<T: Elem>(
     row_loss
 }
 
-/// `rows` of h times `w^T`, as an owned buffer (so the gradient can be written over it).
-fn chunk_logits<T: Elem>(h: &Tensor, w: &Tensor, rows: std::ops::Range<usize>) -> Result<Vec<T>> {
-    let (hs, hl) = h.storage_and_layout();
-    let (ws, wl) = w.storage_and_layout();
-    let (candle_core::Storage::Cpu(hs), candle_core::Storage::Cpu(ws)) = (&*hs, &*ws) else {
-        candle_core::bail!("lm-head-cross-entropy: CPU only")
-    };
-    let k = hl.dims()[1];
-    let hl = Layout::contiguous_with_offset((rows.len(), k), hl.start_offset() + rows.start * k);
-    let (logits, _) = super::frozen_matmul::linear_storage(hs, &hl, ws, wl)?;
-    T::cpu_storage_data(logits)
+/// The raw-slice core of the op and of the fused training path: for h [N, K] and w [V, K],
+/// the loss of each row (in row order), `dh = dlogits w` written over `dh` and
+/// `dw += dlogits^T h` accumulated into `dw` (when given), with dlogits = (softmax - onehot) *
+/// scale. One chunk of logits exists at a time, and its gradient is written over it.
+pub(crate) fn head_loss_core<T: Elem + 'static>(
+    h: &[T],
+    w: &[T],
+    k: usize,
+    labels: &[i64],
+    scale: T,
+    mut dh: Option<&mut [T]>,
+    mut dw: Option<&mut [T]>,
+) -> Vec<T> {
+    let n = labels.len();
+    let v = w.len() / k;
+    let want_grad = dh.is_some() || dw.is_some();
+    let mut row_losses: Vec<T> = Vec::with_capacity(n);
+    let per_chunk = n
+        .div_ceil(
+            (n * v * std::mem::size_of::<T>())
+                .div_ceil(CHUNK_BYTES)
+                .max(1),
+        )
+        .max(1);
+    let mut logits: Vec<T> = vec![];
+    for start in (0..n).step_by(per_chunk) {
+        let len = per_chunk.min(n - start);
+        let labels = &labels[start..start + len];
+        let hc = &h[start * k..(start + len) * k];
+        if labels.iter().all(|&l| l == IGNORE_INDEX) {
+            row_losses.extend(std::iter::repeat_n(T::zero(), len));
+            if let Some(dh) = dh.as_deref_mut() {
+                dh[start * k..(start + len) * k].fill(T::zero());
+            }
+            continue;
+        }
+        logits.resize(len * v, T::zero());
+        let one = T::one();
+        matmul(
+            len,
+            v,
+            k,
+            &mut logits,
+            v,
+            Mat::rows(hc, k),
+            Mat::t(w, k),
+            one,
+            false,
+            true,
+        );
+        row_losses.extend(rows_loss_and_grad(&mut logits, labels, v, scale, want_grad));
+        if let Some(dh) = dh.as_deref_mut() {
+            let dh = &mut dh[start * k..(start + len) * k];
+            matmul(
+                len,
+                k,
+                v,
+                dh,
+                k,
+                Mat::rows(&logits, v),
+                Mat::rows(w, k),
+                one,
+                false,
+                true,
+            );
+        }
+        if let Some(dw) = dw.as_deref_mut() {
+            matmul(
+                v,
+                k,
+                len,
+                dw,
+                k,
+                Mat::t(&logits, v),
+                Mat::rows(hc, k),
+                one,
+                true,
+                true,
+            );
+        }
+    }
+    row_losses
 }
 
-fn compute<T: Elem>(
+fn compute<T: Elem + 'static>(
     h: &Tensor,
     w: &Tensor,
     labels: &[i64],
     need_h: bool,
     need_w: bool,
 ) -> Result<Precomputed> {
-    let (n, _) = h.dims2()?;
+    let (n, k) = h.dims2()?;
     let v = w.dim(0)?;
     let n_valid = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
     let scale = T::from(1.0 / n_valid.max(1) as f64).unwrap();
-    let want_grad = need_h || need_w;
-    // Row losses summed in row order at the end, as the unfused kernel does, so both paths
-    // give the same bits.
-    let mut row_losses: Vec<T> = Vec::with_capacity(n);
-    let (mut dh, mut dw) = (vec![], None::<Tensor>);
-    let per_chunk = n
-        .div_ceil((n * v * std::mem::size_of::<T>()).div_ceil(CHUNK_BYTES))
-        .max(1);
-    for start in (0..n).step_by(per_chunk) {
-        let len = per_chunk.min(n - start);
-        let labels = &labels[start..start + len];
-        if labels.iter().all(|&l| l == IGNORE_INDEX) {
-            row_losses.extend(std::iter::repeat_n(T::zero(), len));
-            if need_h {
-                dh.push(h.narrow(0, start, len)?.zeros_like()?);
-            }
-            continue;
-        }
-        let mut logits = chunk_logits::<T>(h, w, start..start + len)?;
-        row_losses.extend(rows_loss_and_grad(&mut logits, labels, v, scale, want_grad));
-        if !want_grad {
-            continue;
-        }
-        let grad = cpu_tensor(logits, (len, v))?;
-        if need_h {
-            dh.push(grad.matmul(w)?);
-        }
-        if need_w {
-            let part = grad.t()?.matmul(&h.narrow(0, start, len)?)?;
-            dw = Some(match dw {
-                Some(acc) => (acc + part)?,
-                None => part,
-            });
-        }
-    }
+    let mut dh = if need_h {
+        vec![T::zero(); n * k]
+    } else {
+        vec![]
+    };
+    let mut dw = if need_w {
+        vec![T::zero(); v * k]
+    } else {
+        vec![]
+    };
+    let row_losses = with_slices::<T, _>(&[h, w], |s| {
+        Ok(head_loss_core(
+            s[0],
+            s[1],
+            k,
+            labels,
+            scale,
+            need_h.then_some(&mut dh[..]),
+            need_w.then_some(&mut dw[..]),
+        ))
+    })?;
+    // Row losses summed in row order, as the unfused kernel does, so both paths give the
+    // same bits.
     let loss = row_losses.into_iter().sum::<T>() / T::from(n_valid.max(1)).unwrap();
     Ok(Precomputed {
         loss: cpu_tensor(vec![loss], ())?,
-        dh: if need_h {
-            Some(Tensor::cat(&dh, 0)?)
-        } else {
-            None
-        },
-        dw: match (need_w, dw) {
-            (true, None) => Some(w.zeros_like()?),
-            (_, dw) => dw,
-        },
+        dh: need_h.then(|| cpu_tensor(dh, (n, k))).transpose()?,
+        dw: need_w.then(|| cpu_tensor(dw, (v, k))).transpose()?,
     })
 }
 

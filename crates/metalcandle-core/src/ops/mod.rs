@@ -9,6 +9,7 @@ pub mod adamw;
 pub mod attention_probs;
 pub mod cross_entropy;
 pub mod frozen_matmul;
+pub(crate) mod gemm;
 pub mod head_loss;
 pub mod layer_norm;
 pub mod lora_linear;

@@ -7,7 +7,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDTyp
 
 struct SwiGlu;
 
-fn sigmoid<T: Elem>(x: T) -> T {
+pub(crate) fn sigmoid<T: Elem>(x: T) -> T {
     T::one() / (T::one() + (-x).exp())
 }
 

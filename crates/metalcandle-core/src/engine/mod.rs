@@ -1,0 +1,567 @@
+//! The fused CPU training path: the decoder's forward and backward on raw f32 slices of the
+//! model's own parameter tensors, into buffers allocated once per (batch, sequence) shape,
+//! with every parameter gradient accumulated in place into one flat buffer (named-parameter
+//! order, so a data-parallel all-reduce is one call). The composed per-op path
+//! (`train::train_step` without this module) stays the reference and the fallback:
+//! `ineligible` says, for a model, why a step cannot run here.
+
+mod attention;
+mod block;
+mod buffers;
+mod kernels;
+#[cfg(test)]
+mod tests;
+
+use crate::error::{Error, Result};
+use crate::model::{Decoder, ForwardOptions};
+use crate::nn::attention::QkvProj;
+use crate::nn::{Linear, Norm};
+use crate::ops::cross_entropy::IGNORE_INDEX;
+use crate::ops::head_loss::head_loss_core;
+use crate::reduce::GradReducer;
+use crate::spec::{MlpKind, NormKind, Positions};
+use crate::train::Batch;
+use block::BlockPlan;
+use buffers::{Buffers, Dims};
+use candle_core::{CpuStorage, DType, Storage, Tensor};
+use std::collections::HashMap;
+
+/// A linear's weight rows `row0 .. row0 + rows` (all of them, or one of q/k/v of a fused
+/// projection), as indices into the named parameters.
+pub(crate) struct Lin {
+    w: usize,
+    b: Option<usize>,
+    inp: usize,
+    row0: usize,
+    rows: usize,
+}
+
+pub(crate) struct NormPlan {
+    w: usize,
+    b: Option<usize>,
+    eps: f32,
+    layer_norm: bool,
+}
+
+/// Where each piece of the model lives among its named parameters.
+struct Plan {
+    embed: usize,
+    pos: Option<usize>,
+    blocks: Vec<BlockPlan>,
+    final_norm: NormPlan,
+    /// None when tied to the embedding.
+    head: Option<usize>,
+    dims: Dims,
+}
+
+/// Why a model's step cannot take the fused path, or None when it can.
+pub fn ineligible(model: &Decoder) -> Option<String> {
+    if !model.device.is_cpu() {
+        return Some(format!("the model is on {:?}, not the CPU", model.device));
+    }
+    if model.dtype != DType::F32 {
+        return Some(format!("the model is {:?}, not f32", model.dtype));
+    }
+    if model.is_quantized() {
+        return Some("the model has quantized weights".into());
+    }
+    if model.has_adapter() {
+        return Some("a LoRA adapter is attached".into());
+    }
+    if model.hooks.active() || !model.hooks.aux_losses().is_empty() {
+        return Some("a hook or auxiliary loss is attached".into());
+    }
+    if !model.hooks.update_transforms().is_empty() {
+        return Some("a gradient transform is attached".into());
+    }
+    if model.lm_head.as_ref().is_some_and(|l| l.bias.is_some()) {
+        return Some("the LM head has a bias".into());
+    }
+    let mut bad = None;
+    for (name, t) in model.named_parameters() {
+        if !t.is_contiguous() && bad.is_none() {
+            bad = Some(format!("parameter `{name}` is not contiguous"));
+        }
+    }
+    bad
+}
+
+/// Reusable state of the fused path for one (batch, sequence, checkpointing) shape.
+pub struct Engine {
+    key: (usize, usize, bool),
+    bufs: Buffers,
+    /// cos and sin [T, head_dim / 2] per layer (RoPE models)
+    rope: Vec<(Vec<f32>, Vec<f32>)>,
+    /// sinusoidal positions [T, hidden]
+    sinusoid: Option<Vec<f32>>,
+    flat: Vec<f32>,
+}
+
+/// The engine a model keeps between steps. A clone of the model starts without one.
+#[derive(Default)]
+pub struct Slot(Option<Box<Engine>>);
+
+impl Clone for Slot {
+    fn clone(&self) -> Self {
+        Slot(None)
+    }
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(e) => write!(f, "Engine({:?})", e.key),
+            None => write!(f, "Engine(none)"),
+        }
+    }
+}
+
+/// What one step's forward and backward hand back to the shared tail of `train_step`.
+pub(crate) struct Accumulated {
+    pub loss: f64,
+    pub grads: HashMap<String, Tensor>,
+}
+
+fn lin(ix: &HashMap<String, usize>, l: &Linear, row0: usize, rows: usize) -> Result<Lin> {
+    let get = |n: String| {
+        ix.get(&n)
+            .copied()
+            .ok_or_else(|| Error::Msg(format!("fused path: no parameter `{n}`")))
+    };
+    Ok(Lin {
+        w: get(format!("{}.weight", l.name))?,
+        b: match &l.bias {
+            Some(_) => Some(get(format!("{}.bias", l.name))?),
+            None => None,
+        },
+        inp: l.in_features(),
+        row0,
+        rows,
+    })
+}
+
+fn norm(ix: &HashMap<String, usize>, n: &Norm) -> Result<NormPlan> {
+    let get = |s: String| {
+        ix.get(&s)
+            .copied()
+            .ok_or_else(|| Error::Msg(format!("fused path: no parameter `{s}`")))
+    };
+    Ok(NormPlan {
+        w: get(format!("{}.weight", n.name))?,
+        b: match &n.bias {
+            Some(_) => Some(get(format!("{}.bias", n.name))?),
+            None => None,
+        },
+        eps: n.spec.eps as f32,
+        layer_norm: n.spec.kind == NormKind::LayerNorm,
+    })
+}
+
+impl Plan {
+    fn new(model: &Decoder, ix: &HashMap<String, usize>) -> Result<Self> {
+        let mut dims = Dims {
+            hidden: model.spec.hidden_size,
+            ..Default::default()
+        };
+        let mut blocks = vec![];
+        for (i, b) in model.blocks.iter().enumerate() {
+            let a = b.attn.spec;
+            let (qw, kvw) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
+            let (q, k, v) = match &b.attn.qkv {
+                QkvProj::Separate { q, k, v } => {
+                    (lin(ix, q, 0, qw)?, lin(ix, k, 0, kvw)?, lin(ix, v, 0, kvw)?)
+                }
+                QkvProj::Fused(l) => (
+                    lin(ix, l, 0, qw)?,
+                    lin(ix, l, qw, kvw)?,
+                    lin(ix, l, qw + kvw, kvw)?,
+                ),
+            };
+            let m = &b.mlp;
+            let ff = m.spec.intermediate_size;
+            let gate = match (m.spec.kind, &m.gate) {
+                (MlpKind::Gated, Some(g)) => Some(lin(ix, g, 0, ff)?),
+                _ => None,
+            };
+            dims.q = dims.q.max(qw);
+            dims.kv = dims.kv.max(kvw);
+            dims.ff = dims.ff.max(ff);
+            dims.heads = dims.heads.max(a.num_heads);
+            dims.gated |= gate.is_some();
+            blocks.push(BlockPlan {
+                n1: norm(ix, &b.attn_norm)?,
+                q,
+                k,
+                v,
+                o: lin(ix, &b.attn.o, 0, model.spec.hidden_size)?,
+                n2: norm(ix, &b.mlp_norm)?,
+                gate,
+                up: lin(ix, &m.up, 0, ff)?,
+                down: lin(ix, &m.down, 0, model.spec.hidden_size)?,
+                attn: a,
+                act: m.spec.activation,
+                rope: matches!(model.spec.positions, Positions::Rope { .. }).then_some(i),
+            });
+        }
+        let get = |s: String| {
+            ix.get(&s)
+                .copied()
+                .ok_or_else(|| Error::Msg(format!("fused path: no parameter `{s}`")))
+        };
+        Ok(Plan {
+            embed: get(format!("{}.weight", model.embed.name))?,
+            pos: match &model.pos_embed {
+                Some(p) => Some(get(format!("{}.weight", p.name))?),
+                None => None,
+            },
+            blocks,
+            final_norm: norm(ix, &model.final_norm)?,
+            head: match &model.lm_head {
+                Some(l) => Some(get(format!("{}.weight", l.name))?),
+                None => None,
+            },
+            dims,
+        })
+    }
+}
+
+/// Everything a block reads during one micro-batch: the parameters as slices, where each
+/// trainable parameter's gradient lives in the flat buffer, and the per-shape tables.
+pub(crate) struct StepCtx<'a> {
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    params: Vec<&'a [f32]>,
+    /// Offset of each parameter's gradient in the flat buffer; None when frozen.
+    grad_at: &'a [Option<usize>],
+    grad_ptr: *mut f32,
+    rope: &'a [(Vec<f32>, Vec<f32>)],
+    key_mask: Option<&'a [i64]>,
+}
+
+// The gradient pointer is written only through `grad`, from one thread at a time per
+// parameter range (kernels split their own work); everything else is shared reads.
+unsafe impl Sync for StepCtx<'_> {}
+
+impl StepCtx<'_> {
+    fn w(&self, l: &Lin) -> &[f32] {
+        &self.params[l.w][l.row0 * l.inp..(l.row0 + l.rows) * l.inp]
+    }
+
+    fn b(&self, l: &Lin) -> Option<&[f32]> {
+        l.b.map(|b| &self.params[b][l.row0..l.row0 + l.rows])
+    }
+
+    /// The gradient of elements `range` of parameter `p`.
+    // Each parameter's range of the flat buffer is disjoint from every other's, and each call
+    // site holds one parameter's gradient only for the length of one kernel call, so no two
+    // live mutable slices overlap.
+    #[allow(clippy::mut_from_ref)]
+    fn grad(&self, p: usize, range: std::ops::Range<usize>) -> Option<&mut [f32]> {
+        let off = self.grad_at[p]?;
+        debug_assert!(range.end <= self.params[p].len());
+        Some(unsafe {
+            std::slice::from_raw_parts_mut(self.grad_ptr.add(off + range.start), range.len())
+        })
+    }
+
+    fn gw(&self, l: &Lin) -> Option<&mut [f32]> {
+        self.grad(l.w, l.row0 * l.inp..(l.row0 + l.rows) * l.inp)
+    }
+
+    fn gb(&self, l: &Lin) -> Option<&mut [f32]> {
+        self.grad(l.b?, l.row0..l.row0 + l.rows)
+    }
+
+    fn norm_grads(&self, n: &NormPlan) -> (Option<&mut [f32]>, Option<&mut [f32]>) {
+        let d = self.params[n.w].len();
+        (self.grad(n.w, 0..d), n.b.and_then(|b| self.grad(b, 0..d)))
+    }
+}
+
+fn f32_slice<'a>(s: &'a Storage, l: &candle_core::Layout) -> Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(CpuStorage::F32(v)) => match l.contiguous_offsets() {
+            Some((a, b)) => Ok(&v[a..b]),
+            None => Err(Error::Msg(
+                "fused path: a parameter is not contiguous".into(),
+            )),
+        },
+        _ => Err(Error::Msg(
+            "fused path: parameters must be f32 on the CPU".into(),
+        )),
+    }
+}
+
+impl Engine {
+    fn new(model: &Decoder, plan: &Plan, key: (usize, usize, bool)) -> Result<Self> {
+        let (b, t, ckpt) = key;
+        let positions: Vec<i64> = (0..t as i64).collect();
+        let mut rope = vec![];
+        if let Some(tables) = model.rope_tables() {
+            for tab in tables {
+                let (c, s) =
+                    tab.cos_sin(&positions, (1, t), DType::F32, &candle_core::Device::Cpu)?;
+                rope.push((c.flatten_all()?.to_vec1()?, s.flatten_all()?.to_vec1()?));
+            }
+        }
+        let sinusoid = match model.spec.positions {
+            Positions::Sinusoidal => Some(
+                crate::nn::embedding::sinusoidal(
+                    &positions,
+                    (1, t),
+                    model.spec.hidden_size,
+                    DType::F32,
+                    &candle_core::Device::Cpu,
+                )?
+                .flatten_all()?
+                .to_vec1()?,
+            ),
+            _ => None,
+        };
+        Ok(Engine {
+            key,
+            bufs: Buffers::new(b * t, plan.blocks.len(), &plan.dims, ckpt),
+            rope,
+            sinusoid,
+            flat: vec![],
+        })
+    }
+}
+
+/// Forward and backward of every micro-batch on the fused path, the gradients summed over
+/// `reducer`'s workers (when given), returned per trainable parameter for the shared tail of
+/// the step (norm, clipping, optimizer). `total` is the label-token count over all workers.
+pub(crate) fn accumulate(
+    model: &mut Decoder,
+    trainable: &[String],
+    micro_batches: &[Batch],
+    total: usize,
+    checkpointing: bool,
+    reducer: Option<&mut dyn GradReducer>,
+) -> Result<Accumulated> {
+    let (b, t) = micro_batches[0].ids.dims2()?;
+    let key = (b, t, checkpointing);
+    let named = model.named_parameters();
+    let ix: HashMap<String, usize> = named
+        .iter()
+        .enumerate()
+        .map(|(i, (n, _))| (n.clone(), i))
+        .collect();
+    let plan = Plan::new(model, &ix)?;
+    let mut engine = match model.engine.0.take() {
+        Some(e) if e.key == key => e,
+        _ => Box::new(Engine::new(model, &plan, key)?),
+    };
+    // The flat gradient buffer in the trainable parameters' order.
+    let mut grad_at = vec![None; named.len()];
+    let mut len = 0;
+    for name in trainable {
+        let i = ix[name];
+        grad_at[i] = Some(len);
+        len += named[i].1.elem_count();
+    }
+    engine.flat.clear();
+    engine.flat.resize(len, 0.0);
+    let mut loss = 0f64;
+    {
+        let guards: Vec<_> = named.iter().map(|(_, t)| t.storage_and_layout()).collect();
+        let params = guards
+            .iter()
+            .map(|(s, l)| f32_slice(s, l))
+            .collect::<Result<Vec<_>>>()?;
+        let Engine {
+            bufs,
+            rope,
+            sinusoid,
+            flat,
+            ..
+        } = &mut *engine;
+        for mb in micro_batches {
+            if mb.ids.dims2()? != (b, t) {
+                return Err(Error::Input(format!(
+                    "micro-batches differ in shape: {:?} and {:?}",
+                    mb.ids.dims(),
+                    micro_batches[0].ids.dims()
+                )));
+            }
+            let opts = ForwardOptions {
+                attention_mask: mb.attention_mask.as_deref(),
+                ..Default::default()
+            };
+            model.check_inputs(&mb.ids, 0, &opts)?;
+            let labels = mb.shifted_labels()?;
+            let n_valid = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+            if n_valid == 0 {
+                continue;
+            }
+            let share = n_valid as f64 / total as f64;
+            let ctx = StepCtx {
+                batch: b,
+                seq: t,
+                hidden: model.spec.hidden_size,
+                params: params.clone(),
+                grad_at: &grad_at,
+                grad_ptr: flat.as_mut_ptr(),
+                rope,
+                key_mask: mb.attention_mask.as_deref(),
+            };
+            let ids: Vec<u32> = mb.ids.flatten_all()?.to_vec1()?;
+            let vocab = model.spec.vocab_size;
+            if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+                return Err(Error::Input(format!(
+                    "token id {bad} is outside the vocabulary [0, {vocab})"
+                )));
+            }
+            let main = step_micro_batch(
+                &plan,
+                &ctx,
+                bufs,
+                sinusoid.as_deref(),
+                &ids,
+                &labels,
+                n_valid,
+                share,
+            );
+            loss += (main * share as f32) as f64;
+        }
+    }
+    if let Some(r) = reducer {
+        let mut l = [loss];
+        r.sum_f64(&mut l)?;
+        loss = l[0];
+        r.sum_f32(&mut engine.flat)?;
+    }
+    let mut grads = HashMap::new();
+    for name in trainable {
+        let i = ix[name];
+        let off = grad_at[i].unwrap();
+        let shape = named[i].1.shape().clone();
+        let g = Tensor::from_slice(
+            &engine.flat[off..off + shape.elem_count()],
+            shape,
+            &candle_core::Device::Cpu,
+        )?;
+        grads.insert(name.clone(), g);
+    }
+    model.engine.0 = Some(engine);
+    Ok(Accumulated { loss, grads })
+}
+
+/// One micro-batch's forward, loss and backward; returns its mean loss.
+#[allow(clippy::too_many_arguments)]
+fn step_micro_batch(
+    plan: &Plan,
+    c: &StepCtx,
+    bufs: &mut Buffers,
+    sinusoid: Option<&[f32]>,
+    ids: &[u32],
+    labels: &[i64],
+    n_valid: usize,
+    share: f64,
+) -> f32 {
+    let (n, hs) = (c.batch * c.seq, c.hidden);
+    let emb = c.params[plan.embed];
+    let pos = plan.pos.map(|p| c.params[p]);
+    kernels::for_rows(&mut bufs.res[0], hs, n, |i, r| {
+        let tok = ids[i] as usize;
+        r.copy_from_slice(&emb[tok * hs..(tok + 1) * hs]);
+        let tpos = i % c.seq;
+        if let Some(p) = pos {
+            for (x, e) in r.iter_mut().zip(&p[tpos * hs..(tpos + 1) * hs]) {
+                *x += *e;
+            }
+        }
+        if let Some(s) = sinusoid {
+            for (x, e) in r.iter_mut().zip(&s[tpos * hs..(tpos + 1) * hs]) {
+                *x += *e;
+            }
+        }
+    });
+    let layers = plan.blocks.len();
+    let ckpt = bufs.acts.len() == 1 && layers > 1;
+    for (l, blk) in plan.blocks.iter().enumerate() {
+        let (before, after) = bufs.res.split_at_mut(l + 1);
+        let slot = if ckpt { 0 } else { l };
+        blk.forward(c, &before[l], &mut bufs.acts[slot], &mut after[0]);
+    }
+    let fnorm = &plan.final_norm;
+    let fp = kernels::NormParams {
+        w: c.params[fnorm.w],
+        b: fnorm.b.map(|b| c.params[b]),
+        eps: fnorm.eps,
+        layer_norm: fnorm.layer_norm,
+    };
+    kernels::norm_fwd(
+        &fp,
+        &bufs.res[layers],
+        &mut bufs.lnf,
+        &mut bufs.meanf,
+        &mut bufs.rstdf,
+    );
+    // The head: tied heads accumulate into the embedding's gradient.
+    let head = plan.head.unwrap_or(plan.embed);
+    let scale = (1.0 / n_valid as f64 * share) as f32;
+    let g = &mut bufs.grads;
+    let dhead = c.grad(head, 0..c.params[head].len());
+    let rows = head_loss_core(
+        &bufs.lnf,
+        c.params[head],
+        hs,
+        labels,
+        scale,
+        Some(&mut g.dln[..n * hs]),
+        dhead,
+    );
+    let main = rows.into_iter().sum::<f32>() / n_valid as f32;
+    g.dres[..n * hs].fill(0.0);
+    let (dw, db) = c.norm_grads(&plan.final_norm);
+    kernels::norm_bwd(
+        &fp,
+        &bufs.res[layers],
+        &bufs.meanf,
+        &bufs.rstdf,
+        &g.dln[..n * hs],
+        &mut g.dres[..n * hs],
+        dw,
+        db,
+    );
+    for (l, blk) in plan.blocks.iter().enumerate().rev() {
+        let slot = if ckpt { 0 } else { l };
+        if ckpt {
+            // Recompute the block's forward from its kept input: the same arithmetic, so the
+            // same bits as the run that kept everything.
+            // Its output overwrites the next block's kept input with the same values.
+            let (before, after) = bufs.res.split_at_mut(l + 1);
+            blk.forward(c, &before[l], &mut bufs.acts[0], &mut after[0]);
+        }
+        blk.backward(c, &bufs.res[l], &bufs.acts[slot], &mut bufs.grads);
+    }
+    // Embedding rows (and learned positions) collect the residual gradient.
+    let g = &bufs.grads.dres;
+    if let Some(de) = c.grad(plan.embed, 0..emb.len()) {
+        for i in 0..n {
+            let tok = ids[i] as usize;
+            for (d, v) in de[tok * hs..(tok + 1) * hs]
+                .iter_mut()
+                .zip(&g[i * hs..(i + 1) * hs])
+            {
+                *d += *v;
+            }
+        }
+    }
+    if let Some(p) = plan.pos {
+        if let Some(dp) = c.grad(p, 0..c.params[p].len()) {
+            for i in 0..n {
+                let tpos = i % c.seq;
+                for (d, v) in dp[tpos * hs..(tpos + 1) * hs]
+                    .iter_mut()
+                    .zip(&g[i * hs..(i + 1) * hs])
+                {
+                    *d += *v;
+                }
+            }
+        }
+    }
+    main
+}

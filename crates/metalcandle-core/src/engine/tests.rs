@@ -1,0 +1,253 @@
+//! The fused path against the composed one (the reference): one step's loss and every
+//! parameter gradient, multi-step trajectories, and checkpointing's bit-identity.
+
+use crate::model::Decoder;
+use crate::optim::{Optimizer, OptimizerConfig};
+use crate::spec::ModelSpec;
+use crate::train::{train_step_with, Batch, StepOptions, StepPath};
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+fn model(config: Value, seed: u64) -> Decoder {
+    let spec = ModelSpec::from_hf_config(&config, "config").unwrap();
+    let mut m = Decoder::random(spec, config, seed, &Device::Cpu).unwrap();
+    // Larger than the 0.02 init, so every path through the block carries a visible gradient.
+    m.visit_mut(&mut |name, t| {
+        if !name.contains("norm") && !name.contains("ln_") {
+            *t = t.affine(5.0, 0.0).unwrap();
+        }
+    });
+    m
+}
+
+fn tiny_custom() -> Value {
+    json!({
+        "model_type": "custom-transformer", "vocab_size": 40, "d_model": 32, "n_layers": 2,
+        "n_heads": 4, "n_kv_heads": 4, "d_ff": 48, "max_seq_len": 16, "norm": "rmsnorm",
+        "mlp": "swiglu", "positions": "rope", "tie_embeddings": true
+    })
+}
+
+fn batch(seed: u64, b: usize, t: usize, vocab: u32, mask: bool) -> Batch {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let ids: Vec<u32> = (0..b * t)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+            ((s >> 33) % vocab as u64) as u32
+        })
+        .collect();
+    let mut labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
+    labels[2] = -100;
+    // Left padding on the last row: its first two tokens are masked keys and ignored labels.
+    let attention_mask = mask.then(|| {
+        let mut m = vec![1i64; b * t];
+        for j in 0..2 {
+            m[(b - 1) * t + j] = 0;
+            labels[(b - 1) * t + j] = -100;
+        }
+        m
+    });
+    Batch {
+        ids: Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap(),
+        labels,
+        attention_mask,
+        pre_shifted: false,
+    }
+}
+
+type Grads = (f64, HashMap<String, Tensor>);
+
+fn composed(m: &mut Decoder, batches: &[Batch]) -> Grads {
+    let vars = m.make_trainable().unwrap();
+    let total = total_tokens(batches);
+    let (loss, _, g) = crate::train::accumulate(m, &vars, batches, total).unwrap();
+    (loss, g)
+}
+
+fn fused(m: &mut Decoder, batches: &[Batch], ckpt: bool) -> Grads {
+    assert_eq!(super::ineligible(m), None);
+    let names: Vec<String> = m
+        .make_trainable()
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let total = total_tokens(batches);
+    let a = super::accumulate(m, &names, batches, total, ckpt, None).unwrap();
+    (a.loss, a.grads)
+}
+
+fn total_tokens(batches: &[Batch]) -> usize {
+    batches
+        .iter()
+        .map(|b| {
+            b.shifted_labels()
+                .unwrap()
+                .iter()
+                .filter(|&&l| l != -100)
+                .count()
+        })
+        .sum()
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Loss and every gradient within 1e-5 of the composed path's own scale, and every
+/// parameter trained.
+fn check(config: Value, batches: &[Batch]) {
+    let mut m = model(config, 3);
+    let (lc, gc) = composed(&mut m, batches);
+    let (lf, gf) = fused(&mut m, batches, false);
+    assert!((lf - lc).abs() <= 1e-6 * lc.abs(), "loss {lf} vs {lc}");
+    assert_eq!(gc.len(), m.named_parameters().len());
+    assert_eq!(gf.len(), gc.len());
+    for (name, c) in &gc {
+        let f = &gf[name];
+        assert_eq!(f.dims(), c.dims(), "{name}");
+        let scale = max_abs(c);
+        let diff = max_abs(&(f - c).unwrap());
+        if name.ends_with("k_proj.bias") && scale < 1e-6 {
+            // Without RoPE, adding b to every key adds q.b to a whole row of scores, which the
+            // softmax cancels: the gradient is zero, both paths leave rounding noise.
+            assert!(
+                max_abs(f) < 1e-6 && scale < 1e-6,
+                "{name}: {} {scale}",
+                max_abs(f)
+            );
+            continue;
+        }
+        assert!(scale > 0.0, "{name}: zero gradient on the composed path");
+        assert!(
+            diff <= 1e-5 * scale,
+            "{name}: |fused - composed| {diff} vs scale {scale}"
+        );
+    }
+}
+
+#[test]
+fn tiny_config_gradients_match_the_composed_path() {
+    check(tiny_custom(), &[batch(1, 3, 9, 40, false)]);
+}
+
+#[test]
+fn llama_gqa_untied_gradients_match() {
+    let config = json!({
+        "model_type": "llama", "vocab_size": 48, "hidden_size": 32,
+        "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": false
+    });
+    check(
+        config,
+        &[batch(2, 2, 7, 48, false), batch(3, 2, 7, 48, false)],
+    );
+}
+
+#[test]
+fn qwen2_biases_gqa_sliding_window_and_padding_match() {
+    let config = json!({
+        "model_type": "qwen2", "vocab_size": 48, "hidden_size": 32,
+        "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": true, "use_sliding_window": true, "sliding_window": 3,
+        "max_window_layers": 1
+    });
+    check(config, &[batch(4, 3, 8, 48, true)]);
+}
+
+#[test]
+fn gpt2_gradients_match() {
+    let config = json!({
+        "model_type": "gpt2", "vocab_size": 50, "n_embd": 32, "n_layer": 2, "n_head": 4,
+        "n_positions": 32, "layer_norm_epsilon": 1e-5
+    });
+    check(config, &[batch(5, 2, 10, 50, true)]);
+}
+
+#[test]
+fn layernorm_gelu_and_sinusoidal_relu_customs_match() {
+    for (mlp, positions) in [
+        ("gelu", "learned"),
+        ("relu", "sinusoidal"),
+        ("gelu_tanh", "rope"),
+    ] {
+        let config = json!({
+            "model_type": "custom-transformer", "vocab_size": 30, "d_model": 24,
+            "n_layers": 2, "n_heads": 3, "d_ff": 40, "max_seq_len": 16, "norm": "layernorm",
+            "mlp": mlp, "positions": positions, "tie_embeddings": false
+        });
+        check(config, &[batch(6, 2, 9, 30, false)]);
+    }
+}
+
+#[test]
+fn checkpointing_gives_the_same_bits() {
+    let batches = [batch(7, 3, 9, 40, true), batch(8, 3, 9, 40, false)];
+    let mut m = model(tiny_custom(), 4);
+    let (l0, g0) = fused(&mut m, &batches, false);
+    let (l1, g1) = fused(&mut m, &batches, true);
+    assert_eq!(l0.to_bits(), l1.to_bits());
+    for (name, a) in &g0 {
+        let (a, b) = (
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            g1[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name}"
+        );
+    }
+}
+
+/// Losses of several AdamW steps with micro-batches and clipping, on one path.
+fn trajectory(fused: bool, ckpt: bool) -> Vec<f64> {
+    let mut m = model(tiny_custom(), 5);
+    let mut opt = Optimizer::new(OptimizerConfig {
+        lr: 3e-3,
+        ..Default::default()
+    })
+    .unwrap();
+    (0..4)
+        .map(|s| {
+            let batches = [
+                batch(10 + s, 2, 9, 40, false),
+                batch(20 + s, 2, 9, 40, true),
+            ];
+            let stats = train_step_with(
+                &mut m,
+                &mut opt,
+                &batches,
+                StepOptions {
+                    max_grad_norm: Some(0.5),
+                    fused,
+                    gradient_checkpointing: ckpt,
+                    reducer: None,
+                },
+            )
+            .unwrap();
+            assert_eq!(stats.path == StepPath::Fused, fused);
+            assert!(stats.grad_norm > 0.5, "clipping should engage");
+            stats.loss
+        })
+        .collect()
+}
+
+#[test]
+fn trajectories_match_the_composed_path() {
+    let c = trajectory(false, false);
+    let f = trajectory(true, false);
+    for (a, b) in f.iter().zip(&c) {
+        assert!((a - b).abs() <= 1e-6 * b.abs(), "{f:?} vs {c:?}");
+    }
+    assert_eq!(trajectory(true, true), f);
+}
