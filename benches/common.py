@@ -1,11 +1,13 @@
-"""What the benchmarks share: the Qwen2.5-0.5B shape, the timing loop and resident-memory
-readings. Imports nothing heavy, so a PyTorch worker process can use it without loading
-metalcandle."""
+"""What the benchmarks share: the Qwen2.5-0.5B shape, the timing loop, resident-memory readings
+and the worker processes each measurement runs in. Imports nothing heavy, so a PyTorch worker
+process can use it without loading metalcandle."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import subprocess
 import sys
 import time
 
@@ -62,3 +64,106 @@ def current_rss_mib() -> float | None:
             return mib(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
     except OSError:
         return None  # no procfs (macOS): only the peak is reported
+
+
+def minor_faults() -> int:
+    """Page faults served without I/O so far: first touches of freshly mapped memory."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def available_mib() -> float | None:
+    """MemAvailable: what the machine can still give without swapping."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return mib(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return None
+
+
+def _rss_of(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return mib(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return None
+
+
+def worker_env(threads: int) -> dict:
+    env = dict(os.environ)
+    n = str(threads)
+    env.update(
+        {
+            # Read once when each library starts, hence a fresh process per measurement.
+            "RAYON_NUM_THREADS": n,
+            "OMP_NUM_THREADS": n,
+            "OPENBLAS_NUM_THREADS": n,
+            "MKL_NUM_THREADS": n,
+            "VECLIB_MAXIMUM_THREADS": n,
+            "TOKENIZERS_PARALLELISM": "false",
+            "TRANSFORMERS_VERBOSITY": "error",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONWARNINGS": "ignore",
+        }
+    )
+    return env
+
+
+def run_worker(script: str, name: str, spec: dict, threads: int, rss_cap_mib: float | None = None) -> dict:
+    """Runs `script --worker name --spec JSON` in a fresh process and returns the JSON object it
+    prints last, or {"error": ...}. With `rss_cap_mib` the worker is stopped once its resident
+    memory passes the cap, so a measurement that would not fit cannot push a shared machine into
+    swapping or the OOM killer."""
+    print(f"  {name:<24} ...", end="", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(script), "--worker", name, "--spec", json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=worker_env(threads),
+    )
+    over = None
+    if rss_cap_mib is not None:
+        while proc.poll() is None:
+            rss = _rss_of(proc.pid)
+            if rss is not None and rss > rss_cap_mib:
+                over = rss
+                proc.kill()
+                break
+            time.sleep(0.2)
+    out, err = proc.communicate()
+    took = time.perf_counter() - t0
+    if over is not None:
+        print(f" stopped at {over:.0f} MiB after {took:.0f} s (cap {rss_cap_mib:.0f} MiB)", file=sys.stderr)
+        return {"error": f"stopped at {over:.0f} MiB resident, over the cap of {rss_cap_mib:.0f} MiB"}
+    if proc.returncode != 0:
+        tail = "\n".join(err.strip().splitlines()[-15:])
+        print(f" FAILED after {took:.0f} s\n{tail}", file=sys.stderr, flush=True)
+        return {"error": tail.splitlines()[-1] if tail else f"exit status {proc.returncode}"}
+    result = json.loads(out.strip().splitlines()[-1])
+    shown = f"{result['tokens_per_s']} tokens/s" if "tokens_per_s" in result else "done"
+    print(f" {shown} ({took:.0f} s)", file=sys.stderr, flush=True)
+    return result
+
+
+def ratio(a, b) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def format_table(rows: list[list[str]]) -> str:
+    """Rows of cells as aligned columns: the first left-aligned, the rest right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+
+    def line(row):
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+
+    return "\n".join(line(r) for r in rows)

@@ -38,12 +38,19 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from common import QWEN25_05B, current_rss_mib, peak_rss_mib, timed  # noqa: E402
+from common import (  # noqa: E402
+    QWEN25_05B,
+    current_rss_mib,
+    format_table,
+    peak_rss_mib,
+    ratio,
+    run_worker,
+    timed,
+)
 
 # Same family at a size where a full AdamW step is routine on a laptop: head_dim 64 as in the
 # real model, 4x MLP; 25,272,960 parameters, more than half of them the tied embedding.
@@ -434,48 +441,6 @@ def import_framework(worker: str) -> float | None:
 # --- the driver --------------------------------------------------------------------------------------
 
 
-def worker_env(threads: int) -> dict:
-    env = dict(os.environ)
-    n = str(threads)
-    env.update(
-        {
-            # Read once when each library starts, hence a fresh process per measurement.
-            "RAYON_NUM_THREADS": n,
-            "OMP_NUM_THREADS": n,
-            "OPENBLAS_NUM_THREADS": n,
-            "MKL_NUM_THREADS": n,
-            "VECLIB_MAXIMUM_THREADS": n,
-            "TOKENIZERS_PARALLELISM": "false",
-            "TRANSFORMERS_VERBOSITY": "error",
-            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-            "HF_HUB_OFFLINE": "1",
-            "PYTHONWARNINGS": "ignore",
-        }
-    )
-    return env
-
-
-def run_worker(name: str, spec: dict, threads: int) -> dict:
-    print(f"  {name:<20} ...", end="", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", name, "--spec", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=worker_env(threads),
-        check=False,
-    )
-    took = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        print(f" FAILED after {took:.0f} s\n{tail}", file=sys.stderr, flush=True)
-        return {"error": tail.splitlines()[-1] if tail else f"exit status {proc.returncode}"}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    shown = f"{result['tokens_per_s']} tokens/s" if "tokens_per_s" in result else "done"
-    print(f" {shown} ({took:.0f} s)", file=sys.stderr, flush=True)
-    return result
-
-
 def missing_packages() -> list[str]:
     return [p for p in ("torch", "transformers", "peft") if importlib.util.find_spec(p) is None]
 
@@ -486,10 +451,6 @@ def parse_only(text: str) -> list[str]:
     if unknown:
         sys.exit(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     return chosen
-
-
-def ratio(a, b) -> float | None:
-    return round(a / b, 3) if a is not None and b else None
 
 
 def build_report(args, threads, frameworks, cfgs, built, runs, machine) -> dict:
@@ -644,14 +605,7 @@ def table(report: dict, frameworks: list[str]) -> str:
                 frac = entry.get(f"{fw}_fraction_of_limit")
                 row.append("" if frac is None else f"{100 * frac:.1f}%")
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
-        for r in rows
-    ]
-    return "\n".join(lines)
+    return format_table(rows)
 
 
 def describe(report: dict, frameworks: list[str]) -> str:
@@ -753,19 +707,19 @@ def main() -> None:
         if needed:
             print(f"building the random models in {tmp}", file=sys.stderr)
             spec = {"models": {n: {"config": cfgs[n], "path": paths[n]} for n in needed}, "threads": threads}
-            built = run_worker(f"{frameworks[-1]}:build", spec, threads)
+            built = run_worker(__file__, f"{frameworks[-1]}:build", spec, threads)
             if "error" in built:
                 sys.exit("could not build the models")
         for task in tasks:
             print(f"{task}:", file=sys.stderr)
             path = paths["small" if task == "full" else "base"]
             spec = {"path": path, "runs": args.runs, "threads": threads}
-            runs[task] = {fw: run_worker(f"{fw}:{task}", spec, threads) for fw in frameworks}
+            runs[task] = {fw: run_worker(__file__, f"{fw}:{task}", spec, threads) for fw in frameworks}
     if "roofline" in args.sections:
         print("machine limits:", file=sys.stderr)
-        machine["numpy"] = run_worker("numpy:machine", {"threads": threads}, threads)
+        machine["numpy"] = run_worker(__file__, "numpy:machine", {"threads": threads}, threads)
         if not args.no_torch:
-            machine[TORCH] = run_worker(f"{TORCH}:machine", {"threads": threads}, threads)
+            machine[TORCH] = run_worker(__file__, f"{TORCH}:machine", {"threads": threads}, threads)
 
     report = build_report(args, threads, frameworks, cfgs, built, runs, machine)
     print(describe(report, frameworks))

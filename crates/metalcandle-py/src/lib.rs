@@ -10,6 +10,12 @@ mod train;
 
 use pyo3::prelude::*;
 
+// A training step allocates and frees the same buffer sizes every time; glibc hands large ones
+// back to the kernel, so each step faults and zeroes them again. mimalloc keeps freed pages
+// for reuse.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::PyModel>()?;
