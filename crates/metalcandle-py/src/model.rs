@@ -191,16 +191,12 @@ impl PyModel {
     /// (used, total) bytes of the model's GPU; None on the CPU (and on Metal, which reports
     /// no such figure through candle).
     fn device_memory(&self) -> Option<(usize, usize)> {
-        match &self.inner.device {
-            #[cfg(feature = "cuda")]
-            Device::Cuda(d) => d
-                .cuda_stream()
-                .context()
-                .mem_get_info()
-                .ok()
-                .map(|(free, total)| (total - free, total)),
-            _ => None,
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = &self.inner.device {
+            let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+            return Some((total - free, total));
         }
+        None
     }
 
     fn new_cache(&self) -> PyKvCache {
