@@ -1,4 +1,4 @@
-"""The training progress bar (tqdm) and the resident memory it shows."""
+"""The training progress bar (tqdm) and the memory it shows (resident, and the GPU's on CUDA)."""
 
 from __future__ import annotations
 
@@ -44,13 +44,26 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, aux: dict | None = None) -> None:
-        """`aux`: auxiliary losses by name ("z_loss"), shown after the main loss."""
+    def update(
+        self,
+        step: int,
+        loss: float,
+        lr: float,
+        tokens_per_s: float,
+        aux: dict | None = None,
+        device_memory: tuple[int, int] | None = None,
+    ) -> None:
+        """`aux`: auxiliary losses by name ("z_loss"), shown after the main loss. `device_memory`:
+        (used, total) bytes of the GPU, shown after the process's resident memory."""
         if self.bar is None:
             return
         extra = "".join(f" {k}={v:.4g}" for k, v in (aux or {}).items())
+        gpu = ""
+        if device_memory is not None:
+            used, total = device_memory
+            gpu = f" gpu={used / 2**20:,.0f}/{total / 2**20:,.0f}MiB"
         self.bar.set_postfix_str(
-            f"loss={loss:.4f}{extra} lr={lr:.2e} tok/s={tokens_per_s:,.0f} mem={rss_mib():,.0f}MiB",
+            f"loss={loss:.4f}{extra} lr={lr:.2e} tok/s={tokens_per_s:,.0f} mem={rss_mib():,.0f}MiB{gpu}",
             refresh=False,
         )
         self.bar.update(step - self.bar.n)

@@ -534,7 +534,7 @@ def _train(cfg, progress, stop_at_step, log, allow_config_change, dist: Distribu
                 last_loss = loss
                 tps = window_tokens / max(window_time, 1e-9)
                 aux = {name: float(v) for name, v in stats.aux.items()}
-                bar.update(step, loss, lr, tps, aux)
+                bar.update(step, loss, lr, tps, aux, model.device_memory())
                 if step % t["log_every"] == 0 or step == max_steps:
                     metrics.write(
                         {

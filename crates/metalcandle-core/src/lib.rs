@@ -16,6 +16,9 @@ pub mod spec;
 pub mod train;
 pub mod weights;
 
+#[cfg(test)]
+mod device_path_tests;
+
 pub use error::{Error, Result};
 pub use model::{Decoder, ForwardOptions, KvCache};
 pub use spec::ModelSpec;

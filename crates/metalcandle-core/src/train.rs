@@ -172,10 +172,11 @@ impl Decoder {
         Ok((parts.main, parts.tokens))
     }
 
-    /// The LM head's weight when the loss may take the fused head + cross-entropy kernel: a
-    /// plain float head on the CPU, and no hook or aux loss that needs the logits themselves.
+    /// The LM head's weight when the loss may take the fused head + cross-entropy op: a plain
+    /// float head, not on Metal (the op has no Metal forward), and no hook or aux loss that
+    /// needs the logits themselves.
     fn fused_head_weight(&self) -> Option<&Tensor> {
-        if self.hooks.needs_logits() || !ops::use_cpu_kernel_dtype(self.dtype, &self.device) {
+        if self.hooks.needs_logits() || self.device.is_metal() {
             return None;
         }
         match &self.lm_head {

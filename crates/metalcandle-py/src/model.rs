@@ -9,7 +9,7 @@ use metalcandle_core::lora::LoraConfig;
 use metalcandle_core::model::ForwardOptions;
 use metalcandle_core::quant::gguf::{load_gguf, save_gguf, GgufTokenizer};
 use metalcandle_core::quant::parse_format;
-use metalcandle_core::weights::{load_hf_folder, save_hf_folder};
+use metalcandle_core::weights::{load_hf_folder_as, save_hf_folder};
 use metalcandle_core::{Decoder, KvCache, ModelSpec};
 use numpy::{PyArrayDyn, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
@@ -85,13 +85,24 @@ impl PyModel {
 
 #[pymethods]
 impl PyModel {
-    /// Loads a Hugging Face checkpoint folder.
+    /// Loads a Hugging Face checkpoint folder, its weights in `dtype` (float32, bfloat16 or
+    /// float16) on `device`.
     #[staticmethod]
-    #[pyo3(signature = (path, device = "cpu"))]
-    fn load(py: Python<'_>, path: PathBuf, device: &str) -> PyResult<Self> {
+    #[pyo3(signature = (path, device = "cpu", dtype = "float32"))]
+    fn load(py: Python<'_>, path: PathBuf, device: &str, dtype: &str) -> PyResult<Self> {
+        let dtype = match dtype {
+            "float32" => candle_core::DType::F32,
+            "bfloat16" => candle_core::DType::BF16,
+            "float16" => candle_core::DType::F16,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "dtype {other:?}: expected \"float32\", \"bfloat16\" or \"float16\""
+                )))
+            }
+        };
         let dev = self::device(device)?;
         let inner = py
-            .detach(|| load_hf_folder(&path, &dev))
+            .detach(|| load_hf_folder_as(&path, &dev, dtype))
             .map_err(to_py_err)?;
         Ok(Self { inner })
     }
@@ -175,6 +186,17 @@ impl PyModel {
                 })
             })?;
         to_numpy(py, &t)
+    }
+
+    /// (used, total) bytes of the model's GPU; None on the CPU (and on Metal, which reports
+    /// no such figure through candle).
+    fn device_memory(&self) -> Option<(usize, usize)> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = &self.inner.device {
+            let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+            return Some((total - free, total));
+        }
+        None
     }
 
     fn new_cache(&self) -> PyKvCache {

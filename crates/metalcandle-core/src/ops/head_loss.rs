@@ -35,7 +35,23 @@ impl CustomOp2 for Precomputed {
         let (s, _) = self.loss.storage_and_layout();
         match &*s {
             candle_core::Storage::Cpu(s) => Ok((s.clone(), Shape::from(()))),
-            _ => candle_core::bail!("lm-head-cross-entropy: CPU only"),
+            _ => candle_core::bail!("lm-head-cross-entropy: loss and input on different devices"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (s, l) = self.loss.storage_and_layout();
+        match &*s {
+            candle_core::Storage::Cuda(s) => Ok((s.try_clone(l)?, Shape::from(()))),
+            _ => candle_core::bail!("lm-head-cross-entropy: loss and input on different devices"),
         }
     }
 
@@ -216,8 +232,80 @@ fn compute<T: Elem + 'static>(
     })
 }
 
-/// Mean cross-entropy of `h @ w^T` [N, V] against `labels`, for h [N, H] and w [V, H] on the
-/// CPU in f32/f64. Gradients reach `h` and, when it is trainable, `w`.
+/// The same computation as tensor expressions, for any device and dtype: the label rows of a
+/// chunk, their log-softmax in f32 (f64 stays f64), the loss summed on the device and the
+/// gradient `(softmax - onehot) / n_valid` turned into dh and dw chunk by chunk.
+fn compute_composed(
+    h: &Tensor,
+    w: &Tensor,
+    labels: &[i64],
+    need_h: bool,
+    need_w: bool,
+) -> Result<Precomputed> {
+    use candle_core::{DType, D};
+    let dev = h.device();
+    let (n, _) = h.dims2()?;
+    let v = w.dim(0)?;
+    let keep: Vec<u32> = (0..n as u32)
+        .filter(|&i| labels[i as usize] != IGNORE_INDEX)
+        .collect();
+    let acc = if h.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let scale = 1.0 / keep.len().max(1) as f64;
+    let per_chunk = (CHUNK_BYTES / (v * acc.size_in_bytes()).max(1)).max(1);
+    let mut loss = Tensor::zeros((), acc, dev)?;
+    let (mut dh_rows, mut dw) = (vec![], None::<Tensor>);
+    for rows in keep.chunks(per_chunk) {
+        let targets: Vec<u32> = rows.iter().map(|&i| labels[i as usize] as u32).collect();
+        let targets = Tensor::new(targets.as_slice(), dev)?.unsqueeze(1)?;
+        let hc = h.index_select(&Tensor::new(rows, dev)?, 0)?;
+        let logp = candle_nn::ops::log_softmax(&hc.matmul(&w.t()?)?.to_dtype(acc)?, D::Minus1)?;
+        loss = (loss - logp.gather(&targets, 1)?.sum_all()?)?;
+        if !(need_h || need_w) {
+            continue;
+        }
+        let minus_scale = Tensor::full(-scale, (rows.len(), 1), dev)?.to_dtype(acc)?;
+        let grad = logp
+            .exp()?
+            .affine(scale, 0.0)?
+            .scatter_add(&targets, &minus_scale, 1)?
+            .to_dtype(h.dtype())?;
+        if need_h {
+            dh_rows.push(grad.matmul(w)?);
+        }
+        if need_w {
+            let part = grad.t()?.matmul(&hc)?;
+            dw = Some(match dw {
+                Some(acc) => (acc + part)?,
+                None => part,
+            });
+        }
+    }
+    let dh = match (need_h, dh_rows.is_empty()) {
+        (false, _) => None,
+        (true, true) => Some(h.zeros_like()?),
+        (true, false) => Some(h.zeros_like()?.index_add(
+            &Tensor::new(keep.as_slice(), dev)?,
+            &Tensor::cat(&dh_rows, 0)?,
+            0,
+        )?),
+    };
+    Ok(Precomputed {
+        loss: loss.affine(scale, 0.0)?,
+        dh,
+        dw: match (need_w, dw) {
+            (true, None) => Some(w.zeros_like()?),
+            (_, dw) => dw,
+        },
+    })
+}
+
+/// Mean cross-entropy of `h @ w^T` [N, V] against `labels`, for h [N, H] and w [V, H]: our
+/// kernel on the CPU in f32/f64, the composed chunks elsewhere (CUDA, or other dtypes).
+/// Gradients reach `h` and, when it is trainable, `w`.
 pub fn lm_head_cross_entropy(h: &Tensor, w: &Tensor, labels: &[i64]) -> Result<Tensor> {
     let (n, hd) = h.dims2()?;
     let (v, wd) = w.dims2()?;
@@ -237,10 +325,12 @@ pub fn lm_head_cross_entropy(h: &Tensor, w: &Tensor, labels: &[i64]) -> Result<T
     }
     let (need_h, need_w) = (h.track_op(), w.track_op());
     let (hd_, wd_) = (h.detach().contiguous()?, w.detach().contiguous()?);
-    let p = match h.dtype() {
-        candle_core::DType::F32 => compute::<f32>(&hd_, &wd_, labels, need_h, need_w)?,
-        candle_core::DType::F64 => compute::<f64>(&hd_, &wd_, labels, need_h, need_w)?,
-        other => candle_core::bail!("lm-head cross-entropy: unsupported dtype {other:?}"),
+    let p = if !super::use_cpu_kernel(h) {
+        compute_composed(&hd_, &wd_, labels, need_h, need_w)?
+    } else if h.dtype() == candle_core::DType::F32 {
+        compute::<f32>(&hd_, &wd_, labels, need_h, need_w)?
+    } else {
+        compute::<f64>(&hd_, &wd_, labels, need_h, need_w)?
     };
     if !need_h && !need_w {
         return Ok(p.loss);
@@ -278,6 +368,92 @@ mod tests {
         for v in [&h, &w] {
             let d = max_abs_diff(gf.get(v).unwrap(), gr.get(v).unwrap());
             assert!(d < 1e-12, "{d}");
+        }
+    }
+
+    /// Loss and gradients of h and w, with the kernel or (`composed`) the path off the CPU.
+    fn loss_and_grads(
+        h: &Var,
+        w: &Var,
+        labels: &[i64],
+        composed: bool,
+    ) -> (Tensor, Tensor, Tensor) {
+        let run = || {
+            let loss = lm_head_cross_entropy(h, w, labels).unwrap();
+            let g = loss.affine(3.0, 0.0).unwrap().backward().unwrap();
+            (loss, g.get(h).unwrap().clone(), g.get(w).unwrap().clone())
+        };
+        if composed {
+            crate::ops::device_path::run(run)
+        } else {
+            run()
+        }
+    }
+
+    #[test]
+    fn composed_path_matches_the_kernel() {
+        // Two chunks of label rows on the composed path (f64), ignored rows in both.
+        let rows = CHUNK_BYTES / (11 * 8);
+        let n = rows + 9;
+        let mut labels: Vec<i64> = (0..n as i64).map(|i| (i * 5) % 11).collect();
+        for i in [0, 4, rows - 1, rows + 2] {
+            labels[i] = IGNORE_INDEX;
+        }
+        let h = Var::from_tensor(&rand_tensor(&[n, 6], 5)).unwrap();
+        let w = Var::from_tensor(&rand_tensor(&[11, 6], 6)).unwrap();
+        let (lk, hk, wk) = loss_and_grads(&h, &w, &labels, false);
+        let (lc, hc, wc) = loss_and_grads(&h, &w, &labels, true);
+        assert!(max_abs_diff(&lk, &lc) < 1e-12);
+        for (k, c) in [(&hk, &hc), (&wk, &wc)] {
+            let d = max_abs_diff(k, c);
+            assert!(d < 1e-12, "{d}");
+        }
+        // Ignored rows get a zero gradient.
+        assert_eq!(
+            max_abs_diff(
+                &hc.get(4).unwrap(),
+                &hc.get(4).unwrap().zeros_like().unwrap()
+            ),
+            0.0
+        );
+    }
+
+    #[test]
+    fn bf16_takes_the_composed_path_near_f32() {
+        let labels = vec![1i64, 4, IGNORE_INDEX, 6, 0];
+        let round = |t: Tensor| t.to_dtype(candle_core::DType::BF16).unwrap();
+        let (h, w) = (
+            round(rand_tensor(&[5, 8], 7)),
+            round(rand_tensor(&[7, 8], 8)),
+        );
+        let f32_of = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+        let (hv, wv) = (Var::from_tensor(&h).unwrap(), Var::from_tensor(&w).unwrap());
+        let (h32, w32) = (
+            Var::from_tensor(&f32_of(&h)).unwrap(),
+            Var::from_tensor(&f32_of(&w)).unwrap(),
+        );
+        let (l16, h16g, w16g) = loss_and_grads(&hv, &wv, &labels, false);
+        let (l32, h32g, w32g) = loss_and_grads(&h32, &w32, &labels, false);
+        assert_eq!(l16.dtype(), candle_core::DType::F32);
+        assert_eq!(h16g.dtype(), candle_core::DType::BF16);
+        // The logits come out of the bf16 matmul rounded to 8 significant bits; the loss
+        // moves by at most twice that rounding of the largest logit.
+        let logits = h32.matmul(&w32.t().unwrap()).unwrap();
+        let bound = 2.0 * max_abs_diff(&logits, &logits.zeros_like().unwrap()) / 256.0;
+        let d = max_abs_diff(&l16, &l32);
+        assert!(d < bound, "{d} vs {bound}");
+        // The gradients are rounded to bf16 (8 bits of mantissa) on their way out.
+        for (a, b) in [(&h16g, &h32g), (&w16g, &w32g)] {
+            let (a, b) = (f32_of(a), b.clone());
+            let scale = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = max_abs_diff(&a, &b) as f32;
+            assert!(d < 1e-2 * scale, "{d} vs {scale}");
         }
     }
 

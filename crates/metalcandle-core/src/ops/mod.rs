@@ -114,6 +114,10 @@ pub(crate) fn use_cpu_kernel(t: &Tensor) -> bool {
 }
 
 pub(crate) fn use_cpu_kernel_dtype(dtype: candle_core::DType, dev: &candle_core::Device) -> bool {
+    #[cfg(test)]
+    if device_path::forced() {
+        return false;
+    }
     dev.is_cpu() && matches!(dtype, candle_core::DType::F32 | candle_core::DType::F64)
 }
 
@@ -178,4 +182,29 @@ pub(crate) fn par_map<T: Send + Copy + Default>(
         }
     });
     out
+}
+
+/// Runs the path a GPU takes (every op's composed fallback) on CPU tensors, so tests can
+/// check it where no GPU exists. Per thread: tests run side by side.
+#[cfg(test)]
+pub(crate) mod device_path {
+    use std::cell::Cell;
+
+    thread_local!(static FORCED: Cell<bool> = const { Cell::new(false) });
+
+    pub(crate) fn forced() -> bool {
+        FORCED.with(Cell::get)
+    }
+
+    /// `f()` with every op dispatched as off the CPU.
+    pub(crate) fn run<R>(f: impl FnOnce() -> R) -> R {
+        struct Reset(bool);
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                FORCED.with(|c| c.set(self.0));
+            }
+        }
+        let _reset = Reset(FORCED.with(|c| c.replace(true)));
+        f()
+    }
 }

@@ -102,9 +102,20 @@ fn refuse_pickled(dir: &Path) -> Result<()> {
     }
 }
 
-/// Loads a checkpoint folder. Every problem with the tensors (missing, unexpected, wrong
-/// shape) is reported at once, by name.
+/// Loads a checkpoint folder in float32. Every problem with the tensors (missing, unexpected,
+/// wrong shape) is reported at once, by name.
 pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<Decoder> {
+    load_hf_folder_as(dir, device, DType::F32)
+}
+
+/// Loads a checkpoint folder with its weights in `dtype` (f32, bf16 or f16), each tensor read
+/// straight onto `device` and converted there.
+pub fn load_hf_folder_as(dir: &Path, device: &Device, dtype: DType) -> Result<Decoder> {
+    if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+        return Err(Error::Input(format!(
+            "weights can be loaded as float32, bfloat16 or float16, not {dtype:?}"
+        )));
+    }
     if !dir.is_dir() {
         return Err(Error::NotFound(dir.to_path_buf()));
     }
@@ -125,11 +136,12 @@ pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<Decoder> {
         &in_file,
         |name| st.load(name, device),
         device,
+        dtype,
         &files[0].display().to_string(),
     )
 }
 
-/// Takes each expected tensor through `fetch`, converts it to the model's layout and f32,
+/// Takes each expected tensor through `fetch`, converts it to the model's layout and `dtype`,
 /// and collects every problem before failing.
 pub fn load_named(
     spec: ModelSpec,
@@ -137,6 +149,7 @@ pub fn load_named(
     in_file: &BTreeSet<String>,
     fetch: impl Fn(&str) -> candle_core::Result<Tensor>,
     device: &Device,
+    dtype: DType,
     context: &str,
 ) -> Result<Decoder> {
     // Original GPT-2 exports have no `transformer.` prefix.
@@ -185,10 +198,10 @@ pub fn load_named(
             continue;
         }
         let t = if p.conv1d { t.t()?.contiguous()? } else { t };
-        let t = if t.dtype() == DType::F32 {
+        let t = if t.dtype() == dtype {
             t
         } else {
-            t.to_dtype(DType::F32)?
+            t.to_dtype(dtype)?
         };
         tensors.insert(p.name, t.to_device(device)?);
     }

@@ -6,5 +6,5 @@ pub mod init;
 pub mod names;
 pub mod reader;
 
-pub use hf::{load_hf_folder, save_hf_folder, write_atomic};
+pub use hf::{load_hf_folder, load_hf_folder_as, save_hf_folder, write_atomic};
 pub use init::init_tensors;
