@@ -2,7 +2,7 @@
 //! One implementation for every architecture; the spec says what differs.
 
 use crate::error::{Error, Result};
-use crate::nn::attention::QkvProj;
+use crate::nn::attention::{AttnMask, QkvProj};
 use crate::nn::embedding::sinusoidal;
 use crate::nn::mask::attention_mask;
 use crate::nn::rope::RotaryTables;
@@ -442,7 +442,7 @@ impl Decoder {
             let h = block.attn.forward(
                 &attn_in,
                 rope,
-                &masks[&window],
+                AttnMask::Dense(&masks[&window]),
                 layer_cache,
                 if hooked { Some(&inner) } else { None },
             )?;

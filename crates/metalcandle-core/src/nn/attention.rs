@@ -30,6 +30,15 @@ pub struct Attention {
     pub o: Linear,
 }
 
+/// What the queries may see: a dense additive mask [B, 1, T, K], or (no cache, no hook) causal
+/// attention over the block itself with the layer's window and this key mask [B*T], which
+/// never builds [T, T] anything.
+#[derive(Clone, Copy)]
+pub enum AttnMask<'a> {
+    Dense(&'a Tensor),
+    Causal(Option<&'a [i64]>),
+}
+
 /// Keys and values of the tokens seen so far, each [B, kv_heads, T, head_dim].
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache {
@@ -56,7 +65,7 @@ impl Attention {
         &self,
         x: &Tensor,
         rope: Option<&(Tensor, Tensor)>,
-        mask: &Tensor,
+        mask: AttnMask,
         cache: Option<&mut LayerCache>,
         hook: Option<&PointHook>,
     ) -> Result<Tensor> {
@@ -85,6 +94,18 @@ impl Attention {
             q = ops::rope(&q, cos, sin)?;
             k = ops::rope(&k, cos, sin)?;
         }
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mask = match mask {
+            AttnMask::Causal(key_mask) if cache.is_none() && hook.is_none() => {
+                let window = self.spec.sliding_window;
+                let out = ops::flash_attention(&q, &k, &v, window, key_mask, scale)?;
+                return self.o.forward(&out.reshape((b, t, nh * hd))?);
+            }
+            AttnMask::Causal(_) => {
+                candle_core::bail!("attention with a cache or hooks needs a dense mask")
+            }
+            AttnMask::Dense(m) => m,
+        };
         let q = q.transpose(1, 2)?.contiguous()?;
         let mut k = k.transpose(1, 2)?.contiguous()?;
         let mut v = v.transpose(1, 2)?.contiguous()?;
@@ -98,7 +119,6 @@ impl Attention {
         let kt = k.dim(2)?;
         let g = nh / nkv;
         let q = q.reshape((b, nkv, g * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let probs = match hook {
             Some(h) => {
                 let raw = q.matmul(&k.t()?)?.reshape((b, nh, t, kt))?;
@@ -200,8 +220,14 @@ mod tests {
         };
         let x = rand_tensor(&[2, t, hidden], 5);
         let mask = attention_mask(2, t, 0, None, None, DType::F64, &Device::Cpu).unwrap();
-        let full = attn.forward(&x, None, &mask, None, None).unwrap();
+        let full = attn
+            .forward(&x, None, AttnMask::Dense(&mask), None, None)
+            .unwrap();
         assert!(max_abs_diff(&full, &reference(&attn, &x)) < 1e-12);
+        let tiled = attn
+            .forward(&x, None, AttnMask::Causal(None), None, None)
+            .unwrap();
+        assert!(max_abs_diff(&tiled, &full) < 1e-12);
         // Incremental: 3 tokens, then one at a time through the cache.
         let mut cache = LayerCache::default();
         let mut outs = vec![];
@@ -211,7 +237,7 @@ mod tests {
                 attn.forward(
                     &x.narrow(1, start, len).unwrap(),
                     None,
-                    &m,
+                    AttnMask::Dense(&m),
                     Some(&mut cache),
                     None,
                 )
