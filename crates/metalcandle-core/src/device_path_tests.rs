@@ -45,6 +45,7 @@ fn batch() -> Batch {
         ids: Tensor::from_vec(ids, (2, 6), &Device::Cpu).unwrap(),
         labels,
         attention_mask: Some(vec![1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1]),
+        pre_shifted: false,
     }
 }
 

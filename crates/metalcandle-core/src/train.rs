@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::model::{Decoder, ForwardOptions};
 use crate::ops::{self, cross_entropy::IGNORE_INDEX};
 use crate::optim::Optimizer;
+use crate::reduce::GradReducer;
 use candle_core::{Tensor, Var};
 use std::collections::HashMap;
 
@@ -87,7 +88,7 @@ pub struct StepOptions<'a> {
     /// the composed path ignores it).
     pub gradient_checkpointing: bool,
     /// Sums token counts, losses and gradients over data-parallel workers.
-    pub reducer: Option<&'a mut dyn crate::reduce::GradReducer>,
+    pub reducer: Option<&'a mut dyn GradReducer>,
 }
 
 impl Default for StepOptions<'_> {
@@ -384,7 +385,7 @@ pub fn train_step_with(
 /// flag per parameter, so a parameter no worker's batches reached stays without a gradient, as
 /// in one process), then the loss and the auxiliary losses.
 fn sum_over_workers(
-    r: &mut dyn crate::reduce::GradReducer,
+    r: &mut dyn GradReducer,
     model: &Decoder,
     vars: &[(String, Var)],
     loss: f64,

@@ -17,13 +17,13 @@
 //! Every parameter gradient accumulates (`+=`) into the flat gradient buffer, so micro-batches
 //! and tied weights sum in place.
 
-use super::attention::{flash_backward, flash_forward, FlashShape};
 use super::buffers::{Acts, Grads};
 use super::kernels::{
     add_assign, linear_bwd, linear_fwd, mlp_act_bwd, mlp_act_fwd, norm_bwd, norm_fwd,
     rope_in_place, NormParams,
 };
 use super::{Lin, NormPlan, StepCtx};
+use crate::ops::flash_attention::{flash_backward, flash_forward, FlashShape};
 use crate::spec::{Activation, AttentionSpec};
 
 pub struct BlockPlan {

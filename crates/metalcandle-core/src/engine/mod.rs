@@ -5,7 +5,6 @@
 //! (`train::train_step` without this module) stays the reference and the fallback:
 //! `ineligible` says, for a model, why a step cannot run here.
 
-mod attention;
 mod block;
 mod buffers;
 mod kernels;
