@@ -179,7 +179,6 @@ def test_a_killed_rank_ends_the_job_and_one_rank_resumes(tmp_path):
     finally:
         job.kill()
     assert job.returncode != 0
-    # MPI names the dead process by pid; the run's first line says which rank that pid was.
     import re
 
     # MPI reports the bad termination by pid (of the killed rank, or of the one it then stopped,
