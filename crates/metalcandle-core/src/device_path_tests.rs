@@ -170,9 +170,9 @@ fn training_steps_follow_the_kernels() {
         assert!((a - b).abs() < 1e-5, "loss {a} vs {b}");
     }
     // AdamW divides by sqrt(v): where a gradient is near zero, rounding differences between
-    // the two paths move a weight by up to a sizeable part of lr (1e-2) per step.
+    // the two paths move a weight by a part of lr; the fixtures' bound on trained weights.
     for (a, b) in want_w.iter().flatten().zip(got_w.iter().flatten()) {
-        assert!((a - b).abs() < 1e-3, "weight {a} vs {b}");
+        assert!((a - b).abs() < 5e-4, "weight {a} vs {b}");
     }
 }
 
