@@ -415,7 +415,7 @@ mod tests {
     fn sgd_with_momentum_and_nesterov_follow_torch() {
         // By hand, torch.optim.SGD(lr=0.1, momentum=0.9, weight_decay=0.1), dampening 0.
         let grads = |k: usize| {
-            let s = if k % 2 == 0 { 1.0 } else { -0.5 };
+            let s = if k.is_multiple_of(2) { 1.0 } else { -0.5 };
             [0.5 * s, -0.25]
         };
         for nesterov in [false, true] {

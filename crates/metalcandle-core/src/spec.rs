@@ -678,7 +678,7 @@ fn default_true() -> bool {
 impl CustomSpec {
     pub fn to_spec(&self, context: &str) -> Result<ModelSpec> {
         let err = |k: &str, m: String| Error::config(context, k, m);
-        if self.n_heads == 0 || self.d_model % self.n_heads != 0 {
+        if self.n_heads == 0 || !self.d_model.is_multiple_of(self.n_heads) {
             return Err(err(
                 "n_heads",
                 format!(
@@ -776,7 +776,7 @@ impl CustomSpec {
                     (None, Some(_)) if n_kv == self.n_heads => heads,
                     _ => l.attention.num_kv_heads,
                 };
-                if heads == 0 || self.d_model % heads != 0 {
+                if heads == 0 || !self.d_model.is_multiple_of(heads) {
                     return Err(err(
                         &key("n_heads"),
                         format!(

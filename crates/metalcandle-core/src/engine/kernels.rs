@@ -336,9 +336,9 @@ pub fn mlp_act_bwd(
             }),
         None => du.par_chunks_mut(4096).enumerate().for_each(|(bi, ou)| {
             let base = bi * 4096;
-            for j in 0..ou.len() {
+            for (j, o) in ou.iter_mut().enumerate() {
                 let i = base + j;
-                ou[j] = dh[i] * act_grad(a, up[i]);
+                *o = dh[i] * act_grad(a, up[i]);
             }
         }),
     }

@@ -162,9 +162,9 @@ pub(crate) fn forward<T: Elem>(
                     let qi = &q[((b * t) + i0 + ii) * q_stride + hh * d..][..d];
                     dots(&mut sc, qi, &kt);
                     let mut tmax = T::neg_infinity();
-                    for jj in 0..nk {
-                        sc[jj] = logit(*r, km, j0 + jj, sc[jj], scale).unwrap_or(T::neg_infinity());
-                        tmax = Float::max(tmax, sc[jj]);
+                    for (jj, x) in sc[..nk].iter_mut().enumerate() {
+                        *x = logit(*r, km, j0 + jj, *x, scale).unwrap_or(T::neg_infinity());
+                        tmax = Float::max(tmax, *x);
                     }
                     if tmax == T::neg_infinity() {
                         continue;
@@ -190,7 +190,7 @@ pub(crate) fn forward<T: Elem>(
                 for x in acc[ii * d..][..d].iter_mut() {
                     *x /= l[ii];
                 }
-                m[ii] = m[ii] + l[ii].ln();
+                m[ii] += l[ii].ln();
             }
             (acc, m)
         })
@@ -342,7 +342,7 @@ pub(crate) fn backward<T: Elem>(
 fn check(s: &FlashShape, lens: [(usize, usize, usize); 3], key_mask: Option<&[i64]>) {
     let rows = s.batch * s.seq;
     assert!(
-        s.kv_heads > 0 && s.heads % s.kv_heads == 0,
+        s.kv_heads > 0 && s.heads.is_multiple_of(s.kv_heads),
         "heads must be a multiple of kv_heads"
     );
     for (len, stride, width) in lens {
