@@ -268,46 +268,57 @@ pub fn rope_in_place(
     });
 }
 
-fn act(a: Activation, x: f32) -> f32 {
+/// Elements per parallel chunk of the elementwise kernels.
+const CHUNK: usize = 4096;
+
+/// `act(x)` and `act'(x)` together: SiLU's share one sigmoid. Each activation is its own
+/// instantiation of the loops below, so a loop holds no match and vectorizes.
+fn with_activation<R>(a: Activation, f: impl ActFn<R>) -> R {
     match a {
-        Activation::Silu => x * sigmoid(x),
-        Activation::Relu => x.max(0.0),
-        Activation::GeluTanh => gelu(x, true),
-        Activation::Gelu => gelu(x, false),
+        Activation::Silu => f.run(|x| {
+            let s = sigmoid(x);
+            (x * s, s * (1.0 + x * (1.0 - s)))
+        }),
+        Activation::Relu => f.run(|x| if x > 0.0 { (x, 1.0) } else { (0.0, 0.0) }),
+        Activation::GeluTanh => f.run(|x| (gelu(x, true), gelu_grad(x, true))),
+        Activation::Gelu => f.run(|x| (gelu(x, false), gelu_grad(x, false))),
     }
 }
 
-fn act_grad(a: Activation, x: f32) -> f32 {
-    match a {
-        Activation::Silu => {
-            let s = sigmoid(x);
-            s * (1.0 + x * (1.0 - s))
-        }
-        Activation::Relu => {
-            if x > 0.0 {
-                1.0
-            } else {
-                0.0
-            }
-        }
-        Activation::GeluTanh => gelu_grad(x, true),
-        Activation::Gelu => gelu_grad(x, false),
-    }
+/// A loop generic over the activation (a closure type per activation).
+trait ActFn<R> {
+    fn run(self, act: impl Fn(f32) -> (f32, f32) + Sync) -> R;
 }
 
 /// h = act(g) * u (gated) or h = act(u) (plain, `gate` None).
 pub fn mlp_act_fwd(a: Activation, gate: Option<&[f32]>, up: &[f32], h: &mut [f32]) {
-    let n = up.len();
-    h[..n].par_chunks_mut(4096).enumerate().for_each(|(bi, o)| {
-        let base = bi * 4096;
-        for (j, v) in o.iter_mut().enumerate() {
-            let i = base + j;
-            *v = match gate {
-                Some(g) => act(a, g[i]) * up[i],
-                None => act(a, up[i]),
-            };
+    struct Fwd<'a>(Option<&'a [f32]>, &'a [f32], &'a mut [f32]);
+    impl ActFn<()> for Fwd<'_> {
+        fn run(self, act: impl Fn(f32) -> (f32, f32) + Sync) {
+            let Fwd(gate, up, h) = self;
+            let n = up.len();
+            h[..n]
+                .par_chunks_mut(CHUNK)
+                .enumerate()
+                .for_each(|(bi, o)| {
+                    let u = &up[bi * CHUNK..][..o.len()];
+                    match gate {
+                        Some(g) => {
+                            let g = &g[bi * CHUNK..][..o.len()];
+                            for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+                                *o = act(*g).0 * *u;
+                            }
+                        }
+                        None => {
+                            for (o, u) in o.iter_mut().zip(u) {
+                                *o = act(*u).0;
+                            }
+                        }
+                    }
+                });
         }
-    });
+    }
+    with_activation(a, Fwd(gate, up, h))
 }
 
 /// Gated: dg = dh * u * act'(g), du = dh * act(g); plain: du = dh * act'(u) (`dg` unused).
@@ -319,29 +330,43 @@ pub fn mlp_act_bwd(
     dg: &mut [f32],
     du: &mut [f32],
 ) {
-    let n = up.len();
-    let (dg, du) = (&mut dg[..n], &mut du[..n]);
-    match gate {
-        Some(g) => dg
-            .par_chunks_mut(4096)
-            .zip(du.par_chunks_mut(4096))
-            .enumerate()
-            .for_each(|(bi, (og, ou))| {
-                let base = bi * 4096;
-                for j in 0..og.len() {
-                    let i = base + j;
-                    og[j] = dh[i] * up[i] * act_grad(a, g[i]);
-                    ou[j] = dh[i] * act(a, g[i]);
-                }
-            }),
-        None => du.par_chunks_mut(4096).enumerate().for_each(|(bi, ou)| {
-            let base = bi * 4096;
-            for (j, o) in ou.iter_mut().enumerate() {
-                let i = base + j;
-                *o = dh[i] * act_grad(a, up[i]);
+    struct Bwd<'a>(
+        Option<&'a [f32]>,
+        &'a [f32],
+        &'a [f32],
+        &'a mut [f32],
+        &'a mut [f32],
+    );
+    impl ActFn<()> for Bwd<'_> {
+        fn run(self, act: impl Fn(f32) -> (f32, f32) + Sync) {
+            let Bwd(gate, up, dh, dg, du) = self;
+            let n = up.len();
+            let (dg, du) = (&mut dg[..n], &mut du[..n]);
+            match gate {
+                Some(g) => dg
+                    .par_chunks_mut(CHUNK)
+                    .zip(du.par_chunks_mut(CHUNK))
+                    .enumerate()
+                    .for_each(|(bi, (og, ou))| {
+                        let r = bi * CHUNK..bi * CHUNK + og.len();
+                        let (g, u, d) = (&g[r.clone()], &up[r.clone()], &dh[r]);
+                        for i in 0..og.len() {
+                            let (v, dv) = act(g[i]);
+                            og[i] = d[i] * u[i] * dv;
+                            ou[i] = d[i] * v;
+                        }
+                    }),
+                None => du.par_chunks_mut(CHUNK).enumerate().for_each(|(bi, ou)| {
+                    let r = bi * CHUNK..bi * CHUNK + ou.len();
+                    let (u, d) = (&up[r.clone()], &dh[r]);
+                    for i in 0..ou.len() {
+                        ou[i] = d[i] * act(u[i]).1;
+                    }
+                }),
             }
-        }),
+        }
     }
+    with_activation(a, Bwd(gate, up, dh, dg, du))
 }
 
 /// `acc += x` elementwise, on all threads.

@@ -1,7 +1,12 @@
 //! Causal attention `softmax(q k^T * scale + mask) v` without the [B, heads, T, T]
-//! probabilities: the forward runs an online softmax over key tiles and keeps only the output
-//! and each row's log-sum-exp; the backward recomputes the probabilities tile by tile from
-//! q, k and that log-sum-exp. Attention memory is linear in T.
+//! probabilities: the forward takes 64 query rows at a time against every key they see
+//! (two matrix products and a softmax per row) and keeps only the output and each row's
+//! log-sum-exp; the backward recomputes each block's probabilities from q, k and that
+//! log-sum-exp. Attention memory is linear in T (the scratch is one [64, T] block per thread).
+//!
+//! The products go through gemm's microkernels on the calling thread, one task per block: at
+//! the README model's head width 32 and T = 128, scalar dot-product loops over key tiles took
+//! about 45% of the fused training step.
 //!
 //! Masking reproduces the composed path (nn/mask.rs) exactly: masked scores get a large
 //! negative number, not -inf, so a row that sees no key at all (a left-padded query) has all
@@ -10,9 +15,10 @@
 //!
 //! Grouped-query attention without copies: query head h reads kv head h / (heads / kv_heads).
 
-use super::{by_dtype, use_cpu_kernel, Elem};
+use super::gemm::{matmul, Mat};
+use super::{by_dtype, lane_max, lane_sum, use_cpu_kernel, Elem};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use num_traits::{Float, Zero};
+use num_traits::Zero;
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -29,9 +35,9 @@ pub struct FlashShape {
     pub scale: f32,
 }
 
-/// Query rows per forward task and keys per tile: a packed key tile ([D][TILE] for k and v)
-/// stays in L1 for head widths up to 64.
-const TILE: usize = 64;
+/// Query rows per block: a block's scores against every key it sees ([BLOCK, T]) are the
+/// only per-task scratch, 1 MiB at T = 4096.
+const BLOCK: usize = 64;
 
 /// Which keys a query row sees: `[lo, hi)` filtered by the key mask, or every key of the
 /// sequence (`all`) when that leaves none.
@@ -70,53 +76,77 @@ fn rows(s: &FlashShape, key_mask: Option<&[i64]>) -> Vec<Row> {
     out
 }
 
-/// Keys `j0..j0+n` of one head, transposed into `dst[d * TILE + jj]` so that the per-key dot
-/// products below run along contiguous keys whatever the head width.
-fn pack<T: Elem>(dst: &mut [T], src: &[T], stride: usize, base: usize, j0: usize, n: usize) {
-    let d = dst.len() / TILE;
-    for jj in 0..n {
-        let r = &src[(j0 + jj) * stride + base..][..d];
-        for (dd, x) in r.iter().enumerate() {
-            dst[dd * TILE + jj] = *x;
-        }
-    }
-}
-
-/// `s[jj] = sum_d x[d] * t[d][jj]` for a packed tile.
-fn dots<T: Elem>(s: &mut [T; TILE], x: &[T], t: &[T]) {
-    s.fill(T::zero());
-    for (dd, xv) in x.iter().enumerate() {
-        let row = &t[dd * TILE..][..TILE];
-        for jj in 0..TILE {
-            s[jj] = xv.mul_add(row[jj], s[jj]);
-        }
-    }
-}
-
-/// Whether key j (of batch row b) is visible to `r`, and its logit.
-#[inline]
-fn logit<T: Elem>(r: Row, km: Option<&[i64]>, j: usize, score: T, scale: T) -> Option<T> {
-    if r.all {
-        Some(T::zero())
-    } else if j >= r.lo && j < r.hi && km.is_none_or(|m| m[j] != 0) {
-        Some(score * scale)
-    } else {
-        None
-    }
-}
-
-/// The key tiles a set of rows needs.
-fn key_tiles(rs: &[Row], seq: usize) -> std::ops::Range<usize> {
+/// The keys a block of query rows needs: the union of their ranges, or the whole sequence
+/// when one of them sees no key.
+fn key_range(rs: &[Row], seq: usize) -> (usize, usize) {
     if rs.iter().any(|r| r.all) {
-        return 0..seq.div_ceil(TILE);
+        return (0, seq);
     }
     let lo = rs.iter().map(|r| r.lo).min().unwrap_or(0);
     let hi = rs.iter().map(|r| r.hi).max().unwrap_or(0);
-    lo / TILE..hi.div_ceil(TILE)
+    (lo, hi)
+}
+
+/// The query blocks of one head, in order: (first row, rows).
+fn blocks(seq: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..seq.div_ceil(BLOCK)).map(move |q| (q * BLOCK, BLOCK.min(seq - q * BLOCK)))
+}
+
+/// One score row (keys `klo..klo + row.len()`) to probabilities in place: keys `r` does not
+/// see become 0. With `lse` given the row is normalised by it (the backward's recomputation);
+/// otherwise by its own sum, and its log-sum-exp is returned. A row that sees no key has
+/// every logit 0, as the composed path's all-masked row.
+fn probabilities<T: Elem>(
+    row: &mut [T],
+    r: Row,
+    km: Option<&[i64]>,
+    klo: usize,
+    lse: Option<T>,
+) -> T {
+    let n = row.len();
+    if r.all {
+        let l = lse.unwrap_or_else(|| T::from(n).unwrap().ln());
+        row.fill((-l).exp());
+        return l;
+    }
+    let (a, z) = (r.lo - klo, r.hi - klo);
+    row[..a].fill(T::zero());
+    row[z..].fill(T::zero());
+    let vis = &mut row[a..z];
+    if let Some(m) = km {
+        for (x, keep) in vis.iter_mut().zip(&m[r.lo..r.hi]) {
+            if *keep == 0 {
+                *x = T::neg_infinity();
+            }
+        }
+    }
+    let shift = lse.unwrap_or_else(|| lane_max(vis));
+    // Separate passes: the exp loop vectorizes only without a running sum in it.
+    for x in vis.iter_mut() {
+        *x = (*x - shift).exp_fast();
+    }
+    if lse.is_some() {
+        return shift;
+    }
+    let sum = lane_sum(vis);
+    let inv = T::one() / sum;
+    for x in vis.iter_mut() {
+        *x *= inv;
+    }
+    shift + sum.ln()
+}
+
+/// Operands of one head: rows `i0..` of q (or any [rows, heads * d] buffer) at column `col`.
+fn at<T>(x: &[T], stride: usize, row: usize, col: usize) -> Mat<T> {
+    Mat::rows(&x[row * stride + col..], stride)
+}
+
+fn at_t<T>(x: &[T], stride: usize, row: usize, col: usize) -> Mat<T> {
+    Mat::t(&x[row * stride + col..], stride)
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn forward<T: Elem>(
+pub(crate) fn forward<T: Elem + 'static>(
     s: &FlashShape,
     scale: T,
     q: &[T],
@@ -131,82 +161,57 @@ pub(crate) fn forward<T: Elem>(
 ) {
     let (t, d, h, g) = (s.seq, s.head_dim, s.heads, s.heads / s.kv_heads);
     let vis = rows(s, key_mask);
-    let q_tiles = t.div_ceil(TILE);
-    // One task per (batch, head, query tile); each returns its rows' outputs and lse.
-    let results: Vec<(Vec<T>, Vec<T>)> = (0..s.batch * h * q_tiles)
+    let nb = t.div_ceil(BLOCK);
+    // One task per (batch, head, query block): P = softmax(scale q k^T) over the keys the
+    // block sees, then out = P v, as two products on the calling thread.
+    let results: Vec<(Vec<T>, Vec<T>)> = (0..s.batch * h * nb)
         .into_par_iter()
         .map(|task| {
-            let (b, hh, qt) = (task / (h * q_tiles), task / q_tiles % h, task % q_tiles);
-            let (i0, i1) = (qt * TILE, ((qt + 1) * TILE).min(t));
-            let kb = hh / g * d;
-            let km = key_mask.map(|m| &m[b * t..][..t]);
-            let rs = &vis[b * t + i0..b * t + i1];
-            let (mut kt, mut vt) = (vec![T::zero(); d * TILE], vec![T::zero(); d * TILE]);
-            let n = i1 - i0;
-            let mut acc = vec![T::zero(); n * d];
-            let mut m = vec![T::neg_infinity(); n];
-            let mut l = vec![T::zero(); n];
-            let mut sc = [T::zero(); TILE];
-            let (kb_rows, vb_rows) = (&k[b * t * k_stride..], &v[b * t * v_stride..]);
-            for tile in key_tiles(rs, t) {
-                let j0 = tile * TILE;
-                let nk = TILE.min(t - j0);
-                kt.fill(T::zero());
-                vt.fill(T::zero());
-                pack(&mut kt, kb_rows, k_stride, kb, j0, nk);
-                pack(&mut vt, vb_rows, v_stride, kb, j0, nk);
-                for (ii, r) in rs.iter().enumerate() {
-                    if !r.all && (r.hi <= j0 || r.lo >= j0 + nk) {
-                        continue;
-                    }
-                    let qi = &q[((b * t) + i0 + ii) * q_stride + hh * d..][..d];
-                    dots(&mut sc, qi, &kt);
-                    let mut tmax = T::neg_infinity();
-                    for (jj, x) in sc[..nk].iter_mut().enumerate() {
-                        *x = logit(*r, km, j0 + jj, *x, scale).unwrap_or(T::neg_infinity());
-                        tmax = Float::max(tmax, *x);
-                    }
-                    if tmax == T::neg_infinity() {
-                        continue;
-                    }
-                    let mnew = Float::max(m[ii], tmax);
-                    let corr = (m[ii] - mnew).exp();
-                    let mut sum = T::zero();
-                    for x in sc[..nk].iter_mut() {
-                        *x = (*x - mnew).exp();
-                        sum += *x;
-                    }
-                    l[ii] = l[ii] * corr + sum;
-                    m[ii] = mnew;
-                    let a = &mut acc[ii * d..][..d];
-                    for (dd, av) in a.iter_mut().enumerate() {
-                        let vrow = &vt[dd * TILE..][..nk];
-                        let pv = (0..nk).fold(T::zero(), |z, jj| sc[jj].mul_add(vrow[jj], z));
-                        *av = *av * corr + pv;
-                    }
-                }
-            }
-            for ii in 0..n {
-                for x in acc[ii * d..][..d].iter_mut() {
-                    *x /= l[ii];
-                }
-                m[ii] += l[ii].ln();
-            }
-            (acc, m)
+            let (b, hh, qb) = (task / (h * nb), task / nb % h, task % nb);
+            let (i0, n) = (qb * BLOCK, BLOCK.min(t - qb * BLOCK));
+            let (row0, kc) = (b * t, hh / g * d);
+            let km = key_mask.map(|m| &m[row0..][..t]);
+            let rs = &vis[row0 + i0..][..n];
+            let (klo, khi) = key_range(rs, t);
+            let nk = khi - klo;
+            let mut p = vec![T::zero(); n * nk];
+            let qm = at(q, q_stride, row0 + i0, hh * d);
+            let kt = at_t(k, k_stride, row0 + klo, kc);
+            matmul(n, nk, d, &mut p, nk, qm, kt, scale, false, false);
+            let l: Vec<T> = p
+                .chunks_mut(nk)
+                .zip(rs)
+                .map(|(row, r)| probabilities(row, *r, km, klo, None))
+                .collect();
+            let mut o = vec![T::zero(); n * d];
+            let vm = at(v, v_stride, row0 + klo, kc);
+            matmul(
+                n,
+                d,
+                nk,
+                &mut o,
+                d,
+                Mat::rows(&p, nk),
+                vm,
+                T::one(),
+                false,
+                false,
+            );
+            (o, l)
         })
         .collect();
-    for (task, (acc, lrow)) in results.into_iter().enumerate() {
-        let (b, hh, qt) = (task / (h * q_tiles), task / q_tiles % h, task % q_tiles);
-        let i0 = qt * TILE;
-        for (ii, o) in acc.chunks(d).enumerate() {
-            out[(b * t + i0 + ii) * h * d + hh * d..][..d].copy_from_slice(o);
+    for (task, (o, l)) in results.into_iter().enumerate() {
+        let (b, hh, qb) = (task / (h * nb), task / nb % h, task % nb);
+        let i0 = qb * BLOCK;
+        for (ii, orow) in o.chunks(d).enumerate() {
+            out[(b * t + i0 + ii) * h * d + hh * d..][..d].copy_from_slice(orow);
         }
-        lse[(b * h + hh) * t + i0..][..lrow.len()].copy_from_slice(&lrow);
+        lse[(b * h + hh) * t + i0..][..l.len()].copy_from_slice(&l);
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward<T: Elem>(
+pub(crate) fn backward<T: Elem + 'static>(
     s: &FlashShape,
     scale: T,
     q: &[T],
@@ -236,88 +241,69 @@ pub(crate) fn backward<T: Elem>(
         })
         .collect();
     // One task per (batch, kv head): it alone accumulates that kv head's dk, dv and its query
-    // heads' dq, in a fixed order, so the result does not depend on the thread count.
+    // heads' dq, in a fixed order, so the result does not depend on the thread count. Per
+    // query block, with P recomputed from the saved log-sum-exp:
+    //   dP = dout v^T, dS = P * (dP - D) * scale, dq = dS k, dk += dS^T q, dv += P^T dout.
     let results: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..s.batch * kvh)
         .into_par_iter()
         .map(|task| {
             let (b, kh) = (task / kvh, task % kvh);
-            let km = key_mask.map(|m| &m[b * t..][..t]);
-            let rs = &vis[b * t..][..t];
-            let kb = kh * d;
+            let (row0, kc) = (b * t, kh * d);
+            let km = key_mask.map(|m| &m[row0..][..t]);
             let mut gq = vec![T::zero(); g * t * d];
             let (mut gk, mut gv) = (vec![T::zero(); t * d], vec![T::zero(); t * d]);
-            let (mut kt, mut vt) = (vec![T::zero(); d * TILE], vec![T::zero(); d * TILE]);
-            let (mut dkt, mut dvt) = (vec![T::zero(); d * TILE], vec![T::zero(); d * TILE]);
-            let (mut p, mut dp) = ([T::zero(); TILE], [T::zero(); TILE]);
-            let (kb_rows, vb_rows) = (&k[b * t * k_stride..], &v[b * t * v_stride..]);
-            for tile in 0..t.div_ceil(TILE) {
-                let j0 = tile * TILE;
-                let nk = TILE.min(t - j0);
-                kt.fill(T::zero());
-                vt.fill(T::zero());
-                dkt.fill(T::zero());
-                dvt.fill(T::zero());
-                pack(&mut kt, kb_rows, k_stride, kb, j0, nk);
-                pack(&mut vt, vb_rows, v_stride, kb, j0, nk);
-                for gi in 0..g {
-                    let hh = kh * g + gi;
-                    for (i, r) in rs.iter().enumerate() {
-                        if !r.all && (r.hi <= j0 || r.lo >= j0 + nk) {
-                            continue;
-                        }
-                        let row = (b * t + i) * q_stride + hh * d;
-                        let qi = &q[row..][..d];
-                        let oi = (b * t + i) * od + hh * d;
-                        let doi = &dout[oi..][..d];
-                        let li = (b * h + hh) * t + i;
-                        let (lse_i, delta_i) = (lse[li], delta[li]);
-                        dots(&mut p, qi, &kt);
-                        dots(&mut dp, doi, &vt);
-                        let mut any = false;
-                        for jj in 0..TILE {
-                            let lg = if jj < nk {
-                                logit(*r, km, j0 + jj, p[jj], scale)
-                            } else {
-                                None
-                            };
-                            match lg {
-                                Some(x) => {
-                                    p[jj] = (x - lse_i).exp();
-                                    // dp becomes the score gradient, scaled.
-                                    dp[jj] = p[jj] * (dp[jj] - delta_i) * scale;
-                                    any = true;
-                                }
-                                None => {
-                                    p[jj] = T::zero();
-                                    dp[jj] = T::zero();
-                                }
-                            }
-                        }
-                        if !any {
-                            continue;
-                        }
-                        let gqi = &mut gq[(gi * t + i) * d..][..d];
-                        for dd in 0..d {
-                            let krow = &kt[dd * TILE..][..TILE];
-                            gqi[dd] +=
-                                (0..TILE).fold(T::zero(), |z, jj| dp[jj].mul_add(krow[jj], z));
-                            let (qd, dod) = (qi[dd], doi[dd]);
-                            let dkr = &mut dkt[dd * TILE..][..TILE];
-                            for jj in 0..TILE {
-                                dkr[jj] = dp[jj].mul_add(qd, dkr[jj]);
-                            }
-                            let dvr = &mut dvt[dd * TILE..][..TILE];
-                            for jj in 0..TILE {
-                                dvr[jj] = p[jj].mul_add(dod, dvr[jj]);
-                            }
+            let mut p = vec![T::zero(); BLOCK.min(t) * t];
+            let mut ds = p.clone();
+            for gi in 0..g {
+                let hh = kh * g + gi;
+                for (i0, n) in blocks(t) {
+                    let rs = &vis[row0 + i0..][..n];
+                    let (klo, khi) = key_range(rs, t);
+                    let nk = khi - klo;
+                    let (p, ds) = (&mut p[..n * nk], &mut ds[..n * nk]);
+                    let qm = at(q, q_stride, row0 + i0, hh * d);
+                    let dom = at(dout, od, row0 + i0, hh * d);
+                    let li = (b * h + hh) * t + i0;
+                    matmul(
+                        n,
+                        nk,
+                        d,
+                        p,
+                        nk,
+                        qm,
+                        at_t(k, k_stride, row0 + klo, kc),
+                        scale,
+                        false,
+                        false,
+                    );
+                    for (ii, (row, r)) in p.chunks_mut(nk).zip(rs).enumerate() {
+                        probabilities(row, *r, km, klo, Some(lse[li + ii]));
+                    }
+                    let vt = at_t(v, v_stride, row0 + klo, kc);
+                    matmul(n, nk, d, ds, nk, dom, vt, T::one(), false, false);
+                    for (ii, (dsr, pr)) in ds.chunks_mut(nk).zip(p.chunks(nk)).enumerate() {
+                        let di = delta[li + ii];
+                        for (x, pj) in dsr.iter_mut().zip(pr) {
+                            *x = *pj * (*x - di) * scale;
                         }
                     }
-                }
-                for jj in 0..nk {
-                    for dd in 0..d {
-                        gk[(j0 + jj) * d + dd] = dkt[dd * TILE + jj];
-                        gv[(j0 + jj) * d + dd] = dvt[dd * TILE + jj];
-                    }
+                    let km_ = at(k, k_stride, row0 + klo, kc);
+                    let gqb = &mut gq[(gi * t + i0) * d..];
+                    matmul(
+                        n,
+                        d,
+                        nk,
+                        gqb,
+                        d,
+                        Mat::rows(ds, nk),
+                        km_,
+                        T::one(),
+                        false,
+                        false,
+                    );
+                    let (gkb, gvb) = (&mut gk[klo * d..], &mut gv[klo * d..]);
+                    matmul(nk, d, n, gkb, d, Mat::t(ds, nk), qm, T::one(), true, false);
+                    matmul(nk, d, n, gvb, d, Mat::t(p, nk), dom, T::one(), true, false);
                 }
             }
             (gq, gk, gv)
@@ -402,7 +388,7 @@ pub fn flash_forward(
     )
 }
 
-/// Recomputes the probabilities tile by tile from q, k and lse; writes (overwrites) dq, dk, dv
+/// Recomputes the probabilities block by block from q, k and lse; writes (overwrites) dq, dk, dv
 /// in the same layouts and strides as q, k, v.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_backward(

@@ -8,6 +8,7 @@ pub mod activation;
 pub mod adamw;
 pub mod attention_probs;
 pub mod cross_entropy;
+pub mod fast_exp;
 pub mod flash_attention;
 pub mod frozen_matmul;
 pub(crate) mod gemm;
@@ -53,10 +54,54 @@ pub(crate) trait Elem:
     + std::ops::AddAssign
     + std::ops::SubAssign
     + std::ops::DivAssign
+    + std::ops::MulAssign
 {
+    /// `exp`, vectorizable in f32 (ops/fast_exp.rs); f64 keeps libm's for the reference tests.
+    #[inline(always)]
+    fn exp_fast(self) -> Self {
+        self.exp()
+    }
 }
-impl Elem for f32 {}
+impl Elem for f32 {
+    #[inline(always)]
+    fn exp_fast(self) -> Self {
+        fast_exp::exp(self)
+    }
+}
 impl Elem for f64 {}
+
+/// Lanes of the reductions below: one accumulator is a chain of dependent adds (4 cycles
+/// each); 16 independent ones the compiler keeps in vector registers.
+const LANES: usize = 16;
+
+/// `sum(x)`, vectorized; the order of the adds depends only on `x.len()`.
+pub(crate) fn lane_sum<T: Elem>(x: &[T]) -> T {
+    let mut acc = [T::zero(); LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().fold(T::zero(), |a, b| a + *b);
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += *v;
+        }
+    }
+    acc.iter().fold(tail, |a, b| a + *b)
+}
+
+/// `max(x)` (negative infinity for an empty slice), vectorized.
+pub(crate) fn lane_max<T: Elem>(x: &[T]) -> T {
+    let mut acc = [T::neg_infinity(); LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(T::neg_infinity(), |a, b| Float::max(a, *b));
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a = if *v > *a { *v } else { *a };
+        }
+    }
+    acc.iter().fold(tail, |a, b| Float::max(a, *b))
+}
 
 /// The contiguous slice a storage/layout pair describes.
 pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
