@@ -22,16 +22,21 @@ def run(trainer, batches):
     return np.array([s.loss for s in stats]), np.array([s.grad_norm for s in stats])
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "composed"])
 @pytest.mark.parametrize("suffix", ["", "_nonzeroB"])
-def test_lora_trajectory_matches_peft(fixtures, tmp_path, suffix):
+def test_lora_trajectory_matches_peft(fixtures, tmp_path, suffix, fused):
     lora = fixtures / "tiny-qwen2" / "lora"
     tr = np.load(lora / "trajectory.npz")
     model = mc.load_model(fixtures / "tiny-qwen2")
     model.load_adapter(lora / f"adapter_step0{suffix}")
     trainer = mc.Trainer(
-        model, mc.AdamW(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01), max_grad_norm=1.0
+        model,
+        mc.AdamW(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
+        max_grad_norm=1.0,
+        fused=fused,
     )
     losses, norms = run(trainer, tr["batches"])
+    assert trainer.last_step_path == ("fused" if fused else "composed"), trainer.last_composed_reason
     np.testing.assert_allclose(losses, tr[f"losses{suffix}"], atol=ATOL_LOSS, rtol=0)
     np.testing.assert_allclose(norms, tr[f"grad_norms{suffix}"], rtol=RTOL_NORM, atol=0)
     model.save_adapter(tmp_path / "adapter")

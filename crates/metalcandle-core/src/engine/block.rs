@@ -17,10 +17,10 @@
 //! Every parameter gradient accumulates (`+=`) into the flat gradient buffer, so micro-batches
 //! and tied weights sum in place.
 
-use super::buffers::{Acts, Grads};
+use super::buffers::{Acts, Grads, LoraSlot};
 use super::kernels::{
-    add_assign, linear_bwd, linear_fwd, mlp_act_bwd, mlp_act_fwd, norm_bwd, norm_fwd,
-    rope_in_place, NormParams,
+    add_assign, linear_bwd, linear_fwd, lora_bwd, lora_fwd, mlp_act_bwd, mlp_act_fwd, norm_bwd,
+    norm_fwd, rope_in_place, NormParams,
 };
 use super::{Lin, NormPlan, StepCtx};
 use crate::ops::flash_attention::{flash_backward, flash_forward, FlashShape};
@@ -67,12 +67,13 @@ impl BlockPlan {
         let (qw, kvw) = (nh * hd, nkv * hd);
         let n1 = c.norm(&self.n1);
         norm_fwd(&n1, x, &mut a.ln1[..n * hs], &mut a.mean1, &mut a.rstd1);
-        for (lin, buf) in [
-            (&self.q, &mut a.q),
-            (&self.k, &mut a.k),
-            (&self.v, &mut a.v),
+        for (lin, buf, slot) in [
+            (&self.q, &mut a.q, LoraSlot::Q),
+            (&self.k, &mut a.k, LoraSlot::K),
+            (&self.v, &mut a.v, LoraSlot::V),
         ] {
             linear_fwd(&a.ln1, c.w(lin), c.b(lin), n, hs, lin.rows, buf, lin.rows);
+            adapt(c, lin, &a.ln1, n, buf, lin.rows, &mut a.lora[slot as usize]);
         }
         if let Some(r) = self.rope {
             let (cos, sin) = &c.rope[r];
@@ -93,6 +94,15 @@ impl BlockPlan {
             &mut a.lse[..n * nh],
         );
         linear_fwd(&a.att, c.w(&self.o), c.b(&self.o), n, qw, hs, &mut a.x2, hs);
+        adapt(
+            c,
+            &self.o,
+            &a.att,
+            n,
+            &mut a.x2,
+            hs,
+            &mut a.lora[LoraSlot::O as usize],
+        );
         add_assign(&mut a.x2[..n * hs], x);
         let n2 = c.norm(&self.n2);
         norm_fwd(
@@ -105,6 +115,8 @@ impl BlockPlan {
         let ff = self.up.rows;
         if let Some(g) = &self.gate {
             linear_fwd(&a.ln2, c.w(g), c.b(g), n, hs, ff, &mut a.gate, ff);
+            let h = &mut a.lora[LoraSlot::Gate as usize];
+            adapt(c, g, &a.ln2, n, &mut a.gate, ff, h);
         }
         linear_fwd(
             &a.ln2,
@@ -116,9 +128,13 @@ impl BlockPlan {
             &mut a.up,
             ff,
         );
+        let h = &mut a.lora[LoraSlot::Up as usize];
+        adapt(c, &self.up, &a.ln2, n, &mut a.up, ff, h);
         let gate = self.gate.as_ref().map(|_| &a.gate[..n * ff]);
         mlp_act_fwd(self.act, gate, &a.up[..n * ff], &mut a.h);
         linear_fwd(&a.h, c.w(&self.down), c.b(&self.down), n, ff, hs, out, hs);
+        let h = &mut a.lora[LoraSlot::Down as usize];
+        adapt(c, &self.down, &a.h, n, out, hs, h);
         add_assign(&mut out[..n * hs], &a.x2[..n * hs]);
     }
 
@@ -147,6 +163,8 @@ impl BlockPlan {
             c.gb(d),
             Some((&mut g.dh, false)),
         );
+        let h = &a.lora[LoraSlot::Down as usize];
+        adapt_bwd(c, d, &a.h, h, &g.dres, hs, n, &mut g.dlora, &mut g.dh);
         let gate = self.gate.as_ref().map(|_| &a.gate[..n * ff]);
         mlp_act_bwd(
             self.act,
@@ -170,6 +188,8 @@ impl BlockPlan {
                 c.gb(gl),
                 Some((&mut g.dln, acc)),
             );
+            let h = &a.lora[LoraSlot::Gate as usize];
+            adapt_bwd(c, gl, &a.ln2, h, &g.dgate, ff, n, &mut g.dlora, &mut g.dln);
             acc = true;
         }
         let u = &self.up;
@@ -185,6 +205,8 @@ impl BlockPlan {
             c.gb(u),
             Some((&mut g.dln, acc)),
         );
+        let h = &a.lora[LoraSlot::Up as usize];
+        adapt_bwd(c, u, &a.ln2, h, &g.dup, ff, n, &mut g.dlora, &mut g.dln);
         let n2 = c.norm(&self.n2);
         let (dw2, db2) = c.norm_grads(&self.n2);
         norm_bwd(
@@ -211,6 +233,8 @@ impl BlockPlan {
             c.gb(o),
             Some((&mut g.datt, false)),
         );
+        let h = &a.lora[LoraSlot::O as usize];
+        adapt_bwd(c, o, &a.att, h, &g.dres, hs, n, &mut g.dlora, &mut g.datt);
         let s = self.shape(c);
         flash_backward(
             &s,
@@ -233,6 +257,7 @@ impl BlockPlan {
             rope_in_place(&mut g.dq, qw, n, 0, nh, hd, c.seq, cos, sin, true);
             rope_in_place(&mut g.dk, kvw, n, 0, nkv, hd, c.seq, cos, sin, true);
         }
+        let slots = [LoraSlot::Q, LoraSlot::K, LoraSlot::V];
         for (i, (lin, dy)) in [(&self.q, &g.dq), (&self.k, &g.dk), (&self.v, &g.dv)]
             .into_iter()
             .enumerate()
@@ -249,6 +274,8 @@ impl BlockPlan {
                 c.gb(lin),
                 Some((&mut g.dln, i > 0)),
             );
+            let h = &a.lora[slots[i] as usize];
+            adapt_bwd(c, lin, &a.ln1, h, dy, lin.rows, n, &mut g.dlora, &mut g.dln);
         }
         let n1 = c.norm(&self.n1);
         let (dw1, db1) = c.norm_grads(&self.n1);
@@ -261,6 +288,36 @@ impl BlockPlan {
             &mut g.dres[..nhs],
             dw1,
             db1,
+        );
+    }
+}
+
+/// `y += s (x A^T) B^T` when `lin` carries a LoRA branch, keeping x A^T in `h`.
+fn adapt(c: &StepCtx, lin: &Lin, x: &[f32], n: usize, y: &mut [f32], ldy: usize, h: &mut [f32]) {
+    if let Some((p, la, lb)) = c.lora(lin) {
+        let h = &mut h[..n * p.rank];
+        lora_fwd(x, la, lb, p.scaling, n, lin.inp, lin.rows, h, y, ldy);
+    }
+}
+
+/// The backward of `adapt`: the LoRA gradients, and its share of dx added to `dx`.
+#[allow(clippy::too_many_arguments)]
+fn adapt_bwd(
+    c: &StepCtx,
+    lin: &Lin,
+    x: &[f32],
+    h: &[f32],
+    dy: &[f32],
+    ldy: usize,
+    n: usize,
+    dh: &mut [f32],
+    dx: &mut [f32],
+) {
+    if let Some((p, la, lb)) = c.lora(lin) {
+        let (h, dh) = (&h[..n * p.rank], &mut dh[..n * p.rank]);
+        let grads = c.lora_grads(lin);
+        lora_bwd(
+            x, la, lb, p.scaling, h, dy, ldy, n, lin.inp, lin.rows, grads, dh, dx,
         );
     }
 }

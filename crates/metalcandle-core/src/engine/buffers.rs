@@ -23,6 +23,20 @@ pub struct Acts {
     pub gate: Vec<f32>,
     pub up: Vec<f32>,
     pub h: Vec<f32>,
+    /// Each linear's LoRA input projection x A^T [N, r], by `LoraSlot` (empty without LoRA).
+    pub lora: Vec<Vec<f32>>,
+}
+
+/// Where each of a block's linears keeps its LoRA activations.
+#[derive(Clone, Copy)]
+pub enum LoraSlot {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
 }
 
 /// Widths of a layer's buffers.
@@ -34,6 +48,8 @@ pub struct Dims {
     pub ff: usize,
     pub heads: usize,
     pub gated: bool,
+    /// The largest LoRA rank (0 without an adapter).
+    pub rank: usize,
 }
 
 impl Acts {
@@ -55,6 +71,7 @@ impl Acts {
             gate: z(if d.gated { n * d.ff } else { 0 }),
             up: z(n * d.ff),
             h: z(n * d.ff),
+            lora: (0..7).map(|_| z(n * d.rank)).collect(),
         }
     }
 }
@@ -72,6 +89,8 @@ pub struct Grads {
     pub dh: Vec<f32>,
     pub dgate: Vec<f32>,
     pub dup: Vec<f32>,
+    /// dL/d (x A^T) of the LoRA linear being differentiated [N, r]
+    pub dlora: Vec<f32>,
 }
 
 impl Grads {
@@ -87,6 +106,7 @@ impl Grads {
             dh: z(n * d.ff),
             dgate: z(n * d.ff),
             dup: z(n * d.ff),
+            dlora: z(n * d.rank),
         }
     }
 }

@@ -89,6 +89,122 @@ pub fn linear_bwd(
     }
 }
 
+/// A LoRA branch added to a linear's output: `h = x A^T` [N, r] (kept for the backward),
+/// `y += s h B^T`. `b` holds the rows of B for the `out` outputs in `y`.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_fwd(
+    x: &[f32],
+    a: &[f32],
+    b: &[f32],
+    s: f32,
+    rows: usize,
+    inp: usize,
+    out: usize,
+    h: &mut [f32],
+    y: &mut [f32],
+    ldy: usize,
+) {
+    let r = a.len() / inp;
+    matmul(
+        rows,
+        r,
+        inp,
+        h,
+        r,
+        Mat::rows(x, inp),
+        Mat::t(a, inp),
+        1.0,
+        false,
+        true,
+    );
+    matmul(
+        rows,
+        out,
+        r,
+        y,
+        ldy,
+        Mat::rows(h, r),
+        Mat::t(b, r),
+        s,
+        true,
+        true,
+    );
+}
+
+/// Its backward for an upstream dy [N, out]: `dB += s dy^T h`, `dh = s dy B` (into the
+/// scratch `dh`), `dA += dh^T x`, `dx += dh A`.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_bwd(
+    x: &[f32],
+    a: &[f32],
+    b: &[f32],
+    s: f32,
+    h: &[f32],
+    dy: &[f32],
+    ldy: usize,
+    rows: usize,
+    inp: usize,
+    out: usize,
+    grads: (Option<&mut [f32]>, Option<&mut [f32]>),
+    dh: &mut [f32],
+    dx: &mut [f32],
+) {
+    let r = a.len() / inp;
+    let (da, db) = grads;
+    if let Some(db) = db {
+        matmul(
+            out,
+            r,
+            rows,
+            db,
+            r,
+            Mat::t(dy, ldy),
+            Mat::rows(h, r),
+            s,
+            true,
+            true,
+        );
+    }
+    matmul(
+        rows,
+        r,
+        out,
+        dh,
+        r,
+        Mat::rows(dy, ldy),
+        Mat::rows(b, r),
+        s,
+        false,
+        true,
+    );
+    if let Some(da) = da {
+        matmul(
+            r,
+            inp,
+            rows,
+            da,
+            inp,
+            Mat::t(dh, r),
+            Mat::rows(x, inp),
+            1.0,
+            true,
+            true,
+        );
+    }
+    matmul(
+        rows,
+        inp,
+        r,
+        dx,
+        inp,
+        Mat::rows(dh, r),
+        Mat::rows(a, inp),
+        1.0,
+        true,
+        true,
+    );
+}
+
 /// Applies `f(row_index, row)` to the first `rows` rows (leading dimension `ld`) of `buf`.
 pub fn for_rows(buf: &mut [f32], ld: usize, rows: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let buf = &mut buf[..rows * ld];

@@ -33,6 +33,15 @@ pub(crate) struct Lin {
     inp: usize,
     row0: usize,
     rows: usize,
+    lora: Option<LoraPlan>,
+}
+
+/// A linear's LoRA branch `s * B A` (A [r, in], B [out, r]; the Lin's rows of B).
+pub(crate) struct LoraPlan {
+    a: usize,
+    b: usize,
+    rank: usize,
+    scaling: f32,
 }
 
 pub(crate) struct NormPlan {
@@ -64,8 +73,17 @@ pub fn ineligible(model: &Decoder) -> Option<String> {
     if model.is_quantized() {
         return Some("the model has quantized weights".into());
     }
-    if model.has_adapter() {
-        return Some("a LoRA adapter is attached".into());
+    let adapted: Vec<_> = model
+        .blocks
+        .iter()
+        .flat_map(|b| b.attn.linears().into_iter().chain(b.mlp.linears()))
+        .filter_map(|l| l.lora.as_ref())
+        .collect();
+    if adapted.iter().any(|l| l.merged) {
+        return Some("the adapter is merged into the base weights".into());
+    }
+    if adapted.iter().any(|l| l.dropout > 0.0) {
+        return Some("LoRA dropout is on".into());
     }
     if model.hooks.active() || !model.hooks.aux_losses().is_empty() {
         return Some("a hook or auxiliary loss is attached".into());
@@ -136,6 +154,15 @@ fn lin(ix: &HashMap<String, usize>, l: &Linear, row0: usize, rows: usize) -> Res
         inp: l.in_features(),
         row0,
         rows,
+        lora: match &l.lora {
+            Some(a) => Some(LoraPlan {
+                a: get(format!("{}.lora_A.weight", l.name))?,
+                b: get(format!("{}.lora_B.weight", l.name))?,
+                rank: a.a.dims()[0],
+                scaling: a.scaling as f32,
+            }),
+            None => None,
+        },
     })
 }
 
@@ -187,16 +214,27 @@ impl Plan {
             dims.ff = dims.ff.max(ff);
             dims.heads = dims.heads.max(a.num_heads);
             dims.gated |= gate.is_some();
+            for l in [&q, &k, &v].into_iter().chain(gate.as_ref()) {
+                dims.rank = dims.rank.max(l.lora.as_ref().map_or(0, |p| p.rank));
+            }
+            let (o, up) = (
+                lin(ix, &b.attn.o, 0, model.spec.hidden_size)?,
+                lin(ix, &m.up, 0, ff)?,
+            );
+            let down = lin(ix, &m.down, 0, model.spec.hidden_size)?;
+            for l in [&o, &up, &down] {
+                dims.rank = dims.rank.max(l.lora.as_ref().map_or(0, |p| p.rank));
+            }
             blocks.push(BlockPlan {
                 n1: norm(ix, &b.attn_norm)?,
                 q,
                 k,
                 v,
-                o: lin(ix, &b.attn.o, 0, model.spec.hidden_size)?,
+                o,
                 n2: norm(ix, &b.mlp_norm)?,
                 gate,
-                up: lin(ix, &m.up, 0, ff)?,
-                down: lin(ix, &m.down, 0, model.spec.hidden_size)?,
+                up,
+                down,
                 attn: a,
                 act: m.spec.activation,
                 rope: matches!(model.spec.positions, Positions::Rope { .. }).then_some(i),
@@ -272,6 +310,25 @@ impl StepCtx<'_> {
         self.grad(l.b?, l.row0..l.row0 + l.rows)
     }
 
+    /// A and this Lin's rows of B.
+    fn lora<'l>(&'l self, l: &'l Lin) -> Option<(&'l LoraPlan, &'l [f32], &'l [f32])> {
+        let p = l.lora.as_ref()?;
+        let b = &self.params[p.b][l.row0 * p.rank..(l.row0 + l.rows) * p.rank];
+        Some((p, self.params[p.a], b))
+    }
+
+    /// The gradients of A and of this Lin's rows of B.
+    fn lora_grads(&self, l: &Lin) -> (Option<&mut [f32]>, Option<&mut [f32]>) {
+        let Some(p) = l.lora.as_ref() else {
+            return (None, None);
+        };
+        let rows = l.row0 * p.rank..(l.row0 + l.rows) * p.rank;
+        (
+            self.grad(p.a, 0..self.params[p.a].len()),
+            self.grad(p.b, rows),
+        )
+    }
+
     fn norm_grads(&self, n: &NormPlan) -> (Option<&mut [f32]>, Option<&mut [f32]>) {
         let d = self.params[n.w].len();
         (self.grad(n.w, 0..d), n.b.and_then(|b| self.grad(b, 0..d)))
@@ -341,7 +398,9 @@ pub(crate) fn accumulate(
 ) -> Result<Accumulated> {
     let (b, t) = micro_batches[0].ids.dims2()?;
     let key = (b, t, checkpointing);
-    let named = model.named_parameters();
+    // The base parameters, then the adapter's (trainable when attached, the base frozen).
+    let mut named = model.named_parameters();
+    model.visit_adapter_mut(&mut |n, t| named.push((n.to_string(), t.clone())));
     let ix: HashMap<String, usize> = named
         .iter()
         .enumerate()
