@@ -322,7 +322,8 @@ pub fn train_step_with(
         None => StepPath::Fused,
     };
     model.hooks.set_step(opt.step_count());
-    let (loss, aux, mut grads) = if path == StepPath::Fused {
+    // The fused path returns its norm, and its gradients already clipped, from its flat buffer.
+    let (loss, aux, mut grads, fused_norm) = if path == StepPath::Fused {
         let names: Vec<String> = vars.iter().map(|(n, _)| n.clone()).collect();
         let a = crate::engine::accumulate(
             model,
@@ -331,8 +332,9 @@ pub fn train_step_with(
             total,
             opts.gradient_checkpointing,
             opts.reducer,
+            opts.max_grad_norm,
         )?;
-        (a.loss, vec![], a.grads)
+        (a.loss, vec![], a.grads, Some(a.grad_norm))
     } else {
         model.set_training(true);
         let result = accumulate(model, &vars, micro_batches, total);
@@ -341,14 +343,36 @@ pub fn train_step_with(
         if let Some(r) = opts.reducer {
             (loss, aux) = sum_over_workers(r, model, &vars, loss, aux, &mut grads)?;
         }
-        (loss, aux, grads)
+        (loss, aux, grads, None)
     };
+    let grad_norm = match fused_norm {
+        Some(n) => n,
+        None => clip_composed(model, &vars, &mut grads, opts.max_grad_norm)?,
+    };
+    opt.step(&vars, &grads)?;
+    Ok(StepStats {
+        loss,
+        grad_norm,
+        tokens: total,
+        aux,
+        path,
+    })
+}
+
+/// Gradient transforms (hooks), then torch's clip_grad_norm_ on the composed path's gradients;
+/// returns the norm before clipping.
+fn clip_composed(
+    model: &mut Decoder,
+    vars: &[(String, Var)],
+    grads: &mut HashMap<String, Tensor>,
+    max_grad_norm: Option<f64>,
+) -> Result<f64> {
     if !model.hooks.update_transforms().is_empty() {
         let params: HashMap<String, Tensor> = vars
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
             .collect();
-        model.hooks.transform_grads(&params, &mut grads)?;
+        model.hooks.transform_grads(&params, grads)?;
     }
 
     // torch's clip_grad_norm_: total = ||all grads||, coef = min(1, max/(total + 1e-6)).
@@ -363,7 +387,7 @@ pub fn train_step_with(
             .to_scalar::<f64>()?;
     }
     let grad_norm = sq.sqrt();
-    if let Some(max) = opts.max_grad_norm {
+    if let Some(max) = max_grad_norm {
         let coef = (max as f32 / (grad_norm as f32 + 1e-6)).min(1.0);
         if coef < 1.0 {
             for g in grads.values_mut() {
@@ -371,14 +395,7 @@ pub fn train_step_with(
             }
         }
     }
-    opt.step(&vars, &grads)?;
-    Ok(StepStats {
-        loss,
-        grad_norm,
-        tokens: total,
-        aux,
-        path,
-    })
+    Ok(grad_norm)
 }
 
 /// Sums the workers' gradients in one flat f32 buffer (the parameters' order, then one presence

@@ -136,7 +136,41 @@ impl std::fmt::Debug for Slot {
 /// What one step's forward and backward hand back to the shared tail of `train_step`.
 pub(crate) struct Accumulated {
     pub loss: f64,
+    /// The norm of all gradients before clipping.
+    pub grad_norm: f64,
+    /// Clipped when a maximum norm was given.
     pub grads: HashMap<String, Tensor>,
+}
+
+/// `||g||`: f64 partial sums over fixed blocks in 8 lanes, added in block order, so the same
+/// gradients give the same bits whatever the thread count.
+fn flat_norm(g: &[f32]) -> f64 {
+    use rayon::prelude::*;
+    let partial: Vec<f64> = g
+        .par_chunks(1 << 16)
+        .map(|c| {
+            let mut acc = [0f64; 8];
+            let chunks = c.chunks_exact(8);
+            let tail: f64 = chunks.remainder().iter().map(|x| (*x as f64).powi(2)).sum();
+            for ch in chunks {
+                for (a, x) in acc.iter_mut().zip(ch) {
+                    *a += (*x as f64) * (*x as f64);
+                }
+            }
+            acc.iter().sum::<f64>() + tail
+        })
+        .collect();
+    partial.iter().sum::<f64>().sqrt()
+}
+
+/// torch's clip_grad_norm_ on the flat buffer in place: coef = min(1, max / (norm + 1e-6)).
+fn clip_flat(g: &mut [f32], norm: f64, max: f64) {
+    use rayon::prelude::*;
+    let coef = (max as f32 / (norm as f32 + 1e-6)).min(1.0);
+    if coef < 1.0 {
+        g.par_chunks_mut(1 << 16)
+            .for_each(|c| c.iter_mut().for_each(|x| *x *= coef));
+    }
 }
 
 fn lin(ix: &HashMap<String, usize>, l: &Linear, row0: usize, rows: usize) -> Result<Lin> {
@@ -395,6 +429,7 @@ pub(crate) fn accumulate(
     total: usize,
     checkpointing: bool,
     reducer: Option<&mut dyn GradReducer>,
+    max_grad_norm: Option<f64>,
 ) -> Result<Accumulated> {
     let (b, t) = micro_batches[0].ids.dims2()?;
     let key = (b, t, checkpointing);
@@ -490,6 +525,10 @@ pub(crate) fn accumulate(
         loss = l[0];
         r.sum_f32(&mut engine.flat)?;
     }
+    let grad_norm = flat_norm(&engine.flat);
+    if let Some(max) = max_grad_norm {
+        clip_flat(&mut engine.flat, grad_norm, max);
+    }
     let mut grads = HashMap::new();
     for name in trainable {
         let i = ix[name];
@@ -503,7 +542,11 @@ pub(crate) fn accumulate(
         grads.insert(name.clone(), g);
     }
     model.engine.0 = Some(engine);
-    Ok(Accumulated { loss, grads })
+    Ok(Accumulated {
+        loss,
+        grad_norm,
+        grads,
+    })
 }
 
 /// One micro-batch's forward, loss and backward; returns its mean loss.

@@ -76,7 +76,7 @@ fn fused(m: &mut Decoder, batches: &[Batch], ckpt: bool) -> Grads {
         .map(|(n, _)| n)
         .collect();
     let total = total_tokens(batches);
-    let a = super::accumulate(m, &names, batches, total, ckpt, None).unwrap();
+    let a = super::accumulate(m, &names, batches, total, ckpt, None, None).unwrap();
     (a.loss, a.grads)
 }
 
