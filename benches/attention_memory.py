@@ -91,14 +91,20 @@ def main() -> None:
             # One worker function; the name run_worker passes is only its label.
             results[p][t] = run_worker(__file__, f"{p} T={t}", spec, args.threads, rss_cap_mib=cap)
 
-    rows = [["path", *[f"T={t} MiB" for t in seqs], *[f"x{seqs[i]}->{seqs[i + 1]}" for i in range(len(seqs) - 1)]]]
+    steps = [f"x{a}->{b}" for a, b in zip(seqs, seqs[1:], strict=False)]
+    rows = [["path", *[f"T={t} MiB" for t in seqs], *steps]]
     for p in paths:
         peaks = [results[p][t].get("peak_rss_mib") for t in seqs]
-        cells = [f"{x:.0f}" if x is not None else results[p][t].get("error", "?") for x, t in zip(peaks, seqs)]
+        cells = [
+            f"{x:.0f}" if x is not None else results[p][t].get("error", "?")
+            for x, t in zip(peaks, seqs, strict=True)
+        ]
         growth = [ratio(peaks[i + 1], peaks[i]) for i in range(len(seqs) - 1)]
         rows.append([p, *cells, *[f"{g:.2f}" if g is not None else "" for g in growth]])
-    print(f"one training step, batch 1, {SHAPE['n_layers']} layers x {SHAPE['n_heads']} heads of width "
-          f"{SHAPE['d_model'] // SHAPE['n_heads']}, {args.threads} threads: peak RSS")
+    print(
+        f"one training step, batch 1, {SHAPE['n_layers']} layers x {SHAPE['n_heads']} heads of width "
+        f"{SHAPE['d_model'] // SHAPE['n_heads']}, {args.threads} threads: peak RSS"
+    )
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
