@@ -121,8 +121,9 @@ def fresh_lora(fixtures, tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "composed"])
 @pytest.mark.parametrize("suffix", ["", "_nonzeroB"])
-def test_lora_trajectory_matches_freshly_regenerated_peft(fresh_lora, tmp_path, suffix):
+def test_lora_trajectory_matches_freshly_regenerated_peft(fresh_lora, tmp_path, suffix, fused):
     from test_training import test_lora_trajectory_matches_peft as check
 
-    check(fresh_lora, tmp_path, suffix)
+    check(fresh_lora, tmp_path, suffix, fused)
