@@ -1,9 +1,11 @@
 //! Mean cross-entropy over rows whose label is not `IGNORE_INDEX`, from logits, with backward
 //! `(softmax - onehot) / n_valid`.
 
-use super::{by_dtype, cpu_tensor, dispatch_float, for_each_row, slice, with_slices, Elem};
+use super::{
+    by_dtype, cpu_tensor, dispatch_float, for_each_row, lane_max, lane_sum, slice, with_slices,
+    Elem,
+};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType, D};
-use num_traits::Float;
 
 pub const IGNORE_INDEX: i64 = -100;
 
@@ -17,18 +19,32 @@ impl CrossEntropy {
     }
 }
 
-/// log-sum-exp of a row.
-fn lse<T: Elem>(row: &[T]) -> T {
-    let max = row.iter().fold(T::neg_infinity(), |m, v| Float::max(m, *v));
-    max + row.iter().map(|v| (*v - max).exp()).sum::<T>().ln()
+/// One row's cross-entropy against `label`, in place: the logits become `exp(x - max)`, and,
+/// with `scale`, the gradient `(softmax - onehot) * scale`. The exp pass and the sums are
+/// separate so each vectorizes. The fused LM head (head_loss.rs) runs the same function, so a
+/// step that materialises the logits (a `logits` hook) gives the same bits as one that does not.
+pub(crate) fn xent_row<T: Elem>(row: &mut [T], label: usize, scale: Option<T>) -> T {
+    let (max, target) = (lane_max(row), row[label]);
+    for x in row.iter_mut() {
+        *x = (*x - max).exp_fast();
+    }
+    let sum = lane_sum(row);
+    if let Some(scale) = scale {
+        let c = scale / sum;
+        for x in row.iter_mut() {
+            *x *= c;
+        }
+        row[label] -= scale;
+    }
+    max + sum.ln() - target
 }
 
 fn forward<T: Elem>(x: &[T], labels: &[i64], v: usize, n_valid: usize) -> T {
     let mut row_loss = vec![T::zero(); labels.len()];
     for_each_row(&mut row_loss, 1, |i, o| {
         if labels[i] != IGNORE_INDEX {
-            let row = &x[i * v..(i + 1) * v];
-            o[0] = lse(row) - row[labels[i] as usize];
+            let mut row = x[i * v..(i + 1) * v].to_vec();
+            o[0] = xent_row(&mut row, labels[i] as usize, None);
         }
     });
     row_loss.iter().copied().sum::<T>() / T::from(n_valid.max(1)).unwrap()
@@ -42,12 +58,8 @@ fn backward<T: Elem>(x: &[T], labels: &[i64], v: usize, scale: f64) -> Vec<T> {
         if label == IGNORE_INDEX {
             return;
         }
-        let row = &x[i * v..(i + 1) * v];
-        let l = lse(row);
-        for j in 0..v {
-            o[j] = (row[j] - l).exp() * scale;
-        }
-        o[label as usize] -= scale;
+        o.copy_from_slice(&x[i * v..(i + 1) * v]);
+        xent_row(o, label as usize, Some(scale));
     });
     dx
 }

@@ -4,11 +4,10 @@
 //! graph, so the forward computes the gradients too and the backward only scales them by the
 //! upstream scalar.
 
-use super::cross_entropy::IGNORE_INDEX;
+use super::cross_entropy::{xent_row, IGNORE_INDEX};
 use super::gemm::{matmul, Mat};
 use super::{cpu_tensor, with_slices, Elem};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use num_traits::Float;
 
 /// Bytes of logits computed at once: a few chunks for a 150k vocabulary and a 256-token
 /// batch, so the matmuls stay large enough to run near full speed.
@@ -78,10 +77,6 @@ fn rows_loss_and_grad<T: Elem>(
     want_grad: bool,
 ) -> Vec<T> {
     use rayon::prelude::*;
-    let lse = |row: &[T]| {
-        let max = row.iter().fold(T::neg_infinity(), |m, x| Float::max(m, *x));
-        max + row.iter().map(|x| (*x - max).exp()).sum::<T>().ln()
-    };
     let mut row_loss = vec![T::zero(); labels.len()];
     logits
         .par_chunks_mut(v)
@@ -94,14 +89,7 @@ fn rows_loss_and_grad<T: Elem>(
                 }
                 return;
             }
-            let l = lse(row);
-            *o = l - row[labels[i] as usize];
-            if want_grad {
-                for x in row.iter_mut() {
-                    *x = (*x - l).exp() * scale;
-                }
-                row[labels[i] as usize] -= scale;
-            }
+            *o = xent_row(row, labels[i] as usize, want_grad.then_some(scale));
         });
     row_loss
 }
