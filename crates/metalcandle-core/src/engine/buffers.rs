@@ -36,6 +36,7 @@ pub enum LoraSlot {
     O,
     Gate,
     Up,
+    /// The last slot: `Acts::lora` holds `Down as usize + 1` buffers.
     Down,
 }
 
@@ -71,7 +72,9 @@ impl Acts {
             gate: z(if d.gated { n * d.ff } else { 0 }),
             up: z(n * d.ff),
             h: z(n * d.ff),
-            lora: (0..7).map(|_| z(n * d.rank)).collect(),
+            lora: (0..=LoraSlot::Down as usize)
+                .map(|_| z(n * d.rank))
+                .collect(),
         }
     }
 }

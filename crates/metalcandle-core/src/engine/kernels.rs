@@ -105,34 +105,13 @@ pub fn lora_fwd(
     ldy: usize,
 ) {
     let r = a.len() / inp;
-    matmul(
-        rows,
-        r,
-        inp,
-        h,
-        r,
-        Mat::rows(x, inp),
-        Mat::t(a, inp),
-        1.0,
-        false,
-        true,
-    );
-    matmul(
-        rows,
-        out,
-        r,
-        y,
-        ldy,
-        Mat::rows(h, r),
-        Mat::t(b, r),
-        s,
-        true,
-        true,
-    );
+    linear_fwd(x, a, None, rows, inp, r, h, r);
+    let (hm, bt) = (Mat::rows(h, r), Mat::t(b, r));
+    matmul(rows, out, r, y, ldy, hm, bt, s, true, true);
 }
 
 /// Its backward for an upstream dy [N, out]: `dB += s dy^T h`, `dh = s dy B` (into the
-/// scratch `dh`), `dA += dh^T x`, `dx += dh A`.
+/// scratch `dh`), then h = x A^T's own linear backward: `dA += dh^T x`, `dx += dh A`.
 #[allow(clippy::too_many_arguments)]
 pub fn lora_bwd(
     x: &[f32],
@@ -152,57 +131,12 @@ pub fn lora_bwd(
     let r = a.len() / inp;
     let (da, db) = grads;
     if let Some(db) = db {
-        matmul(
-            out,
-            r,
-            rows,
-            db,
-            r,
-            Mat::t(dy, ldy),
-            Mat::rows(h, r),
-            s,
-            true,
-            true,
-        );
+        let (dyt, hm) = (Mat::t(dy, ldy), Mat::rows(h, r));
+        matmul(out, r, rows, db, r, dyt, hm, s, true, true);
     }
-    matmul(
-        rows,
-        r,
-        out,
-        dh,
-        r,
-        Mat::rows(dy, ldy),
-        Mat::rows(b, r),
-        s,
-        false,
-        true,
-    );
-    if let Some(da) = da {
-        matmul(
-            r,
-            inp,
-            rows,
-            da,
-            inp,
-            Mat::t(dh, r),
-            Mat::rows(x, inp),
-            1.0,
-            true,
-            true,
-        );
-    }
-    matmul(
-        rows,
-        inp,
-        r,
-        dx,
-        inp,
-        Mat::rows(dh, r),
-        Mat::rows(a, inp),
-        1.0,
-        true,
-        true,
-    );
+    let (dym, bm) = (Mat::rows(dy, ldy), Mat::rows(b, r));
+    matmul(rows, r, out, dh, r, dym, bm, s, false, true);
+    linear_bwd(x, a, dh, r, rows, inp, r, da, None, Some((dx, true)));
 }
 
 /// Applies `f(row_index, row)` to the first `rows` rows (leading dimension `ld`) of `buf`.
