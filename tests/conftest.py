@@ -13,9 +13,39 @@ FIXTURES = Path(
     os.environ.get("METALCANDLE_FIXTURES", Path(__file__).resolve().parent / "fixtures")
 ).resolve()
 MODELS = ["tiny-qwen2", "tiny-llama", "tiny-gpt2", "tiny-mistral-sw"]
+# Qwen2 checkpoints whose layers differ in their attention window (tests/test_layer_types.py).
+LAYERED_MODELS = ["tiny-qwen2-layer-types", "tiny-qwen2-max-window"]
 
 # Tolerances from the fixtures' README.
 ATOL_FORWARD = 5e-5
+
+# The smallest valid run config (a from-scratch model on corpus.txt), for config and run tests.
+MINIMAL_CONFIG = """
+[run]
+name = "t"
+[model.spec]
+d_model = 32
+n_layers = 2
+n_heads = 4
+[data]
+train = ["corpus.txt"]
+seq_len = 32
+[train]
+max_steps = 5
+"""
+
+
+def assert_cached_steps_match(model, g):
+    """Decodes the recorded greedy tokens one at a time through a KV cache; each step's logits must
+    match the recorded ones. Returns the cache."""
+    cache = model._core.new_cache()
+    step = g["gen_prompt"]
+    for s in range(g["gen_logits"].shape[0]):
+        logits = model._core.forward_cached(np.ascontiguousarray(step), cache)
+        np.testing.assert_allclose(logits, g["gen_logits"][s], atol=ATOL_FORWARD, rtol=0)
+        step = g["gen_output"][:, 8 + s : 9 + s]
+    return cache
+
 
 # A tiny character-level model trained from scratch on corpus.txt, for the training loop and CLI
 # tests: a few steps, with evaluation, sampling, checkpoints and pruning along the way.

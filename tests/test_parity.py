@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import metalcandle as mc
-from conftest import ATOL_FORWARD, MODELS
+from conftest import ATOL_FORWARD, MODELS, assert_cached_steps_match
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -47,12 +47,7 @@ def test_greedy_generation_token_for_token(case):
 
 def test_kv_cache_step_logits(case):
     model, g = case
-    cache = model._core.new_cache()
-    step = g["gen_prompt"]
-    for s in range(g["gen_logits"].shape[0]):
-        logits = model._core.forward_cached(np.ascontiguousarray(step), cache)
-        np.testing.assert_allclose(logits, g["gen_logits"][s], atol=ATOL_FORWARD, rtol=0)
-        step = g["gen_output"][:, 8 + s : 9 + s]
+    cache = assert_cached_steps_match(model, g)
     assert cache.seq_len == g["gen_output"].shape[1] - 1
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import metalcandle as mc
-from conftest import ATOL_FORWARD, MODELS, require
+from conftest import ATOL_FORWARD, LAYERED_MODELS, MODELS, require
 
 pytestmark = pytest.mark.interop
 torch = require("torch")
@@ -102,7 +102,8 @@ def test_merged_model_saved_here_loads_in_transformers(qwen, golden, tmp_path, s
     np.testing.assert_allclose(theirs, merged_by_peft, atol=ATOL_FORWARD, rtol=0)
 
 
-@pytest.mark.parametrize("name", MODELS)
+# The layered Qwen2 checkpoints check that config.json keeps each layer's window on the way out.
+@pytest.mark.parametrize("name", MODELS + LAYERED_MODELS)
 def test_checkpoint_saved_here_loads_in_transformers(fixtures, tmp_path, name):
     golden = np.load(fixtures / name / "golden.npz")
     mc.load_model(fixtures / name).save_pretrained(tmp_path / name)
