@@ -5,6 +5,7 @@ import pytest
 import tomllib
 
 import metalcandle as mc
+from conftest import MINIMAL_CONFIG
 from metalcandle.config import (
     SCHEMA,
     apply_overrides,
@@ -19,19 +20,7 @@ from metalcandle.loading import scratch_model_config
 from metalcandle.templates import FROM_SCRATCH, LORA
 from metalcandle.train import make_optimizer
 
-MINIMAL = """
-[run]
-name = "t"
-[model.spec]
-d_model = 32
-n_layers = 2
-n_heads = 4
-[data]
-train = ["corpus.txt"]
-seq_len = 32
-[train]
-max_steps = 5
-"""
+MINIMAL = MINIMAL_CONFIG
 
 
 def write(tmp_path, text, name="cfg.toml"):

@@ -1,4 +1,4 @@
-"""Device selection (`run.device`), `metalcandle env`, and memory in the metrics."""
+"""Device selection (`hardware.device`), `metalcandle env`, and memory in the metrics."""
 
 import pytest
 

@@ -368,27 +368,27 @@ def load_for_inference(args):
     from metalcandle.checkpoint import latest_checkpoint
     from metalcandle.config import load_config
     from metalcandle.loading import (
-        device_of,
         load_folder_tokenizer,
         load_model_dir,
         resolve_base,
         untrained_error,
+        use_hardware,
     )
 
     cfg = load_config(args.config, args.overrides)
-    device = device_of(cfg)
+    device, dtype = use_hardware(cfg), cfg["hardware"]["dtype"]
     if args.checkpoint:
         folder = Path(args.checkpoint).absolute()
         if not folder.is_dir():
             raise UserError(f"--checkpoint: {folder} is not a folder")
-        return cfg, load_model_dir(folder, device), load_folder_tokenizer(folder), str(folder)
+        return cfg, load_model_dir(folder, device, dtype), load_folder_tokenizer(folder), str(folder)
     base = resolve_base(cfg)
     if base is None:
         folder = latest_checkpoint(cfg.output_dir / "checkpoints")
         if folder is None:
             raise untrained_error(cfg)
-        return cfg, load_model_dir(folder, device), load_folder_tokenizer(folder), str(folder)
-    model = load_model_dir(base.path, device)
+        return cfg, load_model_dir(folder, device, dtype), load_folder_tokenizer(folder), str(folder)
+    model = load_model_dir(base.path, device, dtype)
     what = str(base.path)
     if args.adapter:
         adapter = Path(args.adapter).absolute()

@@ -4,6 +4,10 @@ Every section and key is declared below with its type, default and allowed range
 keys get a did-you-mean and wrong values an error naming the file, the key and what was expected.
 Paths to inputs (data, model, tokenizer) are taken relative to the config file; output paths
 (`output_dir`, `models_dir`) relative to the working directory, where the user runs the command.
+
+[hardware] says where and how a run computes (device, dtype, threads, gradient checkpointing, the
+fused path), apart from the model: it is left out of the config's hash, so the same run keeps its
+hash, resumes, and has its data-parallel ranks agree under any hardware settings.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from metalcandle.data import FORMATS as DATA_FORMATS
 from metalcandle.errors import UserError, did_you_mean
 from metalcandle.hooks import SECTIONS as HOOK_SECTIONS
 from metalcandle.hooks import check_entry
+from metalcandle.model import DTYPES
 from metalcandle.presets import PRESETS, is_gpt2, preset_spec
 from metalcandle.registry import check_name
 
@@ -76,7 +81,6 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "name": Key("str", REQUIRED),
         "output_dir": Key("str", None),  # None: runs/<name>
         "seed": Key("int", 0, min=0),
-        "device": Key("str", "auto", choices=("auto", "cpu", "cuda", "metal")),
         "models_dir": Key("str", None),  # None: $METALCANDLE_MODELS_DIR or ./models
     },
     "model": {
@@ -128,7 +132,6 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "batch_size": Key("int", 8, min=1),
         "grad_accum": Key("int", 1, min=1),
         "max_grad_norm": Key("float", 1.0, min=0.0),  # 0 disables clipping
-        "gradient_checkpointing": Key("bool", False),
         "eval_every": Key("int", 100, min=1),
         "eval_batches": Key("int", 10, min=1),
         "save_every": Key("int", 100, min=1),
@@ -136,6 +139,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "early_stopping_patience": Key("int", 0, min=0),  # evaluations without improvement; 0 = off
         "log_every": Key("int", 10, min=1),
         "resume": Key("resume", "auto"),
+    },
+    # Where and how the run computes; not part of the hash (see HASHED_WITHOUT).
+    "hardware": {
+        "device": Key("str", "auto", choices=("auto", "cpu", "cuda", "metal")),
+        "dtype": Key("str", "float32", choices=DTYPES),  # of the weights, and so of the optimizer state
+        "threads": Key("int", 0, min=0),  # CPU threads; 0: the library's default (RAYON_NUM_THREADS or all)
+        "gradient_checkpointing": Key("bool", False),
+        "fused": Key("bool", True),  # the fused CPU training step where the model allows it
     },
     "generate": {
         "max_new_tokens": Key("int", 64, min=0),
@@ -154,6 +165,18 @@ SCHEMA: dict[str, dict[str, Key]] = {
 }
 
 OPTIONAL_SECTIONS = {"lora"}  # absent means: full training
+
+# Sections left out of `Config.hash`: where and how a run computes may differ between the attempts
+# (resumes) and the ranks of one run.
+HASHED_WITHOUT = ("hardware",)
+
+# Where [hardware] keys lived before the section existed. Config files (and resolved configs in
+# checkpoints) written then keep working: the old key is read as its alias, must agree with the
+# [hardware] key when both are given, and resolves to the [hardware] key alone.
+HARDWARE_ALIASES: dict[str, str] = {
+    "run.device": "device",
+    "train.gradient_checkpointing": "gradient_checkpointing",
+}
 
 
 @dataclass
@@ -198,8 +221,10 @@ class Config:
         return copy.deepcopy(self.sections)
 
     def hash(self) -> str:
-        """sha256 of the resolved config (canonical JSON), short form; stored with checkpoints."""
-        blob = json.dumps(self.sections, sort_keys=True, separators=(",", ":")).encode()
+        """sha256 of the resolved config (canonical JSON) without the HASHED_WITHOUT sections, short
+        form; stored with checkpoints and metrics, compared on resume and across ranks."""
+        hashed = {k: v for k, v in self.sections.items() if k not in HASHED_WITHOUT}
+        blob = json.dumps(hashed, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -379,6 +404,55 @@ def _validate_table(where: str, section: str, table: Any, keys: dict[str, Key]) 
     return out
 
 
+def _move_hardware_aliases(where: str, raw: dict) -> dict:
+    """`raw` with each HARDWARE_ALIASES key given moved into [hardware]: checked under its own name,
+    and refused, naming both keys, when [hardware] gives the same setting another value."""
+    raw = dict(raw)
+    for dotted, name in HARDWARE_ALIASES.items():
+        section, key = dotted.split(".")
+        table = raw.get(section)
+        if not isinstance(table, dict) or key not in table:
+            continue
+        table = raw[section] = dict(table)
+        spec = SCHEMA["hardware"][name]
+        value = _check_value(where, dotted, spec, table.pop(key))
+        hardware = raw.get("hardware", {})
+        if not isinstance(hardware, dict):
+            continue  # reported as "[hardware] must be a table" with the other sections
+        hardware = raw["hardware"] = dict(hardware)
+        if name in hardware:
+            given = _check_value(where, f"hardware.{name}", spec, hardware[name])
+            if given != value:
+                raise UserError(
+                    f"{where}{dotted} = {_toml_value(value)} and hardware.{name} = {_toml_value(given)} "
+                    f"disagree; keep hardware.{name} ({dotted} is its old name)"
+                )
+        hardware[name] = value
+    return raw
+
+
+def _toml_value(v: Any) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v)
+
+
+def upgrade_saved(config: dict) -> dict:
+    """A resolved config saved before [hardware] existed, as it resolves now: the aliased keys
+    moved into [hardware] and its other keys at the defaults that run had (float32, the library's
+    threads, the fused path), so comparing it with a current config shows real differences only."""
+    config = dict(config)
+    hardware = dict(config.get("hardware") or {})
+    for dotted, name in HARDWARE_ALIASES.items():
+        section, key = dotted.split(".")
+        table = config.get(section)
+        if isinstance(table, dict) and key in table:
+            table = config[section] = dict(table)
+            hardware.setdefault(name, table.pop(key))
+    for name, key in SCHEMA["hardware"].items():
+        hardware.setdefault(name, key.default)
+    config["hardware"] = hardware
+    return config
+
+
 def validate(raw: dict, source: Path | None = None) -> Config:
     """Checks every section and key of a parsed TOML document and fills in defaults."""
     where = _where(source)
@@ -386,6 +460,7 @@ def validate(raw: dict, source: Path | None = None) -> Config:
     for name in raw:
         if name not in SCHEMA:
             raise UserError(f"{where}unknown section [{name}]{did_you_mean(name, SCHEMA)}")
+    raw = _move_hardware_aliases(where, raw)
     for name, keys in SCHEMA.items():
         table = raw.get(name)
         if table is None and name in OPTIONAL_SECTIONS:
@@ -488,6 +563,14 @@ def _check_cross_keys(where: str, s: dict) -> None:
         raise UserError(f"{where}[train] takes 'max_steps' or 'epochs', not both")
     if s["data"]["valid"] is None and s["data"]["valid_fraction"] <= 0:
         raise UserError(f"{where}[data] needs 'valid' files or a 'valid_fraction' > 0 for evaluation")
+    dtype = s["hardware"]["dtype"]
+    if s["lora"] is not None and dtype != "float32":
+        # The core keeps an adapter's matrices in float32, and a product of those with half
+        # precision base weights is refused at the first step: better said before any work starts.
+        raise UserError(
+            f'{where}hardware.dtype = "{dtype}" with [lora]: a LoRA adapter trains on a float32 base; '
+            'use hardware.dtype = "float32"'
+        )
 
 
 def _optimizer_defaults(name: str) -> dict[str, Any]:

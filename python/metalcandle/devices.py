@@ -3,6 +3,7 @@ else the CPU (saying why in one line); a named device that cannot be opened is a
 
 from __future__ import annotations
 
+import os
 import sys
 
 from metalcandle import _core
@@ -40,6 +41,15 @@ def resolve_device(name: str, say=_stderr) -> str:
         reasons = "; ".join(f"{b}: {info[f'{b}_error']}" for b in built)
         say(f"device auto: using the CPU ({reasons})")
     return "cpu"
+
+
+def apply_threads(threads: int) -> None:
+    """Sets the CPU thread count (`hardware.threads`; 0 leaves the library's default). The core's
+    threads follow RAYON_NUM_THREADS: its matrix products read it at every call, its thread pool
+    when the process first computes in parallel, so this takes full effect before a process's
+    first computation (as in every command line run) and, after one, on the matrix products only."""
+    if threads > 0:
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
 
 
 def describe() -> str:

@@ -28,7 +28,15 @@ class BaseModel:
 def device_of(cfg: Config) -> str:
     from metalcandle.devices import resolve_device
 
-    return resolve_device(cfg["run"]["device"])
+    return resolve_device(cfg["hardware"]["device"])
+
+
+def use_hardware(cfg: Config) -> str:
+    """Applies hardware.threads, before anything computes, and returns the device to load onto."""
+    from metalcandle.devices import apply_threads
+
+    apply_threads(cfg["hardware"]["threads"])
+    return device_of(cfg)
 
 
 def resolve_base(cfg: Config) -> BaseModel | None:
@@ -81,20 +89,21 @@ def scratch_model_config(cfg: Config, vocab_size: int) -> dict:
     return {"model_type": "custom-transformer", "vocab_size": rows, **spec}
 
 
-def load_model_dir(path: Path, device: str = "cpu"):
+def load_model_dir(path: Path, device: str = "cpu", dtype: str = "float32"):
     """A model folder: a Hugging Face folder, a metalcandle checkpoint, or a LoRA adapter folder
-    (whose base is found through its metadata.json, or PEFT's base_model_name_or_path)."""
+    (whose base is found through its metadata.json, or PEFT's base_model_name_or_path), with the
+    weights read as `dtype`."""
     import metalcandle as mc
 
     path = Path(path)
     if (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
         base = adapter_base_path(path)
-        model = mc.load_model(base, device=device)
+        model = mc.load_model(base, dtype=dtype, device=device)
         model.load_adapter(path)
         return model
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is not a model folder (no config.json or {ADAPTER_CONFIG})")
-    return mc.load_model(path, device=device)
+    return mc.load_model(path, dtype=dtype, device=device)
 
 
 def adapter_base_path(adapter_dir: Path) -> Path:

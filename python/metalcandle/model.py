@@ -286,6 +286,10 @@ def _tokenizer_json(tokenizer) -> str | None:
     raise TypeError(f"tokenizer must be a metalcandle tokenizer or a path, got {type(tokenizer).__name__}")
 
 
+# What a checkpoint folder's weights can be read as (`load_model`'s dtype, a run's hardware.dtype).
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def load_model(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu") -> Model:
     """Loads a Hugging Face checkpoint folder (config.json + safetensors), a GGUF file (its quantized
     matrices stay quantized), or a folder holding model.gguf and no safetensors.
@@ -293,7 +297,7 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", device: str = "c
     `dtype`: "float32", or "bfloat16"/"float16" for a checkpoint folder (meant for a GPU: on the CPU
     half precision takes the slower composed ops, not the float32 kernels). Weights are read
     straight onto `device`."""
-    if dtype not in ("float32", "bfloat16", "float16"):
+    if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected 'float32', 'bfloat16' or 'float16'")
     path = os.fspath(path)
     if not os.path.exists(path):

@@ -256,20 +256,22 @@ def quantize_run(cfg, fmt: str, out, checkpoint=None, skip: Iterable[str] = ()) 
     """Quantizes the model a run config resolves to and writes out/model.gguf (tokenizer and config
     embedded), out/tokenizer.json (+ tokenizer_config.json) and out/config.json. Returns the summary
     lines the command prints."""
-    from metalcandle.loading import device_of, load_folder_tokenizer, load_model_dir
+    from metalcandle.loading import load_folder_tokenizer, load_model_dir, use_hardware
     from metalcandle.model import GGUF_FILE
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: {out} exists and is not a folder")
     source = _run_source(cfg, checkpoint)
+    # Read in float32 whatever hardware.dtype says: the blocks are rounded from the float weights.
+    device = use_hardware(cfg)
     if source.is_file():
         from metalcandle.model import load_model
         from metalcandle.tokenizers import load_tokenizer
 
-        model, tokenizer = load_model(source, device=device_of(cfg)), load_tokenizer(source)
+        model, tokenizer = load_model(source, device=device), load_tokenizer(source)
     else:
-        model, tokenizer = load_model_dir(source, device_of(cfg)), load_folder_tokenizer(source)
+        model, tokenizer = load_model_dir(source, device), load_folder_tokenizer(source)
     lines = [f"model: {source}"]
     if model.has_adapter:
         # GGUF has no place for an adapter: its delta goes into the float weights before rounding.

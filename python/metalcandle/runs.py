@@ -1,7 +1,8 @@
 """Run identity, the resume guard and `metalcandle compare`: what keeps comparisons between runs honest.
 
 Every run gets a run id when it starts fresh (`<name>-<UTC time>-<6 hex>`; a resumed run keeps its
-own) and is known by the hash of its resolved config, hooks included. Both are stamped on every
+own) and is known by the hash of its resolved config, hooks included and [hardware] left out
+(the same run on other hardware settings keeps its hash). Both are stamped on every
 `metrics.jsonl` line and every checkpoint, and kept, with the resolved config, in
 `OUTPUT_DIR/run.json`. A resume under a config that differs in anything but a few bookkeeping keys
 (`FREE_ON_RESUME`) is refused unless asked for with `--allow-config-change`, and from then on the
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from metalcandle import checkpoint as ck
-from metalcandle.config import ABSENT, SCHEMA, Config, diff_configs
+from metalcandle.config import ABSENT, SCHEMA, Config, diff_configs, upgrade_saved
 from metalcandle.errors import UserError
 from metalcandle.plotting import plot_runs, read_metrics
 
@@ -29,9 +30,10 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 
 # Keys a resume may change without --allow-config-change: how long the run goes on, how often it
-# logs, evaluates and saves, where it runs and writes, and the qualitative samples. Lengthening a
-# run is the usual reason to resume with another config; it stretches the learning-rate schedule
-# of the remaining steps, which the config hash on each metrics line records.
+# logs, evaluates and saves, where and how it computes (every [hardware] key but dtype), where it
+# writes, and the qualitative samples. Lengthening a run is the usual reason to resume with another
+# config; it stretches the learning-rate schedule of the remaining steps, which the config hash on
+# each metrics line records.
 FREE_ON_RESUME = (
     "train.max_steps",
     "train.epochs",
@@ -40,7 +42,10 @@ FREE_ON_RESUME = (
     "train.eval_every",
     "train.save_every",
     "train.keep_last",
-    "run.device",
+    "hardware.device",
+    "hardware.threads",
+    "hardware.gradient_checkpointing",
+    "hardware.fused",
     "run.output_dir",
     "run.models_dir",
     "generate",
@@ -72,12 +77,25 @@ def new_run_id(name: str) -> str:
     return f"{slug}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
 
 
-def with_hooks(config: dict) -> dict:
-    """A resolved config; one saved before [hooks] existed gets the empty hooks it ran with."""
-    config = dict(config)
+def upgraded(config: dict) -> dict:
+    """A saved resolved config as this version resolves it: one saved before [hooks] existed gets
+    the empty hooks it ran with, one saved before [hardware] its settings there (`upgrade_saved`)."""
+    config = upgrade_saved(config)
     if config.get("hooks") is None:
         config["hooks"] = {k: [] for k in SCHEMA["hooks"]}
     return config
+
+
+def _check_dtype(cfg: Config, saved: dict, checkpoint: Path, start_over: str) -> None:
+    """The optimizer state is saved in the weights' dtype and read back as saved, so a resume in
+    another dtype would fail at its first step: refused before, naming the dtype to resume in."""
+    was, now = saved["hardware"]["dtype"], cfg["hardware"]["dtype"]
+    if was != now:
+        raise UserError(
+            f'cannot resume from {checkpoint}: it was trained with hardware.dtype = "{was}" (its '
+            f'optimizer state is in that dtype), not "{now}"; set hardware.dtype = "{was}" to resume, '
+            f"or {start_over}"
+        )
 
 
 def check_resume(
@@ -85,13 +103,16 @@ def check_resume(
 ) -> list[str]:
     """The dotted keys in which `cfg` differs from `saved`, the resolved config `checkpoint` was
     trained with. Only FREE_ON_RESUME keys may differ; others (hooks always among them) raise a
-    UserError naming them unless `allow_config_change`, and FIXED_BY_CHECKPOINT keys raise even then."""
-    changed = [k for k, _, _ in diff_configs(with_hooks(saved), cfg.to_dict())]
+    UserError naming them unless `allow_config_change`, and FIXED_BY_CHECKPOINT keys and
+    hardware.dtype raise even then."""
+    saved = upgraded(saved)
+    start_over = "use another run.output_dir or --set train.resume=false to start over"
+    _check_dtype(cfg, saved, checkpoint, start_over)
+    changed = [k for k, _, _ in diff_configs(saved, cfg.to_dict())]
     free = [k for k in changed if _under(k, FREE_ON_RESUME)]
     fixed = [k for k in changed if _under(k, FIXED_BY_CHECKPOINT)]
     other = [k for k in changed if k not in free and k not in fixed]
     head = f"cannot resume from {checkpoint}: it was trained with different"
-    start_over = "use another run.output_dir or --set train.resume=false to start over"
     if fixed:
         raise UserError(
             f"{head} {', '.join(fixed + other)}; {start_over} ([model], [tokenizer] and [lora] come "
@@ -204,7 +225,7 @@ def load_run(folder: str | os.PathLike) -> RunInfo:
         saved = _read_json(last / RUN_CONFIG_JSON)
         state = _read_json(last / ck.STATE_FILE)
         run_id, config_hash, config = state.get("run_id") or "(none)", saved.get("hash"), saved["config"]
-    return RunInfo(folder, run_id, config_hash, with_hooks(config), metrics, _metric_hashes(metrics))
+    return RunInfo(folder, run_id, config_hash, upgraded(config), metrics, _metric_hashes(metrics))
 
 
 def _fmt(v: Any) -> str:

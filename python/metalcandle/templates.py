@@ -20,7 +20,6 @@ max_steps = {steps}                # or: epochs = 1.5 (not both)
 batch_size = {batch}                # sequences per micro-batch
 grad_accum = 1                  # micro-batches per optimizer step
 max_grad_norm = 1.0             # clip the total gradient norm; 0 disables
-gradient_checkpointing = false  # keep only each block's input, recompute it in the backward
 eval_every = {eval_every}               # validation loss + perplexity + a few samples
 eval_batches = 8
 save_every = {eval_every}               # checkpoint into OUTPUT_DIR/checkpoints/step-N
@@ -38,6 +37,16 @@ top_p = 0.95
 repetition_penalty = 1.0
 num_beams = 1
 seed = 0
+
+[hardware]                      # where and how the run computes: left out of the config's hash,
+                                # so a run resumes (and MPI ranks agree) whatever these say
+device = "auto"                 # "auto" | "cpu" | "cuda" | "metal" (also read as run.device)
+dtype = "float32"               # "float32" | "bfloat16" | "float16" (half precision: for a GPU, and
+                                # not with [lora]); a resume must keep the checkpoint's
+threads = 0                     # CPU threads; 0: $RAYON_NUM_THREADS, else every core
+gradient_checkpointing = false  # keep only each block's input, recompute it in the backward
+                                # (also read as train.gradient_checkpointing)
+fused = true                    # the fused CPU step for float32 full training; false: per-op path
 """
 
 FROM_SCRATCH = """\
@@ -50,7 +59,6 @@ FROM_SCRATCH = """\
 name = "my-char-model"          # also the registry name of the finished model
 output_dir = "runs/my-char-model"   # checkpoints, metrics.jsonl, loss.png
 seed = 0
-device = "auto"                 # "auto" | "cpu" | "cuda" | "metal"
 # models_dir = "models"         # registry folder (default: $METALCANDLE_MODELS_DIR or ./models)
 
 [model.spec]                    # a new decoder-only transformer
@@ -96,7 +104,6 @@ LORA = """\
 name = "my-qwen-lora"
 output_dir = "runs/my-qwen-lora"
 seed = 0
-device = "auto"
 
 [model]
 name = "qwen2.5-0.5b-instruct"  # a registry name (metalcandle models); or instead:

@@ -28,6 +28,7 @@ from metalcandle import data as D
 from metalcandle import runs as R
 from metalcandle.adapters import architecture_type_of
 from metalcandle.config import Config, to_toml
+from metalcandle.devices import apply_threads
 from metalcandle.distributed import Distributed, as_distributed, rank_slice
 from metalcandle.errors import BadFileError, TrainingInterrupted, UserError
 from metalcandle.hooks import attach_hooks
@@ -40,6 +41,7 @@ from metalcandle.loading import (
     resolve_base,
     scratch_model_config,
     untrained_error,
+    use_hardware,
 )
 from metalcandle.plotting import plot_loss
 from metalcandle.progress import Progress, peak_rss_mib, rss_mib
@@ -285,15 +287,16 @@ def save_checkpoint(dest: Path, cfg: Config, model, trainer, tokenizer, state: R
 def build_model(cfg: Config, base: BaseModel | None, tokenizer, resume_from: Path | None):
     import metalcandle as mc
 
-    device = device_of(cfg)
+    device, dtype = device_of(cfg), cfg["hardware"]["dtype"]
     if base is None:
         if resume_from is not None:
-            return mc.load_model(resume_from, device=device)
-        return mc.Model.from_config(
+            return mc.load_model(resume_from, dtype=dtype, device=device)
+        model = mc.Model.from_config(
             scratch_model_config(cfg, tokenizer.vocab_size), seed=cfg["run"]["seed"], device=device
         )
+        return in_dtype(model, dtype, device)
     if cfg.is_lora:
-        model = load_model_dir(base.path, device)
+        model = load_model_dir(base.path, device, dtype)
         if resume_from is not None:
             model.load_adapter(resume_from)
         else:
@@ -307,7 +310,21 @@ def build_model(cfg: Config, base: BaseModel | None, tokenizer, resume_from: Pat
                 use_rslora=lo["use_rslora"],
             )
         return model
-    return load_model_dir(resume_from or base.path, device)
+    return load_model_dir(resume_from or base.path, device, dtype)
+
+
+def in_dtype(model, dtype: str, device: str):
+    """`model` with its weights in `dtype`. The core makes a new model in float32 only; another
+    dtype is had the way a checkpoint gets it, by writing the weights and reading them back."""
+    import tempfile
+
+    import metalcandle as mc
+
+    if dtype == "float32":
+        return model
+    with tempfile.TemporaryDirectory(prefix="metalcandle-dtype-") as tmp:
+        model.save_pretrained(tmp)
+        return mc.load_model(tmp, dtype=dtype, device=device)
 
 
 @contextlib.contextmanager
@@ -386,11 +403,15 @@ def train(
 
 def check_same_config(cfg: Config, dist: Distributed) -> None:
     """Every rank must run the same resolved config (the hash), or they would train different
-    models while summing each other's gradients."""
-    hashes = dist.allgather(cfg.hash())
+    models while summing each other's gradients. [hardware] may differ between ranks, but for its
+    dtype: weights rounded to another precision on one rank would drift away from the others'."""
+    hashes, dtypes = zip(*dist.allgather((cfg.hash(), cfg["hardware"]["dtype"])), strict=True)
     if len(set(hashes)) > 1:
         by_rank = ", ".join(f"rank {r}: {h}" for r, h in enumerate(hashes))
         raise UserError(f"{cfg.source}: the ranks were given different configs (config hashes {by_rank})")
+    if len(set(dtypes)) > 1:
+        by_rank = ", ".join(f"rank {r}: {d}" for r, d in enumerate(dtypes))
+        raise UserError(f"{cfg.source}: the ranks were given different hardware.dtype ({by_rank})")
 
 
 def _train(cfg, progress, stop_at_step, log, allow_config_change, dist: Distributed | None) -> TrainResult:
@@ -403,6 +424,7 @@ def _train(cfg, progress, stop_at_step, log, allow_config_change, dist: Distribu
         if main_rank:
             (log or (lambda m: print(m, file=sys.stderr)))(msg)
 
+    apply_threads(cfg["hardware"]["threads"])  # before anything computes: see apply_threads
     out = cfg.output_dir
     t = cfg["train"]
     if main_rank:
@@ -428,10 +450,9 @@ def _train(cfg, progress, stop_at_step, log, allow_config_change, dist: Distribu
     if resume_from is not None:
         saved = ck.read_json(resume_from / ck.STATE_FILE)
         saved_hash = saved.pop("config_hash", None)
-        changed = []
-        if saved_hash != cfg.hash():
-            saved_config = ck.read_json(resume_from / RUN_CONFIG_JSON)["config"]
-            changed = R.check_resume(cfg, saved_config, resume_from, allow_config_change, say)
+        # Also under an unchanged hash: [hardware] is not in it, and its dtype must not change.
+        saved_config = ck.read_json(resume_from / RUN_CONFIG_JSON)["config"]
+        changed = R.check_resume(cfg, saved_config, resume_from, allow_config_change, say)
         state = RunState.from_saved(saved, resume_from / ck.STATE_FILE)
         resumed = {
             "at": R.utc_now(),
@@ -463,11 +484,13 @@ def _train(cfg, progress, stop_at_step, log, allow_config_change, dist: Distribu
     model = build_model(cfg, base, tokenizer, resume_from)
     attach_hooks(model, cfg["hooks"], cfg.source)  # before the first step, fresh or resumed alike
     opt = make_optimizer(cfg)
+    hw = cfg["hardware"]
     trainer = mc.Trainer(
         model,
         opt,
         max_grad_norm=t["max_grad_norm"] or None,
-        gradient_checkpointing=t["gradient_checkpointing"],
+        gradient_checkpointing=hw["gradient_checkpointing"],
+        fused=hw["fused"],
         comm=dist,
     )
     if resume_from is not None:
@@ -690,13 +713,14 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Path | None) -> dict:
     else the [model] base)."""
     import metalcandle as mc
 
+    device = use_hardware(cfg)
     base = resolve_base(cfg)
     if checkpoint is None:
         checkpoint = ck.latest_checkpoint(cfg.output_dir / "checkpoints")
     if checkpoint is None and base is None:
         raise untrained_error(cfg)
     folder = checkpoint if checkpoint is not None else base.path
-    model = load_model_dir(folder, device_of(cfg))
+    model = load_model_dir(folder, device, cfg["hardware"]["dtype"])
     tokenizer = load_folder_tokenizer(folder)
     data = load_datasets(cfg, tokenizer)
     trainer = mc.Trainer(model, make_optimizer(cfg), max_grad_norm=cfg["train"]["max_grad_norm"] or None)
