@@ -8,7 +8,7 @@
 //! Lion: `p *= 1 - lr*wd; p -= lr * sign(b1 m + (1-b1) g); m = b2 m + (1-b2) g`
 
 use crate::error::{Error, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Shape, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -87,11 +87,43 @@ impl OptimizerConfig {
 }
 
 /// Per-parameter state: the first moment (AdamW, Lion) or momentum buffer (SGD), and the
-/// second moment (AdamW only).
+/// second moment (AdamW only). AdamW's moments of a CPU f32 parameter live in `host` instead,
+/// updated in place with the parameter; `m` and `v` then stay `None`.
 struct Moments {
     m: Option<Tensor>,
     v: Option<Tensor>,
+    host: Option<HostMoments>,
     step: u64,
+}
+
+struct HostMoments {
+    m: Vec<f32>,
+    v: Vec<f32>,
+    shape: Shape,
+}
+
+/// One step's gradients: a tensor per parameter (the composed path), or slices of one flat
+/// buffer at the given offsets (the fused path), which the update reads without a copy.
+pub enum Grads<'a> {
+    Tensors(&'a HashMap<String, Tensor>),
+    Flat {
+        buf: &'a [f32],
+        at: &'a HashMap<String, usize>,
+    },
+}
+
+enum Grad<'a> {
+    Tensor(&'a Tensor),
+    Slice(&'a [f32]),
+}
+
+impl Grads<'_> {
+    fn get(&self, name: &str, numel: usize) -> Option<Grad<'_>> {
+        match self {
+            Grads::Tensors(map) => map.get(name).map(Grad::Tensor),
+            Grads::Flat { buf, at } => at.get(name).map(|&o| Grad::Slice(&buf[o..o + numel])),
+        }
+    }
 }
 
 pub struct Optimizer {
@@ -136,9 +168,16 @@ impl Optimizer {
         params: &[(String, Var)],
         grads: &HashMap<String, Tensor>,
     ) -> Result<()> {
+        self.step_with(params, &Grads::Tensors(grads))
+    }
+
+    /// [`Optimizer::step`] over either kind of gradient.
+    pub fn step_with(&mut self, params: &[(String, Var)], grads: &Grads) -> Result<()> {
         let c = self.config.clone();
         for (name, var) in params {
-            let Some(g) = grads.get(name) else { continue };
+            let Some(g) = grads.get(name, var.elem_count()) else {
+                continue;
+            };
             let wd = if self.decays(name) {
                 c.weight_decay
             } else {
@@ -147,20 +186,35 @@ impl Optimizer {
             let st = self.state.entry(name.clone()).or_insert(Moments {
                 m: None,
                 v: None,
+                host: None,
                 step: 0,
             });
             st.step += 1;
-            if c.algorithm == Algorithm::AdamW && crate::ops::adamw::applies(var.as_tensor(), g) {
-                adamw_in_place(&c, wd, st, var, g)?;
+            if c.algorithm == Algorithm::AdamW && crate::ops::adamw::applies(var.as_tensor()) {
+                match g {
+                    Grad::Slice(g) => adamw_in_place(&c, wd, st, var, g)?,
+                    Grad::Tensor(g) => {
+                        let g = g.to_dtype(candle_core::DType::F32)?.contiguous()?;
+                        let (s, l) = g.storage_and_layout();
+                        let candle_core::Storage::Cpu(s) = &*s else {
+                            return Err(Error::Msg(format!("{name}: gradient not on the CPU")));
+                        };
+                        adamw_in_place(&c, wd, st, var, crate::ops::slice(s, l)?)?;
+                    }
+                }
                 continue;
             }
+            let g = match g {
+                Grad::Tensor(g) => g.clone(),
+                Grad::Slice(g) => Tensor::from_slice(g, var.shape(), var.device())?,
+            };
             let p = var.as_tensor().detach();
             let p = match c.algorithm {
-                Algorithm::AdamW => adamw(&c, wd, st, &p, g)?,
+                Algorithm::AdamW => adamw(&c, wd, st, &p, &g)?,
                 Algorithm::Sgd { momentum, nesterov } => {
-                    sgd(&c, wd, momentum, nesterov, st, &p, g)?
+                    sgd(&c, wd, momentum, nesterov, st, &p, &g)?
                 }
-                Algorithm::Lion => lion(&c, wd, st, &p, g)?,
+                Algorithm::Lion => lion(&c, wd, st, &p, &g)?,
             };
             var.set(&p)?;
         }
@@ -172,6 +226,13 @@ impl Optimizer {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut tensors = HashMap::new();
         for (name, s) in &self.state {
+            if let Some(h) = &s.host {
+                let dev = &Device::Cpu;
+                let m = Tensor::from_slice(&h.m, &h.shape, dev)?;
+                tensors.insert(format!("{name}.exp_avg"), m);
+                let v = Tensor::from_slice(&h.v, &h.shape, dev)?;
+                tensors.insert(format!("{name}.exp_avg_sq"), v);
+            }
             if let Some(m) = &s.m {
                 tensors.insert(format!("{name}.exp_avg"), m.to_device(&Device::Cpu)?);
             }
@@ -220,7 +281,15 @@ impl Optimizer {
                     file.display()
                 )));
             }
-            state.insert(name, Moments { m, v, step });
+            state.insert(
+                name,
+                Moments {
+                    m,
+                    v,
+                    host: None,
+                    step,
+                },
+            );
         }
         self.config = config;
         self.state = state;
@@ -228,46 +297,58 @@ impl Optimizer {
     }
 }
 
-/// AdamW on the CPU in three in-place passes (m, v, then p), with no allocation: the same
+/// AdamW on the CPU in one in-place pass, with no allocation after the first step: the same
 /// arithmetic, in the same order, as the tensor expression below, so both give the same bits.
+/// Moments loaded from a checkpoint move to the host on their first step.
 fn adamw_in_place(
     c: &OptimizerConfig,
     wd: f64,
     st: &mut Moments,
     var: &Var,
-    g: &Tensor,
+    g: &[f32],
 ) -> Result<()> {
-    use crate::ops::adamw::{MomentUpdate, ParamUpdate};
-    let g = g.contiguous()?;
-    let m = match &st.m {
-        Some(m) => m.clone(),
-        None => g.zeros_like()?,
+    use crate::ops::adamw::{Hyper, OnParameter};
+    let host = match st.host.take() {
+        Some(h) => h,
+        None => {
+            let host = |t: &Option<Tensor>| -> Result<Vec<f32>> {
+                Ok(match t {
+                    Some(t) => t
+                        .to_dtype(candle_core::DType::F32)?
+                        .flatten_all()?
+                        .to_vec1()?,
+                    None => vec![0.0; g.len()],
+                })
+            };
+            HostMoments {
+                m: host(&st.m.take())?,
+                v: host(&st.v.take())?,
+                shape: var.shape().clone(),
+            }
+        }
     };
-    let v = match &st.v {
-        Some(v) => v.clone(),
-        None => g.zeros_like()?,
-    };
-    m.inplace_op2(&g, &MomentUpdate::First { c: 1.0 - c.beta1 })?;
-    v.inplace_op2(
-        &g,
-        &MomentUpdate::Second {
-            b2: c.beta2,
-            c: 1.0 - c.beta2,
-        },
-    )?;
+    let HostMoments {
+        mut m,
+        mut v,
+        shape,
+    } = host;
     let t = st.step as i32;
-    var.as_tensor().inplace_op3(
-        &m,
-        &v,
-        &ParamUpdate {
-            decay: (wd != 0.0).then_some(1.0 - c.lr * wd),
-            step_size: c.lr / (1.0 - c.beta1.powi(t)),
-            inv_bc2: 1.0 / (1.0 - c.beta2.powi(t)).sqrt(),
-            eps: c.eps,
+    let op = OnParameter {
+        grad: g,
+        moments: std::cell::RefCell::new((&mut m, &mut v)),
+        hyper: Hyper {
+            c1: (1.0 - c.beta1) as f32,
+            beta2: c.beta2 as f32,
+            c2: (1.0 - c.beta2) as f32,
+            decay: (wd != 0.0).then_some((1.0 - c.lr * wd) as f32),
+            step_size: (c.lr / (1.0 - c.beta1.powi(t))) as f32,
+            inv_bc2: (1.0 / (1.0 - c.beta2.powi(t)).sqrt()) as f32,
+            eps: c.eps as f32,
         },
-    )?;
-    (st.m, st.v) = (Some(m), Some(v));
-    Ok(())
+    };
+    let result = var.as_tensor().inplace_op1(&op);
+    st.host = Some(HostMoments { m, v, shape });
+    Ok(result?)
 }
 
 fn adamw(c: &OptimizerConfig, wd: f64, st: &mut Moments, p: &Tensor, g: &Tensor) -> Result<Tensor> {
@@ -501,6 +582,72 @@ mod tests {
     }
 
     #[test]
+    fn flat_gradients_update_like_tensors() {
+        // Two parameters read from one buffer at their offsets, one parameter left out.
+        let dev = Device::Cpu;
+        let cfg = OptimizerConfig {
+            weight_decay: 0.1,
+            no_decay: vec!["b".into()],
+            ..Default::default()
+        };
+        for algorithm in [Algorithm::AdamW, Algorithm::Lion] {
+            let cfg = OptimizerConfig {
+                algorithm,
+                ..cfg.clone()
+            };
+            let init = |n| Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+            let (w, b, u) = (init(20_000), init(7), init(5));
+            let params = |t: [&Tensor; 3]| -> Vec<(String, Var)> {
+                ["w", "b", "u"]
+                    .iter()
+                    .zip(t)
+                    .map(|(n, t)| (n.to_string(), Var::from_tensor(&t.copy().unwrap()).unwrap()))
+                    .collect()
+            };
+            let (pa, pb) = (params([&w, &b, &u]), params([&w, &b, &u]));
+            let (mut a, mut f) = (
+                Optimizer::new(cfg.clone()).unwrap(),
+                Optimizer::new(cfg).unwrap(),
+            );
+            for _ in 0..3 {
+                let flat = init(20_007).to_vec1::<f32>().unwrap();
+                let at: HashMap<String, usize> = [("w".into(), 0), ("b".into(), 20_000)].into();
+                let grads: HashMap<String, Tensor> = [
+                    (
+                        "w".into(),
+                        Tensor::from_slice(&flat[..20_000], 20_000, &dev).unwrap(),
+                    ),
+                    (
+                        "b".into(),
+                        Tensor::from_slice(&flat[20_000..], 7, &dev).unwrap(),
+                    ),
+                ]
+                .into();
+                a.step(&pa, &grads).unwrap();
+                f.step_with(
+                    &pb,
+                    &Grads::Flat {
+                        buf: &flat,
+                        at: &at,
+                    },
+                )
+                .unwrap();
+            }
+            for ((n, x), (_, y)) in pa.iter().zip(&pb) {
+                let (x, y) = (x.as_tensor(), y.as_tensor());
+                assert_eq!(
+                    x.to_vec1::<f32>().unwrap(),
+                    y.to_vec1::<f32>().unwrap(),
+                    "{n}"
+                );
+            }
+            assert_eq!(f.steps(), [("b".into(), 3), ("w".into(), 3)].into());
+            let unchanged = pb[2].1.as_tensor().to_vec1::<f32>().unwrap();
+            assert_eq!(unchanged, u.to_vec1::<f32>().unwrap());
+        }
+    }
+
+    #[test]
     fn in_place_adamw_gives_the_bits_of_the_tensor_expression() {
         let cfg = OptimizerConfig {
             lr: 0.01,
@@ -515,6 +662,7 @@ mod tests {
         let mut st = Moments {
             m: None,
             v: None,
+            host: None,
             step: 0,
         };
         for _ in 0..3 {

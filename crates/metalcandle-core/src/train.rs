@@ -322,8 +322,8 @@ pub fn train_step_with(
         None => StepPath::Fused,
     };
     model.hooks.set_step(opt.step_count());
-    // The fused path returns its norm, and its gradients already clipped, from its flat buffer.
-    let (loss, aux, mut grads, fused_norm) = if path == StepPath::Fused {
+    // The fused path's gradients stay in its flat buffer, already clipped, with their norm.
+    if path == StepPath::Fused {
         let names: Vec<String> = vars.iter().map(|(n, _)| n.clone()).collect();
         let a = crate::engine::accumulate(
             model,
@@ -334,21 +334,25 @@ pub fn train_step_with(
             opts.reducer,
             opts.max_grad_norm,
         )?;
-        (a.loss, vec![], a.grads, Some(a.grad_norm))
-    } else {
-        model.set_training(true);
-        let result = accumulate(model, &vars, micro_batches, total);
-        model.set_training(false);
-        let (mut loss, mut aux, mut grads) = result?;
-        if let Some(r) = opts.reducer {
-            (loss, aux) = sum_over_workers(r, model, &vars, loss, aux, &mut grads)?;
-        }
-        (loss, aux, grads, None)
-    };
-    let grad_norm = match fused_norm {
-        Some(n) => n,
-        None => clip_composed(model, &vars, &mut grads, opts.max_grad_norm)?,
-    };
+        let grads = crate::engine::gradients(model)
+            .ok_or_else(|| Error::Msg("the fused step kept no gradients".into()))?;
+        opt.step_with(&vars, &grads)?;
+        return Ok(StepStats {
+            loss: a.loss,
+            grad_norm: a.grad_norm,
+            tokens: total,
+            aux: vec![],
+            path,
+        });
+    }
+    model.set_training(true);
+    let result = accumulate(model, &vars, micro_batches, total);
+    model.set_training(false);
+    let (mut loss, mut aux, mut grads) = result?;
+    if let Some(r) = opts.reducer {
+        (loss, aux) = sum_over_workers(r, model, &vars, loss, aux, &mut grads)?;
+    }
+    let grad_norm = clip_composed(model, &vars, &mut grads, opts.max_grad_norm)?;
     opt.step(&vars, &grads)?;
     Ok(StepStats {
         loss,

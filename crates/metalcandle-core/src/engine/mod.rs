@@ -17,12 +17,13 @@ use crate::nn::attention::QkvProj;
 use crate::nn::{Linear, Norm};
 use crate::ops::cross_entropy::IGNORE_INDEX;
 use crate::ops::head_loss::head_loss_core;
+use crate::optim::Grads;
 use crate::reduce::GradReducer;
 use crate::spec::{MlpKind, NormKind, Positions};
 use crate::train::Batch;
 use block::BlockPlan;
 use buffers::{Buffers, Dims};
-use candle_core::{CpuStorage, DType, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Storage};
 use std::collections::HashMap;
 
 /// A linear's weight rows `row0 .. row0 + rows` (all of them, or one of q/k/v of a fused
@@ -111,7 +112,10 @@ pub struct Engine {
     rope: Vec<(Vec<f32>, Vec<f32>)>,
     /// sinusoidal positions [T, hidden]
     sinusoid: Option<Vec<f32>>,
+    /// The step's gradients, one buffer in the trainable parameters' order, and each one's
+    /// offset in it; the optimizer reads them in place.
     flat: Vec<f32>,
+    offsets: HashMap<String, usize>,
 }
 
 /// The engine a model keeps between steps. A clone of the model starts without one.
@@ -133,13 +137,20 @@ impl std::fmt::Debug for Slot {
     }
 }
 
-/// What one step's forward and backward hand back to the shared tail of `train_step`.
+/// What one step's forward and backward hand back to the shared tail of `train_step`; the
+/// gradients themselves stay in the engine's flat buffer (see [`gradients`]).
 pub(crate) struct Accumulated {
     pub loss: f64,
     /// The norm of all gradients before clipping.
     pub grad_norm: f64,
-    /// Clipped when a maximum norm was given.
-    pub grads: HashMap<String, Tensor>,
+}
+
+/// The last fused step's gradients (clipped when a maximum norm was given), for the optimizer.
+pub(crate) fn gradients(model: &Decoder) -> Option<Grads<'_>> {
+    model.engine.0.as_ref().map(|e| Grads::Flat {
+        buf: &e.flat,
+        at: &e.offsets,
+    })
 }
 
 /// `||g||`: f64 partial sums over fixed blocks in 8 lanes, added in block order, so the same
@@ -415,6 +426,7 @@ impl Engine {
             rope,
             sinusoid,
             flat: vec![],
+            offsets: HashMap::new(),
         })
     }
 }
@@ -529,24 +541,12 @@ pub(crate) fn accumulate(
     if let Some(max) = max_grad_norm {
         clip_flat(&mut engine.flat, grad_norm, max);
     }
-    let mut grads = HashMap::new();
-    for name in trainable {
-        let i = ix[name];
-        let off = grad_at[i].unwrap();
-        let shape = named[i].1.shape().clone();
-        let g = Tensor::from_slice(
-            &engine.flat[off..off + shape.elem_count()],
-            shape,
-            &candle_core::Device::Cpu,
-        )?;
-        grads.insert(name.clone(), g);
-    }
+    engine.offsets = trainable
+        .iter()
+        .map(|name| (name.clone(), grad_at[ix[name]].unwrap()))
+        .collect();
     model.engine.0 = Some(engine);
-    Ok(Accumulated {
-        loss,
-        grad_norm,
-        grads,
-    })
+    Ok(Accumulated { loss, grad_norm })
 }
 
 /// One micro-batch's forward, loss and backward; returns its mean loss.

@@ -77,7 +77,18 @@ fn fused(m: &mut Decoder, batches: &[Batch], ckpt: bool) -> Grads {
         .collect();
     let total = total_tokens(batches);
     let a = super::accumulate(m, &names, batches, total, ckpt, None, None).unwrap();
-    (a.loss, a.grads)
+    let mut named = m.named_parameters();
+    m.visit_adapter_mut(&mut |n, t| named.push((n.to_string(), t.clone())));
+    let e = m.engine.0.as_ref().unwrap();
+    let grads = named
+        .into_iter()
+        .filter_map(|(n, t)| {
+            let o = *e.offsets.get(&n)?;
+            let g = &e.flat[o..o + t.elem_count()];
+            Some((n, Tensor::from_slice(g, t.shape(), t.device()).unwrap()))
+        })
+        .collect();
+    (a.loss, grads)
 }
 
 fn total_tokens(batches: &[Batch]) -> usize {
