@@ -47,6 +47,7 @@ class Key:
     min: float | None = None
     max: float | None = None
     min_exclusive: bool = False
+    max_exclusive: bool = False
 
 
 SPEC_KEYS: dict[str, Key] = {
@@ -64,7 +65,7 @@ SPEC_KEYS: dict[str, Key] = {
     "mlp": Key("str", "gelu", choices=("gelu", "gelu_tanh", "swiglu", "relu")),
     "positions": Key("str", "learned", choices=("learned", "sinusoidal", "rope")),
     "tie_embeddings": Key("bool", True),
-    "dropout": Key("float", 0.0, min=0.0, max=1.0),
+    "dropout": Key("float", 0.0, min=0.0, max=1.0, max_exclusive=True),  # as the core checks it
     # [[model.spec.layer_overrides]]: layers = 3 | [0, 5] | "0::4", and the keys below for them.
     "layer_overrides": Key("layer_overrides", []),
 }
@@ -105,7 +106,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "lora": {
         "r": Key("int", 8, min=1),
         "alpha": Key("float", 16.0, min=0.0, min_exclusive=True),
-        "dropout": Key("float", 0.0, min=0.0, max=1.0),
+        "dropout": Key("float", 0.0, min=0.0, max=1.0, max_exclusive=True),
         "target_modules": Key("target_modules", ["q_proj", "v_proj"]),
         "use_rslora": Key("bool", False),
     },
@@ -114,7 +115,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "optimizer": {
         "name": Key("str", "adamw", choices=("adamw", "sgd", "lion")),
         "lr": Key("float", None, min=0.0, min_exclusive=True),
-        "betas": Key("float_pair", None, min=0.0, max=1.0),
+        "betas": Key("float_pair", None, min=0.0, max=1.0, max_exclusive=True),
         "eps": Key("float", None, min=0.0, min_exclusive=True),
         "weight_decay": Key("float", None, min=0.0),
         # SGD only.
@@ -275,10 +276,10 @@ def _check_value(where: str, dotted: str, key: Key, value: Any) -> Any:
 
     def in_range(v, expected):
         lo_ok = key.min is None or (v > key.min if key.min_exclusive else v >= key.min)
-        hi_ok = key.max is None or v <= key.max
+        hi_ok = key.max is None or (v < key.max if key.max_exclusive else v <= key.max)
         if not (lo_ok and hi_ok):
             lo = "" if key.min is None else (f"> {key.min}" if key.min_exclusive else f">= {key.min}")
-            hi = "" if key.max is None else f"<= {key.max}"
+            hi = "" if key.max is None else (f"< {key.max}" if key.max_exclusive else f"<= {key.max}")
             bad(f"{expected} {' and '.join(s for s in (lo, hi) if s)}")
         return v
 

@@ -492,6 +492,7 @@ def _train(cfg, progress, stop_at_step, log, allow_config_change, dist: Distribu
         gradient_checkpointing=hw["gradient_checkpointing"],
         fused=hw["fused"],
         comm=dist,
+        seed=cfg["run"]["seed"],
     )
     if resume_from is not None:
         trainer.load_state(resume_from / ck.TRAINER_DIR)

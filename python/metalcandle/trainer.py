@@ -80,13 +80,17 @@ class Trainer:
     so every rank starts identical.
 
     `fused=True` runs the step on the fused CPU path when the model allows it (f32 on the CPU,
-    no LoRA adapter, no hook or auxiliary loss, no gradient transform); otherwise, or with
+    no LoRA dropout or merged adapter, no hook or auxiliary loss, no gradient transform); otherwise, or with
     `fused=False`, on the composed per-op path. `last_step_path` says which one ran ("fused" or
     "composed") and `last_composed_reason` why the fused one did not.
 
     `gradient_checkpointing=True` keeps only each block's input and recomputes the block in the
     backward: less memory, the same arithmetic (identical trajectories). The composed path
-    ignores it (with a one-time warning)."""
+    ignores it (with a one-time warning).
+
+    A spec with `dropout` > 0 drops at its rate while training only (never in `eval_loss`,
+    generation or `forward`). Its masks are a function of `seed`, the optimizer's step count, the
+    micro-batch and the rank, so a resumed run draws exactly the masks an uninterrupted one does."""
 
     def __init__(
         self,
@@ -96,6 +100,7 @@ class Trainer:
         gradient_checkpointing: bool = False,
         fused: bool = True,
         comm=None,
+        seed: int = 0,
     ):
         if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
@@ -109,6 +114,9 @@ class Trainer:
         self.last_composed_reason: str | None = None
         self._warned_checkpointing = False
         self.dist = as_distributed(comm)
+        # Each rank draws its own masks for its own rows.
+        rank = self.dist.rank if self.dist is not None else 0
+        self.dropout_seed = (int(seed) + (rank << 32)) % 2**64
         if self.parallel:
             self.broadcast_weights()
 
@@ -143,6 +151,7 @@ class Trainer:
             allreduce,
             fused=self.fused,
             gradient_checkpointing=self.gradient_checkpointing,
+            dropout_seed=self.dropout_seed,
         )
         self.last_step_path, self.last_composed_reason = path, why
         if path == "composed" and self.gradient_checkpointing and not self._warned_checkpointing:

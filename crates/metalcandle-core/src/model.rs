@@ -7,6 +7,7 @@ use crate::nn::embedding::sinusoidal;
 use crate::nn::mask::attention_mask;
 use crate::nn::rope::RotaryTables;
 use crate::nn::{Attention, Embedding, LayerCache, Linear, Mlp, Norm, Weight};
+use crate::ops::dropout::{Dropout, Site};
 use crate::spec::{MlpKind, ModelSpec, NormKind, Positions};
 use crate::weights::names::{self, ParamKind};
 use candle_core::{DType, Device, Tensor};
@@ -77,6 +78,8 @@ pub struct ForwardOptions<'a> {
     /// [B, T] row-major; defaults to past..past+T for every row.
     pub position_ids: Option<&'a [i64]>,
     pub output_hidden_states: bool,
+    /// This micro-batch's dropout masks (training only; `None` runs deterministically).
+    pub dropout: Option<Dropout>,
 }
 
 pub struct ForwardOutput {
@@ -399,7 +402,13 @@ impl Decoder {
             }
             _ => {}
         }
-        x = at(&|| "embed".into(), x)?;
+        let drop = |site: Site, x: Tensor| -> Result<Tensor> {
+            match opts.dropout {
+                Some(d) => Ok(d.at(site).forward(&x)?),
+                None => Ok(x),
+            }
+        };
+        x = at(&|| "embed".into(), drop(Site::Embed, x)?)?;
         let mut hidden = vec![];
         if opts.output_hidden_states {
             hidden.push(x.clone());
@@ -445,9 +454,12 @@ impl Decoder {
                 AttnMask::Dense(&masks[&window]),
                 layer_cache,
                 if hooked { Some(&inner) } else { None },
+                opts.dropout.map(|d| d.at(Site::AttnProbs(i))),
             )?;
+            let h = drop(Site::AttnOut(i), h)?;
             x = (x + at(&|| format!("layers.{i}.attn_out"), h)?)?;
             let h = block.mlp.forward(&block.mlp_norm.forward(&x)?)?;
+            let h = drop(Site::MlpOut(i), h)?;
             x = (x + at(&|| format!("layers.{i}.mlp_out"), h)?)?;
             x = at(&|| format!("layers.{i}.residual"), x)?;
             if opts.output_hidden_states && i + 1 < self.blocks.len() {

@@ -142,6 +142,12 @@ pub struct ModelSpec {
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Dropout rate while training, at the embedding output, the attention probabilities and
+    /// both residual branches (GPT-2's and nanoGPT's places). Only a from-scratch spec sets
+    /// it: a Hugging Face checkpoint's own dropout fields are not applied, so fine-tuning one
+    /// follows the deterministic trajectory (PEFT's with dropout 0).
+    #[serde(default)]
+    pub dropout: f64,
 }
 
 impl ModelSpec {
@@ -463,6 +469,7 @@ fn llama_family(c: &Cfg, arch: Architecture) -> Result<ModelSpec> {
         tie_word_embeddings: c.opt_bool("tie_word_embeddings")?.unwrap_or(false),
         bos_token_id: c.token_ids("bos_token_id")?.first().copied(),
         eos_token_ids: c.token_ids("eos_token_id")?,
+        dropout: 0.0,
     };
     spec.validate(c.context)?;
     Ok(spec)
@@ -526,6 +533,7 @@ fn gpt2(c: &Cfg) -> Result<ModelSpec> {
         tie_word_embeddings: c.opt_bool("tie_word_embeddings")?.unwrap_or(true),
         bos_token_id: c.token_ids("bos_token_id")?.first().copied(),
         eos_token_ids: c.token_ids("eos_token_id")?,
+        dropout: 0.0,
     };
     spec.validate(c.context)?;
     Ok(spec)
@@ -810,6 +818,7 @@ impl CustomSpec {
             tie_word_embeddings: self.tie_embeddings,
             bos_token_id: self.bos_token_id,
             eos_token_ids: self.eos_token_id.into_iter().collect(),
+            dropout: self.dropout,
         };
         spec.validate(context)?;
         Ok(spec)

@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::{Decoder, ForwardOptions};
+use crate::ops::dropout::Dropout;
 use crate::ops::{self, cross_entropy::IGNORE_INDEX};
 use crate::optim::Optimizer;
 use crate::reduce::GradReducer;
@@ -89,6 +90,9 @@ pub struct StepOptions<'a> {
     pub gradient_checkpointing: bool,
     /// Sums token counts, losses and gradients over data-parallel workers.
     pub reducer: Option<&'a mut dyn GradReducer>,
+    /// Seeds the dropout masks (the model spec's `dropout`), with the optimizer's step count
+    /// and the micro-batch index (see ops/dropout.rs).
+    pub dropout_seed: u64,
 }
 
 impl Default for StepOptions<'_> {
@@ -98,6 +102,7 @@ impl Default for StepOptions<'_> {
             fused: true,
             gradient_checkpointing: false,
             reducer: None,
+            dropout_seed: 0,
         }
     }
 }
@@ -191,10 +196,16 @@ impl Decoder {
 
     /// The main loss and every auxiliary loss the hooks ask for.
     pub fn loss_parts(&self, batch: &Batch) -> Result<LossParts> {
+        self.loss_parts_with(batch, None)
+    }
+
+    /// [`Decoder::loss_parts`] with this micro-batch's dropout masks.
+    pub fn loss_parts_with(&self, batch: &Batch, dropout: Option<Dropout>) -> Result<LossParts> {
         let labels = batch.shifted_labels()?;
         let n = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
         let opts = ForwardOptions {
             attention_mask: batch.attention_mask.as_deref(),
+            dropout,
             ..Default::default()
         };
         let losses = self.hooks.aux_losses();
@@ -322,18 +333,15 @@ pub fn train_step_with(
         None => StepPath::Fused,
     };
     model.hooks.set_step(opt.step_count());
+    let masks = Masks {
+        p: model.spec.dropout,
+        seed: opts.dropout_seed,
+        step: opt.step_count(),
+    };
     // The fused path's gradients stay in its flat buffer, already clipped, with their norm.
     if path == StepPath::Fused {
         let names: Vec<String> = vars.iter().map(|(n, _)| n.clone()).collect();
-        let a = crate::engine::accumulate(
-            model,
-            &names,
-            micro_batches,
-            total,
-            opts.gradient_checkpointing,
-            opts.reducer,
-            opts.max_grad_norm,
-        )?;
+        let a = crate::engine::accumulate(model, &names, micro_batches, total, masks, opts)?;
         let grads = crate::engine::gradients(model)
             .ok_or_else(|| Error::Msg("the fused step kept no gradients".into()))?;
         opt.step_with(&vars, &grads)?;
@@ -346,7 +354,7 @@ pub fn train_step_with(
         });
     }
     model.set_training(true);
-    let result = accumulate(model, &vars, micro_batches, total);
+    let result = accumulate(model, &vars, micro_batches, total, masks);
     model.set_training(false);
     let (mut loss, mut aux, mut grads) = result?;
     if let Some(r) = opts.reducer {
@@ -461,11 +469,27 @@ fn sum_over_workers(
 
 type Accumulated = (f64, Vec<(String, f64)>, HashMap<String, Tensor>);
 
+/// Where one step's dropout masks come from: rate, run seed and the optimizer's step count.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Masks {
+    pub p: f64,
+    pub seed: u64,
+    pub step: u64,
+}
+
+impl Masks {
+    /// The masks of micro-batch `micro`; `None` without dropout.
+    pub fn of(&self, micro: usize) -> Option<Dropout> {
+        Dropout::new(self.p, self.seed, self.step, micro as u64)
+    }
+}
+
 pub(crate) fn accumulate(
     model: &Decoder,
     vars: &[(String, Var)],
     micro_batches: &[Batch],
     total: usize,
+    masks: Masks,
 ) -> Result<Accumulated> {
     let mut grads: HashMap<String, Tensor> = HashMap::new();
     let mut loss_sum = 0f64;
@@ -473,8 +497,8 @@ pub(crate) fn accumulate(
     let scalar = |t: &Tensor| -> Result<f64> {
         Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
     };
-    for b in micro_batches {
-        let parts = model.loss_parts(b)?;
+    for (micro, b) in micro_batches.iter().enumerate() {
+        let parts = model.loss_parts_with(b, masks.of(micro))?;
         let n = parts.tokens;
         if n == 0 {
             continue;

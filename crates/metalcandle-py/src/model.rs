@@ -223,6 +223,7 @@ impl PyModel {
                     attention_mask: inp.mask.as_deref(),
                     position_ids: inp.positions.as_deref(),
                     output_hidden_states,
+                    dropout: None,
                 };
                 let (logits, hidden) = model.forward(&inp.ids, &opts, None)?;
                 let hidden = if output_hidden_states {
@@ -255,6 +256,7 @@ impl PyModel {
                     attention_mask: inp.mask.as_deref(),
                     position_ids: inp.positions.as_deref(),
                     output_hidden_states: false,
+                    dropout: None,
                 };
                 model.forward_last(&inp.ids, &opts, Some(cache))
             })

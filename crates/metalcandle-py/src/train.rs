@@ -184,7 +184,7 @@ impl GradReducer for PyReducer {
 /// `allreduce` (a callable summing a numpy array in place over the workers) the micro-batches
 /// are this worker's share of a global step.
 #[pyfunction]
-#[pyo3(signature = (model, optimizer, input_ids, labels, attention_mask = None, max_grad_norm = None, pre_shifted = false, allreduce = None, fused = true, gradient_checkpointing = false))]
+#[pyo3(signature = (model, optimizer, input_ids, labels, attention_mask = None, max_grad_norm = None, pre_shifted = false, allreduce = None, fused = true, gradient_checkpointing = false, dropout_seed = 0))]
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
     py: Python<'_>,
@@ -198,6 +198,7 @@ pub fn train_step(
     allreduce: Option<Py<PyAny>>,
     fused: bool,
     gradient_checkpointing: bool,
+    dropout_seed: u64,
 ) -> PyResult<StepResult> {
     let b = batches(&model, input_ids, labels, attention_mask, pre_shifted)?;
     let (m, o) = (&mut model.inner, &mut optimizer.inner);
@@ -212,6 +213,7 @@ pub fn train_step(
             fused,
             gradient_checkpointing,
             reducer: r.map(|r| r as _),
+            dropout_seed,
         };
         train_step_with(m, o, &b, opts)
     });

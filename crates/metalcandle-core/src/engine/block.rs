@@ -23,10 +23,12 @@ use super::kernels::{
     norm_fwd, rope_in_place, NormParams,
 };
 use super::{Lin, NormPlan, StepCtx};
+use crate::ops::dropout::{Dropout, Site};
 use crate::ops::flash_attention::{flash_backward, flash_forward, FlashShape};
 use crate::spec::{Activation, AttentionSpec};
 
 pub struct BlockPlan {
+    pub layer: usize,
     pub n1: NormPlan,
     pub q: Lin,
     pub k: Lin,
@@ -52,7 +54,17 @@ impl BlockPlan {
             head_dim: self.attn.head_dim,
             window: self.attn.sliding_window,
             scale: (1.0 / (self.attn.head_dim as f64).sqrt()) as f32,
+            dropout: c.dropout.map(|d| d.at(Site::AttnProbs(self.layer))),
         }
+    }
+
+    /// The masks of the two residual branches (attention, MLP) when training with dropout.
+    fn branch_dropout(&self, c: &StepCtx) -> Option<(Dropout, Dropout)> {
+        let d = c.dropout?;
+        Some((
+            d.at(Site::AttnOut(self.layer)),
+            d.at(Site::MlpOut(self.layer)),
+        ))
     }
 
     /// `out = block(x)`, keeping in `a` what the backward needs.
@@ -103,6 +115,10 @@ impl BlockPlan {
             hs,
             &mut a.lora[LoraSlot::O as usize],
         );
+        let drop = self.branch_dropout(c);
+        if let Some((d, _)) = drop {
+            d.apply_par(&mut a.x2[..n * hs]);
+        }
         add_assign(&mut a.x2[..n * hs], x);
         let n2 = c.norm(&self.n2);
         norm_fwd(
@@ -135,6 +151,9 @@ impl BlockPlan {
         linear_fwd(&a.h, c.w(&self.down), c.b(&self.down), n, ff, hs, out, hs);
         let h = &mut a.lora[LoraSlot::Down as usize];
         adapt(c, &self.down, &a.h, n, out, hs, h);
+        if let Some((_, d)) = drop {
+            d.apply_par(&mut out[..n * hs]);
+        }
         add_assign(&mut out[..n * hs], &a.x2[..n * hs]);
     }
 
@@ -149,12 +168,14 @@ impl BlockPlan {
         );
         let (qw, kvw, ff) = (nh * hd, nkv * hd, self.up.rows);
         let nhs = n * hs;
+        let drop = self.branch_dropout(c);
         // MLP
         let d = &self.down;
+        let dy = branch_grad(drop.map(|d| d.1), &g.dres[..nhs], &mut g.dbranch);
         linear_bwd(
             &a.h,
             c.w(d),
-            &g.dres,
+            dy,
             hs,
             n,
             ff,
@@ -164,7 +185,7 @@ impl BlockPlan {
             Some((&mut g.dh, false)),
         );
         let h = &a.lora[LoraSlot::Down as usize];
-        adapt_bwd(c, d, &a.h, h, &g.dres, hs, n, &mut g.dlora, &mut g.dh);
+        adapt_bwd(c, d, &a.h, h, dy, hs, n, &mut g.dlora, &mut g.dh);
         let gate = self.gate.as_ref().map(|_| &a.gate[..n * ff]);
         mlp_act_bwd(
             self.act,
@@ -221,10 +242,11 @@ impl BlockPlan {
         );
         // attention
         let o = &self.o;
+        let dy = branch_grad(drop.map(|d| d.0), &g.dres[..nhs], &mut g.dbranch);
         linear_bwd(
             &a.att,
             c.w(o),
-            &g.dres,
+            dy,
             hs,
             n,
             qw,
@@ -234,7 +256,7 @@ impl BlockPlan {
             Some((&mut g.datt, false)),
         );
         let h = &a.lora[LoraSlot::O as usize];
-        adapt_bwd(c, o, &a.att, h, &g.dres, hs, n, &mut g.dlora, &mut g.datt);
+        adapt_bwd(c, o, &a.att, h, dy, hs, n, &mut g.dlora, &mut g.datt);
         let s = self.shape(c);
         flash_backward(
             &s,
@@ -289,6 +311,20 @@ impl BlockPlan {
             dw1,
             db1,
         );
+    }
+}
+
+/// The gradient of a residual branch's output: the residual gradient itself, or that gradient
+/// through the branch's dropout mask (redrawn, not kept), written to `scratch`.
+fn branch_grad<'g>(d: Option<Dropout>, dres: &'g [f32], scratch: &'g mut [f32]) -> &'g [f32] {
+    match d {
+        None => dres,
+        Some(d) => {
+            let out = &mut scratch[..dres.len()];
+            out.copy_from_slice(dres);
+            d.apply_par(out);
+            out
+        }
     }
 }
 

@@ -51,6 +51,7 @@ pub struct Dims {
     pub gated: bool,
     /// The largest LoRA rank (0 without an adapter).
     pub rank: usize,
+    pub dropout: bool,
 }
 
 impl Acts {
@@ -94,6 +95,9 @@ pub struct Grads {
     pub dup: Vec<f32>,
     /// dL/d (x A^T) of the LoRA linear being differentiated [N, r]
     pub dlora: Vec<f32>,
+    /// The gradient of a dropped-out branch's output: the residual gradient through the mask
+    /// [N, C] (empty without dropout)
+    pub dbranch: Vec<f32>,
 }
 
 impl Grads {
@@ -110,6 +114,7 @@ impl Grads {
             dgate: z(n * d.ff),
             dup: z(n * d.ff),
             dlora: z(n * d.rank),
+            dbranch: z(if d.dropout { n * d.hidden } else { 0 }),
         }
     }
 }

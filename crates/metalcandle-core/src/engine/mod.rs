@@ -16,11 +16,11 @@ use crate::model::{Decoder, ForwardOptions};
 use crate::nn::attention::QkvProj;
 use crate::nn::{Linear, Norm};
 use crate::ops::cross_entropy::IGNORE_INDEX;
+use crate::ops::dropout::{Dropout, Site};
 use crate::ops::head_loss::head_loss_core;
 use crate::optim::Grads;
-use crate::reduce::GradReducer;
 use crate::spec::{MlpKind, NormKind, Positions};
-use crate::train::Batch;
+use crate::train::{Batch, Masks, StepOptions};
 use block::BlockPlan;
 use buffers::{Buffers, Dims};
 use candle_core::{CpuStorage, DType, Storage};
@@ -232,6 +232,7 @@ impl Plan {
     fn new(model: &Decoder, ix: &HashMap<String, usize>) -> Result<Self> {
         let mut dims = Dims {
             hidden: model.spec.hidden_size,
+            dropout: model.spec.dropout > 0.0,
             ..Default::default()
         };
         let mut blocks = vec![];
@@ -271,6 +272,7 @@ impl Plan {
                 dims.rank = dims.rank.max(l.lora.as_ref().map_or(0, |p| p.rank));
             }
             blocks.push(BlockPlan {
+                layer: i,
                 n1: norm(ix, &b.attn_norm)?,
                 q,
                 k,
@@ -319,6 +321,8 @@ pub(crate) struct StepCtx<'a> {
     grad_ptr: *mut f32,
     rope: &'a [(Vec<f32>, Vec<f32>)],
     key_mask: Option<&'a [i64]>,
+    /// This micro-batch's dropout masks (ops/dropout.rs), redrawn in the backward.
+    dropout: Option<Dropout>,
 }
 
 // The gradient pointer is written only through `grad`, from one thread at a time per
@@ -431,20 +435,20 @@ impl Engine {
     }
 }
 
-/// Forward and backward of every micro-batch on the fused path, the gradients summed over
-/// `reducer`'s workers (when given), returned per trainable parameter for the shared tail of
-/// the step (norm, clipping, optimizer). `total` is the label-token count over all workers.
+/// Forward and backward of every micro-batch on the fused path (`opts`: checkpointing, the
+/// workers' reducer, clipping), the gradients summed over the workers and clipped in the
+/// engine's flat buffer for the optimizer ([`gradients`]). `total` is the label-token count
+/// over all workers.
 pub(crate) fn accumulate(
     model: &mut Decoder,
     trainable: &[String],
     micro_batches: &[Batch],
     total: usize,
-    checkpointing: bool,
-    reducer: Option<&mut dyn GradReducer>,
-    max_grad_norm: Option<f64>,
+    masks: Masks,
+    opts: StepOptions,
 ) -> Result<Accumulated> {
     let (b, t) = micro_batches[0].ids.dims2()?;
-    let key = (b, t, checkpointing);
+    let key = (b, t, opts.gradient_checkpointing);
     // The base parameters, then the adapter's (trainable when attached, the base frozen).
     let mut named = model.named_parameters();
     model.visit_adapter_mut(&mut |n, t| named.push((n.to_string(), t.clone())));
@@ -482,7 +486,7 @@ pub(crate) fn accumulate(
             flat,
             ..
         } = &mut *engine;
-        for mb in micro_batches {
+        for (micro, mb) in micro_batches.iter().enumerate() {
             if mb.ids.dims2()? != (b, t) {
                 return Err(Error::Input(format!(
                     "micro-batches differ in shape: {:?} and {:?}",
@@ -510,6 +514,7 @@ pub(crate) fn accumulate(
                 grad_ptr: flat.as_mut_ptr(),
                 rope,
                 key_mask: mb.attention_mask.as_deref(),
+                dropout: masks.of(micro),
             };
             let ids: Vec<u32> = mb.ids.flatten_all()?.to_vec1()?;
             let vocab = model.spec.vocab_size;
@@ -531,14 +536,14 @@ pub(crate) fn accumulate(
             loss += (main * share as f32) as f64;
         }
     }
-    if let Some(r) = reducer {
+    if let Some(r) = opts.reducer {
         let mut l = [loss];
         r.sum_f64(&mut l)?;
         loss = l[0];
         r.sum_f32(&mut engine.flat)?;
     }
     let grad_norm = flat_norm(&engine.flat);
-    if let Some(max) = max_grad_norm {
+    if let Some(max) = opts.max_grad_norm {
         clip_flat(&mut engine.flat, grad_norm, max);
     }
     engine.offsets = trainable
@@ -579,6 +584,10 @@ fn step_micro_batch(
             }
         }
     });
+    let embed_drop = c.dropout.map(|d| d.at(Site::Embed));
+    if let Some(d) = embed_drop {
+        d.apply_par(&mut bufs.res[0][..n * hs]);
+    }
     let layers = plan.blocks.len();
     let ckpt = bufs.acts.len() == 1 && layers > 1;
     for (l, blk) in plan.blocks.iter().enumerate() {
@@ -639,6 +648,9 @@ fn step_micro_batch(
         blk.backward(c, &bufs.res[l], &bufs.acts[slot], &mut bufs.grads);
     }
     // Embedding rows (and learned positions) collect the residual gradient.
+    if let Some(d) = embed_drop {
+        d.apply_par(&mut bufs.grads.dres[..n * hs]);
+    }
     let g = &bufs.grads.dres;
     if let Some(de) = c.grad(plan.embed, 0..emb.len()) {
         for i in 0..n {

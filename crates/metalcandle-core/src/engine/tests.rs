@@ -4,7 +4,7 @@
 use crate::model::Decoder;
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::spec::ModelSpec;
-use crate::train::{train_step_with, Batch, StepOptions, StepPath};
+use crate::train::{train_step_with, Batch, Masks, StepOptions, StepPath};
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -60,10 +60,20 @@ fn batch(seed: u64, b: usize, t: usize, vocab: u32, mask: bool) -> Batch {
 
 type Grads = (f64, HashMap<String, Tensor>);
 
+/// The masks of the step after `step` optimizer steps, at the spec's rate (none at 0).
+fn step_masks(m: &Decoder, step: u64) -> Masks {
+    Masks {
+        p: m.spec.dropout,
+        seed: 11,
+        step,
+    }
+}
+
 fn composed(m: &mut Decoder, batches: &[Batch]) -> Grads {
     let vars = m.make_trainable().unwrap();
     let total = total_tokens(batches);
-    let (loss, _, g) = crate::train::accumulate(m, &vars, batches, total).unwrap();
+    let masks = step_masks(m, 2);
+    let (loss, _, g) = crate::train::accumulate(m, &vars, batches, total, masks).unwrap();
     (loss, g)
 }
 
@@ -76,7 +86,12 @@ fn fused(m: &mut Decoder, batches: &[Batch], ckpt: bool) -> Grads {
         .map(|(n, _)| n)
         .collect();
     let total = total_tokens(batches);
-    let a = super::accumulate(m, &names, batches, total, ckpt, None, None).unwrap();
+    let masks = step_masks(m, 2);
+    let opts = StepOptions {
+        gradient_checkpointing: ckpt,
+        ..Default::default()
+    };
+    let a = super::accumulate(m, &names, batches, total, masks, opts).unwrap();
     let mut named = m.named_parameters();
     m.visit_adapter_mut(&mut |n, t| named.push((n.to_string(), t.clone())));
     let e = m.engine.0.as_ref().unwrap();
@@ -242,7 +257,7 @@ fn trajectory(fused: bool, ckpt: bool) -> Vec<f64> {
                     max_grad_norm: Some(0.5),
                     fused,
                     gradient_checkpointing: ckpt,
-                    reducer: None,
+                    ..Default::default()
                 },
             )
             .unwrap();
@@ -334,4 +349,58 @@ fn lora_on_gpt2_fused_qkv_matches() {
         "n_positions": 32, "layer_norm_epsilon": 1e-5
     });
     check_lora(config, &[batch(5, 2, 10, 50, true)]);
+}
+
+fn with_dropout(mut config: Value, p: f64) -> Value {
+    config["dropout"] = json!(p);
+    config
+}
+
+#[test]
+fn dropout_gradients_match_the_composed_path() {
+    // Every site: embedding, attention probabilities (with padding), both residual branches.
+    check(
+        with_dropout(tiny_custom(), 0.25),
+        &[batch(1, 3, 9, 40, true), batch(2, 3, 9, 40, false)],
+    );
+    let layernorm = json!({
+        "model_type": "custom-transformer", "vocab_size": 30, "d_model": 24,
+        "n_layers": 2, "n_heads": 3, "d_ff": 40, "max_seq_len": 16, "norm": "layernorm",
+        "mlp": "gelu", "positions": "learned", "tie_embeddings": false
+    });
+    check(with_dropout(layernorm, 0.4), &[batch(6, 2, 9, 30, false)]);
+}
+
+#[test]
+fn dropout_is_drawn_per_step_and_recomputed_exactly_under_checkpointing() {
+    let batches = [batch(1, 2, 9, 40, false)];
+    let mut m = model(with_dropout(tiny_custom(), 0.25), 3);
+    let (l2, g2) = fused(&mut m, &batches, false);
+    let (c2, gc2) = fused(&mut m, &batches, true);
+    assert_eq!(l2, c2);
+    for (name, g) in &g2 {
+        let same = (g - &gc2[name]).unwrap();
+        assert_eq!(
+            max_abs(&same),
+            0.0,
+            "{name}: checkpointing redrew another mask"
+        );
+    }
+    // Another step draws other masks; rate 0 draws none.
+    let names: Vec<String> = m
+        .make_trainable()
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let total = total_tokens(&batches);
+    let masks = step_masks(&m, 3);
+    let other = super::accumulate(&mut m, &names, &batches, total, masks, Default::default());
+    let l3 = other.unwrap().loss;
+    m.spec.dropout = 0.0;
+    let (l0, _) = fused(&mut m, &batches, false);
+    assert!(
+        (l3 - l2).abs() > 1e-3 && (l0 - l2).abs() > 1e-3,
+        "{l0} {l2} {l3}"
+    );
 }

@@ -4,6 +4,7 @@
 
 use super::Linear;
 use crate::ops;
+use crate::ops::dropout::Dropout;
 use crate::spec::AttentionSpec;
 use candle_core::{Result, Tensor, D};
 
@@ -68,6 +69,7 @@ impl Attention {
         mask: AttnMask,
         cache: Option<&mut LayerCache>,
         hook: Option<&PointHook>,
+        dropout: Option<Dropout>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let AttentionSpec {
@@ -96,13 +98,15 @@ impl Attention {
         }
         let scale = 1.0 / (hd as f64).sqrt();
         let mask = match mask {
-            AttnMask::Causal(key_mask) if cache.is_none() && hook.is_none() => {
+            AttnMask::Causal(key_mask)
+                if cache.is_none() && hook.is_none() && dropout.is_none() =>
+            {
                 let window = self.spec.sliding_window;
                 let out = ops::flash_attention(&q, &k, &v, window, key_mask, scale)?;
                 return self.o.forward(&out.reshape((b, t, nh * hd))?);
             }
             AttnMask::Causal(_) => {
-                candle_core::bail!("attention with a cache or hooks needs a dense mask")
+                candle_core::bail!("attention with a cache, hooks or dropout needs a dense mask")
             }
             AttnMask::Dense(m) => m,
         };
@@ -126,6 +130,13 @@ impl Attention {
                 h("attn_probs", ops::softmax_last_dim(&scores)?)?.reshape((b, nkv, g * t, kt))?
             }
             None => ops::attention_probs(&q, &k, g, scale, mask)?,
+        };
+        // The mask's element order is [B, heads, T, K], the fused kernel's.
+        let probs = match dropout {
+            Some(d) => d
+                .forward(&probs.reshape((b, nh, t, kt))?)?
+                .reshape((b, nkv, g * t, kt))?,
+            None => probs,
         };
         let out = probs
             .matmul(&v)?
@@ -221,11 +232,11 @@ mod tests {
         let x = rand_tensor(&[2, t, hidden], 5);
         let mask = attention_mask(2, t, 0, None, None, DType::F64, &Device::Cpu).unwrap();
         let full = attn
-            .forward(&x, None, AttnMask::Dense(&mask), None, None)
+            .forward(&x, None, AttnMask::Dense(&mask), None, None, None)
             .unwrap();
         assert!(max_abs_diff(&full, &reference(&attn, &x)) < 1e-12);
         let tiled = attn
-            .forward(&x, None, AttnMask::Causal(None), None, None)
+            .forward(&x, None, AttnMask::Causal(None), None, None, None)
             .unwrap();
         assert!(max_abs_diff(&tiled, &full) < 1e-12);
         // Incremental: 3 tokens, then one at a time through the cache.
@@ -239,6 +250,7 @@ mod tests {
                     None,
                     AttnMask::Dense(&m),
                     Some(&mut cache),
+                    None,
                     None,
                 )
                 .unwrap(),

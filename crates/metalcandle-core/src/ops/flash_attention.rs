@@ -15,6 +15,7 @@
 //!
 //! Grouped-query attention without copies: query head h reads kv head h / (heads / kv_heads).
 
+use super::dropout::Dropout;
 use super::gemm::{matmul, Mat};
 use super::{by_dtype, lane_max, lane_sum, use_cpu_kernel, Elem};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -33,6 +34,9 @@ pub struct FlashShape {
     pub head_dim: usize,
     pub window: Option<usize>,
     pub scale: f32,
+    /// Dropout on the probabilities (training): element (b, h, i, j) of [B, heads, T, T] is
+    /// kept by `dropout.keep(((b * heads + h) * T + i) * T + j)`, the composed path's order.
+    pub dropout: Option<Dropout>,
 }
 
 /// Query rows per block: a block's scores against every key it sees ([BLOCK, T]) are the
@@ -183,6 +187,11 @@ pub(crate) fn forward<T: Elem + 'static>(
                 .zip(rs)
                 .map(|(row, r)| probabilities(row, *r, km, klo, None))
                 .collect();
+            if let Some(d) = s.dropout {
+                for (ii, row) in p.chunks_mut(nk).enumerate() {
+                    d.apply(row, ((b * h + hh) * t + i0 + ii) * t + klo);
+                }
+            }
             let mut o = vec![T::zero(); n * d];
             let vm = at(v, v_stride, row0 + klo, kc);
             matmul(
@@ -281,10 +290,30 @@ pub(crate) fn backward<T: Elem + 'static>(
                     }
                     let vt = at_t(v, v_stride, row0 + klo, kc);
                     matmul(n, nk, d, ds, nk, dom, vt, T::one(), false, false);
-                    for (ii, (dsr, pr)) in ds.chunks_mut(nk).zip(p.chunks(nk)).enumerate() {
+                    for (ii, (dsr, pr)) in ds.chunks_mut(nk).zip(p.chunks_mut(nk)).enumerate() {
                         let di = delta[li + ii];
-                        for (x, pj) in dsr.iter_mut().zip(pr) {
-                            *x = *pj * (*x - di) * scale;
+                        match s.dropout {
+                            None => {
+                                for (x, pj) in dsr.iter_mut().zip(pr) {
+                                    *x = *pj * (*x - di) * scale;
+                                }
+                            }
+                            // The forward multiplied v by P Z (Z the mask, 0 or 1 / (1 - p)):
+                            // dP = Z dP~, dS = P (dP - D) with D = dout . out as before, and
+                            // P becomes P Z for dv.
+                            Some(d) => {
+                                let (base, keep) =
+                                    (((li + ii) * t + klo) as u64, T::from(d.scale()).unwrap());
+                                for (j, (x, pj)) in dsr.iter_mut().zip(pr).enumerate() {
+                                    let z = if d.keep(base + j as u64) {
+                                        keep
+                                    } else {
+                                        T::zero()
+                                    };
+                                    *x = *pj * (*x * z - di) * scale;
+                                    *pj *= z;
+                                }
+                            }
                         }
                     }
                     let km_ = at(k, k_stride, row0 + klo, kc);
@@ -468,6 +497,7 @@ impl FlashAttention {
             head_dim,
             window: self.window,
             scale: self.scale as f32,
+            dropout: None,
         })
     }
 }
@@ -829,6 +859,7 @@ mod tests {
             head_dim: d,
             window: Some(40),
             scale: 0.35,
+            dropout: None,
         };
         let buf: Vec<f32> = qkv
             .to_dtype(DType::F32)

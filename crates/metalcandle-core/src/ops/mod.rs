@@ -8,6 +8,7 @@ pub mod activation;
 pub mod adamw;
 pub mod attention_probs;
 pub mod cross_entropy;
+pub mod dropout;
 pub mod fast_exp;
 pub mod flash_attention;
 pub mod frozen_matmul;
