@@ -68,10 +68,12 @@ def test_two_ranks_train_what_one_process_trains(tmp_path):
         cfgs[n] = write_config(
             tmp_path / f"r{n}.toml", f"r{n}", tmp_path / f"runs/r{n}", tmp_path / "models", STEPS
         )
-    # grad_accum 2: accumulation composes with the split; global batch 4 x 2 windows.
-    code, log = ranks(1, "-m", "metalcandle", "train", cfgs[1], "--quiet", "--set", "train.grad_accum=2")
+    # grad_accum 2: accumulation composes with the split; global batch 4 x 2 windows. Dropout: each
+    # rank draws the masks of its rows of one process's batch.
+    sets = ["--set", "train.grad_accum=2", "--set", "model.spec.dropout=0.1"]
+    code, log = ranks(1, "-m", "metalcandle", "train", cfgs[1], "--quiet", *sets)
     assert code == 0, log
-    code, log = ranks(2, "-m", "metalcandle", "train", cfgs[2], "--quiet", "--set", "train.grad_accum=2")
+    code, log = ranks(2, "-m", "metalcandle", "train", cfgs[2], "--quiet", *sets)
     assert code == 0, log
     assert_same_training(tmp_path / "runs/r1", tmp_path / "runs/r2", ck.step_dir_name(STEPS))
 

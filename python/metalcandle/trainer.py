@@ -80,7 +80,8 @@ class Trainer:
     so every rank starts identical.
 
     `fused=True` runs the step on the fused CPU path when the model allows it (f32 on the CPU,
-    no LoRA dropout or merged adapter, no hook or auxiliary loss, no gradient transform); otherwise, or with
+    no LoRA dropout or merged adapter, no hook inside a block or at the logits, no auxiliary loss
+    or gradient transform); otherwise, or with
     `fused=False`, on the composed per-op path. `last_step_path` says which one ran ("fused" or
     "composed") and `last_composed_reason` why the fused one did not.
 
@@ -90,7 +91,8 @@ class Trainer:
 
     A spec with `dropout` > 0 drops at its rate while training only (never in `eval_loss`,
     generation or `forward`). Its masks are a function of `seed`, the optimizer's step count, the
-    micro-batch and the rank, so a resumed run draws exactly the masks an uninterrupted one does."""
+    micro-batch and each row's place in the global batch, so a resumed run draws exactly the masks
+    an uninterrupted one does, and N ranks the masks of one process."""
 
     def __init__(
         self,
@@ -114,9 +116,7 @@ class Trainer:
         self.last_composed_reason: str | None = None
         self._warned_checkpointing = False
         self.dist = as_distributed(comm)
-        # Each rank draws its own masks for its own rows.
-        rank = self.dist.rank if self.dist is not None else 0
-        self.dropout_seed = (int(seed) + (rank << 32)) % 2**64
+        self.dropout_seed = int(seed) % 2**64
         if self.parallel:
             self.broadcast_weights()
 
@@ -133,9 +133,10 @@ class Trainer:
     def step(self, input_ids, labels=None, attention_mask=None, targets=None) -> StepStats:
         ids, labs, mask, pre_shifted = _inputs(input_ids, labels, attention_mask, targets)
         _check_labels(self.model, labs)
-        allreduce = None
+        allreduce, first_rows = None, []
         if self.parallel:
             rows = [rank_slice(len(a), self.dist, "the batch") for a in ids]
+            first_rows = [r.start for r in rows]
             ids = [a[r] for a, r in zip(ids, rows, strict=True)]
             labs = [a[r] for a, r in zip(labs, rows, strict=True)]
             mask = None if mask is None else [a[r] for a, r in zip(mask, rows, strict=True)]
@@ -152,6 +153,7 @@ class Trainer:
             fused=self.fused,
             gradient_checkpointing=self.gradient_checkpointing,
             dropout_seed=self.dropout_seed,
+            first_rows=first_rows,
         )
         self.last_step_path, self.last_composed_reason = path, why
         if path == "composed" and self.gradient_checkpointing and not self._warned_checkpointing:

@@ -93,6 +93,9 @@ pub struct StepOptions<'a> {
     /// Seeds the dropout masks (the model spec's `dropout`), with the optimizer's step count
     /// and the micro-batch index (see ops/dropout.rs).
     pub dropout_seed: u64,
+    /// Per micro-batch, the global index of this worker's first row (data-parallel workers
+    /// each hold a slice of the rows), so the masks are one process's; empty means 0.
+    pub first_rows: &'a [u64],
 }
 
 impl Default for StepOptions<'_> {
@@ -103,6 +106,7 @@ impl Default for StepOptions<'_> {
             gradient_checkpointing: false,
             reducer: None,
             dropout_seed: 0,
+            first_rows: &[],
         }
     }
 }
@@ -337,6 +341,7 @@ pub fn train_step_with(
         p: model.spec.dropout,
         seed: opts.dropout_seed,
         step: opt.step_count(),
+        first_rows: opts.first_rows,
     };
     // The fused path's gradients stay in its flat buffer, already clipped, with their norm.
     if path == StepPath::Fused {
@@ -469,18 +474,21 @@ fn sum_over_workers(
 
 type Accumulated = (f64, Vec<(String, f64)>, HashMap<String, Tensor>);
 
-/// Where one step's dropout masks come from: rate, run seed and the optimizer's step count.
+/// Where one step's dropout masks come from: rate, run seed, the optimizer's step count and
+/// this worker's first row of each micro-batch.
 #[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Masks {
+pub(crate) struct Masks<'a> {
     pub p: f64,
     pub seed: u64,
     pub step: u64,
+    pub first_rows: &'a [u64],
 }
 
-impl Masks {
+impl Masks<'_> {
     /// The masks of micro-batch `micro`; `None` without dropout.
     pub fn of(&self, micro: usize) -> Option<Dropout> {
-        Dropout::new(self.p, self.seed, self.step, micro as u64)
+        let first_row = self.first_rows.get(micro).copied().unwrap_or(0);
+        Dropout::new(self.p, self.seed, self.step, micro as u64, first_row)
     }
 }
 

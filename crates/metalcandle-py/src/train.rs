@@ -1,6 +1,7 @@
 //! `_core.Optimizer`, `_core.train_step` and `_core.eval_loss`.
 
 use crate::convert::{ids_tensor, read_i64_2d, to_py_err};
+use crate::hooks;
 use crate::model::PyModel;
 use metalcandle_core::optim::{Algorithm, Optimizer, OptimizerConfig};
 use metalcandle_core::reduce::GradReducer;
@@ -184,7 +185,7 @@ impl GradReducer for PyReducer {
 /// `allreduce` (a callable summing a numpy array in place over the workers) the micro-batches
 /// are this worker's share of a global step.
 #[pyfunction]
-#[pyo3(signature = (model, optimizer, input_ids, labels, attention_mask = None, max_grad_norm = None, pre_shifted = false, allreduce = None, fused = true, gradient_checkpointing = false, dropout_seed = 0))]
+#[pyo3(signature = (model, optimizer, input_ids, labels, attention_mask = None, max_grad_norm = None, pre_shifted = false, allreduce = None, fused = true, gradient_checkpointing = false, dropout_seed = 0, first_rows = vec![]))]
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
     py: Python<'_>,
@@ -199,6 +200,7 @@ pub fn train_step(
     fused: bool,
     gradient_checkpointing: bool,
     dropout_seed: u64,
+    first_rows: Vec<u64>,
 ) -> PyResult<StepResult> {
     let b = batches(&model, input_ids, labels, attention_mask, pre_shifted)?;
     let (m, o) = (&mut model.inner, &mut optimizer.inner);
@@ -207,22 +209,20 @@ pub fn train_step(
         error: None,
     });
     let r = reducer.as_mut();
-    let stats = py.detach(|| {
+    let stats = hooks::detach_running_hooks(py, || {
         let opts = StepOptions {
             max_grad_norm,
             fused,
             gradient_checkpointing,
             reducer: r.map(|r| r as _),
             dropout_seed,
+            first_rows: &first_rows,
         };
         train_step_with(m, o, &b, opts)
     });
     let stats = match stats {
         Ok(s) => s,
-        Err(e) => match reducer.and_then(|r| r.error) {
-            Some(py_err) => return Err(py_err),
-            None => return Err(to_py_err(e)),
-        },
+        Err(e) => return Err(reducer.and_then(|r| r.error).unwrap_or(e)),
     };
     let why = match &stats.path {
         StepPath::Composed(r) => Some(r.clone()),
@@ -251,5 +251,5 @@ pub fn eval_loss(
 ) -> PyResult<f64> {
     let b = batches(&model, input_ids, labels, attention_mask, pre_shifted)?;
     let m = &model.inner;
-    py.detach(|| m.eval_loss(&b)).map_err(to_py_err)
+    hooks::detach_running_hooks(py, || m.eval_loss(&b))
 }

@@ -54,16 +54,19 @@ impl BlockPlan {
             head_dim: self.attn.head_dim,
             window: self.attn.sliding_window,
             scale: (1.0 / (self.attn.head_dim as f64).sqrt()) as f32,
-            dropout: c.dropout.map(|d| d.at(Site::AttnProbs(self.layer))),
+            dropout: c.dropout.map(|d| {
+                d.at(Site::AttnProbs(self.layer))
+                    .rows(self.attn.num_heads * c.seq * c.seq)
+            }),
         }
     }
 
     /// The masks of the two residual branches (attention, MLP) when training with dropout.
     fn branch_dropout(&self, c: &StepCtx) -> Option<(Dropout, Dropout)> {
-        let d = c.dropout?;
+        let (d, row) = (c.dropout?, c.seq * c.hidden);
         Some((
-            d.at(Site::AttnOut(self.layer)),
-            d.at(Site::MlpOut(self.layer)),
+            d.at(Site::AttnOut(self.layer)).rows(row),
+            d.at(Site::MlpOut(self.layer)).rows(row),
         ))
     }
 

@@ -12,6 +12,7 @@ mod kernels;
 mod tests;
 
 use crate::error::{Error, Result};
+use crate::hooks::Hooks;
 use crate::model::{Decoder, ForwardOptions};
 use crate::nn::attention::QkvProj;
 use crate::nn::{Linear, Norm};
@@ -23,7 +24,7 @@ use crate::spec::{MlpKind, NormKind, Positions};
 use crate::train::{Batch, Masks, StepOptions};
 use block::BlockPlan;
 use buffers::{Buffers, Dims};
-use candle_core::{CpuStorage, DType, Storage};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor, Var};
 use std::collections::HashMap;
 
 /// A linear's weight rows `row0 .. row0 + rows` (all of them, or one of q/k/v of a fused
@@ -86,8 +87,16 @@ pub fn ineligible(model: &Decoder) -> Option<String> {
     if adapted.iter().any(|l| l.dropout > 0.0) {
         return Some("LoRA dropout is on".into());
     }
-    if model.hooks.active() || !model.hooks.aux_losses().is_empty() {
-        return Some("a hook or auxiliary loss is attached".into());
+    if !model.hooks.aux_losses().is_empty() {
+        return Some("an auxiliary loss is attached".into());
+    }
+    // Hooks between blocks run as islands (see `Island`); one inside a block needs its ops.
+    let inner = crate::hooks::point_names(model.blocks.len())
+        .into_iter()
+        .filter(|p| !is_boundary(p))
+        .find(|p| model.hooks.touches(p));
+    if let Some(p) = inner {
+        return Some(format!("a hook at `{p}`, inside a block or the head"));
     }
     if !model.hooks.update_transforms().is_empty() {
         return Some("a gradient transform is attached".into());
@@ -323,6 +332,8 @@ pub(crate) struct StepCtx<'a> {
     key_mask: Option<&'a [i64]>,
     /// This micro-batch's dropout masks (ops/dropout.rs), redrawn in the backward.
     dropout: Option<Dropout>,
+    /// The model's hooks when one visits a point between blocks.
+    hooks: Option<&'a Hooks>,
 }
 
 // The gradient pointer is written only through `grad`, from one thread at a time per
@@ -515,6 +526,7 @@ pub(crate) fn accumulate(
                 rope,
                 key_mask: mb.attention_mask.as_deref(),
                 dropout: masks.of(micro),
+                hooks: model.hooks.active().then_some(&model.hooks),
             };
             let ids: Vec<u32> = mb.ids.flatten_all()?.to_vec1()?;
             let vocab = model.spec.vocab_size;
@@ -532,7 +544,7 @@ pub(crate) fn accumulate(
                 &labels,
                 n_valid,
                 share,
-            );
+            )?;
             loss += (main * share as f32) as f64;
         }
     }
@@ -565,8 +577,10 @@ fn step_micro_batch(
     labels: &[i64],
     n_valid: usize,
     share: f64,
-) -> f32 {
+) -> Result<f32> {
     let (n, hs) = (c.batch * c.seq, c.hidden);
+    let dims = (c.batch, c.seq, hs);
+    let island = |point: String, buf: &mut [f32]| Island::forward(c.hooks, point, buf, dims);
     let emb = c.params[plan.embed];
     let pos = plan.pos.map(|p| c.params[p]);
     kernels::for_rows(&mut bufs.res[0], hs, n, |i, r| {
@@ -584,16 +598,22 @@ fn step_micro_batch(
             }
         }
     });
-    let embed_drop = c.dropout.map(|d| d.at(Site::Embed));
+    let embed_drop = c.dropout.map(|d| d.at(Site::Embed).rows(c.seq * hs));
     if let Some(d) = embed_drop {
         d.apply_par(&mut bufs.res[0][..n * hs]);
     }
+    let embed_island = island("embed".into(), &mut bufs.res[0][..n * hs])?;
     let layers = plan.blocks.len();
     let ckpt = bufs.acts.len() == 1 && layers > 1;
+    let mut islands = Vec::with_capacity(layers);
     for (l, blk) in plan.blocks.iter().enumerate() {
         let (before, after) = bufs.res.split_at_mut(l + 1);
         let slot = if ckpt { 0 } else { l };
         blk.forward(c, &before[l], &mut bufs.acts[slot], &mut after[0]);
+        islands.push(island(
+            format!("layers.{l}.residual"),
+            &mut after[0][..n * hs],
+        )?);
     }
     let fnorm = &plan.final_norm;
     let fp = kernels::NormParams {
@@ -609,6 +629,7 @@ fn step_micro_batch(
         &mut bufs.meanf,
         &mut bufs.rstdf,
     );
+    let final_island = island("final_norm".into(), &mut bufs.lnf[..n * hs])?;
     // The head: tied heads accumulate into the embedding's gradient.
     let head = plan.head.unwrap_or(plan.embed);
     let scale = (1.0 / n_valid as f64 * share) as f32;
@@ -624,6 +645,7 @@ fn step_micro_batch(
         dhead,
     );
     let main = rows.into_iter().sum::<f32>() / n_valid as f32;
+    Island::backward(final_island, &mut g.dln[..n * hs])?;
     g.dres[..n * hs].fill(0.0);
     let (dw, db) = c.norm_grads(&plan.final_norm);
     kernels::norm_bwd(
@@ -637,6 +659,7 @@ fn step_micro_batch(
         db,
     );
     for (l, blk) in plan.blocks.iter().enumerate().rev() {
+        Island::backward(islands.pop().flatten(), &mut bufs.grads.dres[..n * hs])?;
         let slot = if ckpt { 0 } else { l };
         if ckpt {
             // Recompute the block's forward from its kept input: the same arithmetic, so the
@@ -648,6 +671,7 @@ fn step_micro_batch(
         blk.backward(c, &bufs.res[l], &bufs.acts[slot], &mut bufs.grads);
     }
     // Embedding rows (and learned positions) collect the residual gradient.
+    Island::backward(embed_island, &mut bufs.grads.dres[..n * hs])?;
     if let Some(d) = embed_drop {
         d.apply_par(&mut bufs.grads.dres[..n * hs]);
     }
@@ -676,5 +700,58 @@ fn step_micro_batch(
             }
         }
     }
-    main
+    Ok(main)
+}
+
+/// Whether `point` lies between blocks, where the fused path runs its hooks as an [`Island`].
+fn is_boundary(point: &str) -> bool {
+    point == "embed" || point == "final_norm" || point.ends_with(".residual")
+}
+
+/// The hooks at a point between blocks, run as a small composed island: the point's value
+/// becomes a variable, the hooks apply to it as on the composed path (the same actions, calls
+/// and captures), the result replaces the buffer, and in the backward candle's autograd takes
+/// the gradient at the point through them.
+struct Island {
+    x: Var,
+    y: Tensor,
+}
+
+impl Island {
+    fn forward(
+        hooks: Option<&Hooks>,
+        point: String,
+        buf: &mut [f32],
+        dims: (usize, usize, usize),
+    ) -> Result<Option<Island>> {
+        let Some(hooks) = hooks.filter(|h| h.touches(&point)) else {
+            return Ok(None);
+        };
+        let x = Var::from_tensor(&Tensor::from_slice(buf, dims, &Device::Cpu)?)?;
+        let y = hooks.apply(&point, x.as_tensor().clone())?;
+        if y.dims() != x.dims() {
+            return Err(Error::Input(format!(
+                "a hook at \"{point}\" returned shape {:?}, expected {:?}",
+                y.dims(),
+                x.dims()
+            )));
+        }
+        let values = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        buf.copy_from_slice(&values);
+        Ok(Some(Island { x, y }))
+    }
+
+    /// `grad` from dL/dy to dL/dx; zero where nothing flows back through the hooks.
+    fn backward(island: Option<Island>, grad: &mut [f32]) -> Result<()> {
+        let Some(Island { x, y }) = island else {
+            return Ok(());
+        };
+        let dy = Tensor::from_slice(grad, y.shape(), &Device::Cpu)?;
+        let store = (y * dy)?.sum_all()?.backward()?;
+        match store.get(x.as_tensor()) {
+            Some(dx) => grad.copy_from_slice(&dx.flatten_all()?.to_vec1::<f32>()?),
+            None => grad.fill(0.0),
+        }
+        Ok(())
+    }
 }

@@ -60,12 +60,15 @@ fn batch(seed: u64, b: usize, t: usize, vocab: u32, mask: bool) -> Batch {
 
 type Grads = (f64, HashMap<String, Tensor>);
 
-/// The masks of the step after `step` optimizer steps, at the spec's rate (none at 0).
-fn step_masks(m: &Decoder, step: u64) -> Masks {
+/// The masks of the step after `step` optimizer steps, at the spec's rate (none at 0), for a
+/// worker whose micro-batches start at global rows 3 and 5 (another worker holds the rows
+/// before), so the row offsets are part of what the paths must agree on.
+fn step_masks(m: &Decoder, step: u64) -> Masks<'static> {
     Masks {
         p: m.spec.dropout,
         seed: 11,
         step,
+        first_rows: &[3, 5],
     }
 }
 
@@ -131,7 +134,13 @@ fn max_abs(t: &Tensor) -> f32 {
 /// Loss and every gradient within 1e-5 of the composed path's own scale, and every
 /// parameter trained.
 fn check(config: Value, batches: &[Batch]) {
+    check_with(config, batches, |_| {});
+}
+
+/// [`check`] on a model that `setup` changed first (hooks attached, say).
+fn check_with(config: Value, batches: &[Batch], setup: impl Fn(&mut Decoder)) {
     let mut m = model(config, 3);
+    setup(&mut m);
     let (lc, gc) = composed(&mut m, batches);
     let (lf, gf) = fused(&mut m, batches, false);
     assert!((lf - lc).abs() <= 1e-6 * lc.abs(), "loss {lf} vs {lc}");
@@ -403,4 +412,44 @@ fn dropout_is_drawn_per_step_and_recomputed_exactly_under_checkpointing() {
         (l3 - l2).abs() > 1e-3 && (l0 - l2).abs() > 1e-3,
         "{l0} {l2} {l3}"
     );
+}
+
+#[test]
+fn hooks_between_blocks_run_on_the_fused_path_with_the_composed_gradients() {
+    use crate::hooks::{BackwardAction, ForwardAction};
+    let hooked = |m: &mut Decoder| {
+        m.hooks.add_forward("embed", ForwardAction::Scale(0.7));
+        m.hooks.add_forward(
+            "layers.0.residual",
+            ForwardAction::Clamp {
+                min: -2.0,
+                max: 2.0,
+            },
+        );
+        m.hooks
+            .add_backward("layers.1.residual", BackwardAction::Scale(3.0));
+        m.hooks.add_forward("final_norm", ForwardAction::Scale(1.3));
+        m.hooks
+            .add_forward("layers.*.residual", ForwardAction::Capture { full: false });
+    };
+    check_with(
+        with_dropout(tiny_custom(), 0.1),
+        &[batch(1, 3, 9, 40, true)],
+        hooked,
+    );
+    // The clamp engages, so the island's backward is not the identity.
+    let mut m = model(tiny_custom(), 3);
+    hooked(&mut m);
+    let plain = fused(
+        &mut model(tiny_custom(), 3),
+        &[batch(1, 3, 9, 40, true)],
+        false,
+    )
+    .0;
+    assert!((fused(&mut m, &[batch(1, 3, 9, 40, true)], false).0 - plain).abs() > 1e-3);
+    // A hook inside a block still takes the composed path, named.
+    m.hooks
+        .add_forward("layers.1.attn_probs", ForwardAction::Scale(1.0));
+    let why = super::ineligible(&m).unwrap();
+    assert!(why.contains("layers.1.attn_probs"), "{why}");
 }

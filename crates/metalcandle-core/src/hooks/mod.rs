@@ -152,6 +152,16 @@ impl Hooks {
             || self.aux.iter().any(|(_, a)| a.point().is_some())
     }
 
+    /// Whether a forward or backward hook, or an aux loss, visits `point`.
+    pub fn touches(&self, point: &str) -> bool {
+        self.forward.iter().any(|e| glob_match(&e.pattern, point))
+            || self.backward.iter().any(|e| glob_match(&e.pattern, point))
+            || self
+                .aux
+                .iter()
+                .any(|(_, a)| a.point().is_some_and(|p| glob_match(p, point)))
+    }
+
     /// Whether anything (a forward or backward hook, or an aux loss) needs the logits as a
     /// tensor; when nothing does, training never materializes them.
     pub fn needs_logits(&self) -> bool {

@@ -4,6 +4,9 @@
 //! backward instead of kept) and a recomputing checkpointed block draw the same mask, the
 //! thread count does not matter, and a resumed run redraws exactly the masks it would have.
 //!
+//! With data-parallel ranks, each holding a slice of the batch's rows, the element index is
+//! the global one (the rank's first row counted in), so N ranks draw one process's masks.
+//!
 //! An element is kept with probability 1 - p and then scaled by 1 / (1 - p), as torch's
 //! `nn.Dropout` does, so the expectation is unchanged.
 
@@ -41,6 +44,10 @@ pub struct Dropout {
     threshold: u32,
     scale: f32,
     key: u64,
+    /// The first batch row this process holds (data-parallel ranks), and that row's first
+    /// element index at the chosen site ([`Dropout::rows`]).
+    first_row: u64,
+    base: u64,
 }
 
 /// SplitMix64's finalizer: a bijection of u64 whose outputs on consecutive inputs pass the
@@ -54,9 +61,9 @@ fn mix(mut z: u64) -> u64 {
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
 impl Dropout {
-    /// The masks of micro-batch `micro` of the step after `step` optimizer steps; `None` when
-    /// `p` is 0 (nothing to draw).
-    pub fn new(p: f64, seed: u64, step: u64, micro: u64) -> Option<Self> {
+    /// The masks of micro-batch `micro` of the step after `step` optimizer steps, for a
+    /// process holding the batch's rows from `first_row` on; `None` when `p` is 0.
+    pub fn new(p: f64, seed: u64, step: u64, micro: u64, first_row: u64) -> Option<Self> {
         if p <= 0.0 {
             return None;
         }
@@ -68,6 +75,8 @@ impl Dropout {
             threshold: (p * (1u64 << 24) as f64).round() as u32,
             scale: (1.0 / (1.0 - p)) as f32,
             key,
+            first_row,
+            base: 0,
         })
     }
 
@@ -75,6 +84,15 @@ impl Dropout {
     pub fn at(self, site: Site) -> Self {
         Dropout {
             key: mix(self.key ^ site.id().wrapping_mul(GOLDEN)),
+            ..self
+        }
+    }
+
+    /// Counts element indices from this process's first row, at a site of `row_len` elements
+    /// per batch row.
+    pub fn rows(self, row_len: usize) -> Self {
+        Dropout {
+            base: self.first_row * row_len as u64,
             ..self
         }
     }
@@ -87,6 +105,7 @@ impl Dropout {
     /// Whether element `i` of this site is kept.
     #[inline(always)]
     pub fn keep(&self, i: u64) -> bool {
+        let i = self.base + i;
         (mix(self.key.wrapping_add(i.wrapping_mul(GOLDEN))) >> 40) as u32 >= self.threshold
     }
 
@@ -121,9 +140,10 @@ impl Dropout {
             .to_device(device)
     }
 
-    /// `x * mask`, differentiable.
+    /// `x * mask`, differentiable; the first dimension of `x` is the batch.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x * self.mask(x.dims(), x.dtype(), x.device())?
+        let row_len = x.elem_count() / x.dim(0)?.max(1);
+        x * self.rows(row_len).mask(x.dims(), x.dtype(), x.device())?
     }
 }
 
@@ -134,7 +154,7 @@ mod tests {
     #[test]
     fn drops_the_expected_fraction_and_scales_the_rest() {
         for p in [0.1, 0.5, 0.9] {
-            let d = Dropout::new(p, 7, 3, 0).unwrap().at(Site::MlpOut(2));
+            let d = Dropout::new(p, 7, 3, 0, 0).unwrap().at(Site::MlpOut(2));
             let mut x = vec![1f32; 1 << 20];
             d.apply_par(&mut x);
             let zeros = x.iter().filter(|&&v| v == 0.0).count() as f64 / x.len() as f64;
@@ -153,20 +173,20 @@ mod tests {
 
     #[test]
     fn masks_are_a_function_of_their_coordinates() {
-        let d = Dropout::new(0.5, 1, 10, 2).unwrap();
+        let d = Dropout::new(0.5, 1, 10, 2, 0).unwrap();
         let draw = |d: Dropout| -> Vec<bool> { (0..4096).map(|i| d.keep(i)).collect() };
         let base = draw(d.at(Site::Embed));
         assert_eq!(
             base,
-            draw(Dropout::new(0.5, 1, 10, 2).unwrap().at(Site::Embed))
+            draw(Dropout::new(0.5, 1, 10, 2, 0).unwrap().at(Site::Embed))
         );
         // Every coordinate changes the mask: about half the entries differ.
         for other in [
             d.at(Site::AttnOut(0)),
             d.at(Site::MlpOut(0)),
-            Dropout::new(0.5, 2, 10, 2).unwrap().at(Site::Embed),
-            Dropout::new(0.5, 1, 11, 2).unwrap().at(Site::Embed),
-            Dropout::new(0.5, 1, 10, 3).unwrap().at(Site::Embed),
+            Dropout::new(0.5, 2, 10, 2, 0).unwrap().at(Site::Embed),
+            Dropout::new(0.5, 1, 11, 2, 0).unwrap().at(Site::Embed),
+            Dropout::new(0.5, 1, 10, 3, 0).unwrap().at(Site::Embed),
         ] {
             let differ = base
                 .iter()
@@ -175,12 +195,14 @@ mod tests {
                 .count();
             assert!((1700..2400).contains(&differ), "{differ} of 4096 differ");
         }
-        assert_eq!(Dropout::new(0.0, 1, 10, 2), None);
+        assert_eq!(Dropout::new(0.0, 1, 10, 2, 0), None);
     }
 
     #[test]
     fn parallel_blocks_offsets_and_the_tensor_mask_agree() {
-        let d = Dropout::new(0.3, 5, 0, 0).unwrap().at(Site::AttnProbs(1));
+        let d = Dropout::new(0.3, 5, 0, 0, 0)
+            .unwrap()
+            .at(Site::AttnProbs(1));
         let n = 50_000;
         let x: Vec<f32> = (0..n).map(|i| (i as f32).sin()).collect();
         let mut whole = x.clone();
@@ -193,5 +215,25 @@ mod tests {
         let t = Tensor::from_vec(x, n, &Device::Cpu).unwrap();
         let via_tensor = d.forward(&t).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(whole, via_tensor);
+    }
+
+    #[test]
+    fn a_process_holding_later_rows_draws_their_part_of_the_whole_mask() {
+        // 4 rows of 6 elements in one process; rows 2.. in another.
+        let (p, seed, step, micro) = (0.5, 3, 1, 0);
+        let whole = Dropout::new(p, seed, step, micro, 0)
+            .unwrap()
+            .at(Site::Embed);
+        let mut all = vec![1f32; 24];
+        whole.rows(6).apply(&mut all, 0);
+        let part = Dropout::new(p, seed, step, micro, 2)
+            .unwrap()
+            .at(Site::Embed);
+        let mut last = vec![1f32; 12];
+        part.rows(6).apply(&mut last, 0);
+        assert_eq!(&all[12..], &last[..]);
+        let t = Tensor::ones((2, 3, 2), DType::F32, &Device::Cpu).unwrap();
+        let via_tensor = part.forward(&t).unwrap().flatten_all().unwrap();
+        assert_eq!(via_tensor.to_vec1::<f32>().unwrap(), last);
     }
 }
