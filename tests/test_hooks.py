@@ -223,24 +223,45 @@ def test_bad_points_kinds_and_parameters_are_named(model_dir, add, needle):
 
 
 def test_errors_inside_hook_functions_name_the_point(model_dir):
+    # A result of the wrong shape is a ValueError wherever the hook runs: at a point between ops,
+    # inside the attention, in the backward.
     model = mc.load_model(model_dir)
-    with model.add_forward_hook("embed", lambda p, x: x[:, :3]):
+    for point, cut, shapes in [
+        ("embed", lambda x: x[:, :3], r"\[2, 3, 64\], expected \[2, 8, 64\]"),
+        ("layers.0.attn_probs", lambda x: x[:1], r"\[1, 4, 8, 8\], expected \[2, 4, 8, 8\]"),
+    ]:
+        with model.add_forward_hook(point, lambda p, x, cut=cut: cut(x)):
+            for run in (model.forward, mc.Trainer(model, mc.AdamW()).step):
+                with pytest.raises(ValueError, match=rf'^hook at "{point}" returned shape {shapes}$'):
+                    run(IDS)
+    with model.add_backward_hook("layers.1.attn_out", lambda p, g: g[:1]):
+        shapes = r"\[1, 8, 64\], expected \[2, 8, 64\]"
         with pytest.raises(
-            ValueError, match=r'hook at "embed" returned shape \[2, 3, 64\], expected \[2, 8, 64\]'
+            ValueError, match=rf'^backward hook at "layers.1.attn_out" returned shape {shapes}$'
         ):
-            model.forward(IDS)
+            mc.Trainer(model, mc.AdamW()).step(IDS)
+    with model.add_update_hook("*", lambda n, p, g: g[:1]):
+        with pytest.raises(
+            ValueError, match=r"^update hook on `[^`]+` returned shape \[1(, \d+)?\], expected \["
+        ):
+            mc.Trainer(model, mc.AdamW()).step(IDS)
 
+    # An exception the function raises is a RuntimeError naming the point, caused by it.
     def boom(point, grad):
         raise KeyError("boom")
 
-    with model.add_backward_hook("layers.1.attn_out", boom):
-        with pytest.raises(RuntimeError, match="backward hook at \"layers.1.attn_out\": KeyError: 'boom'"):
-            mc.Trainer(model, mc.AdamW()).step(IDS)
-    model.add_backward_hook("layers.1.attn_out", lambda p, g: g[:1])
-    with pytest.raises(
-        RuntimeError, match=r"ValueError: returned shape \(1, 8, 64\), expected \(2, 8, 64\)$"
-    ):
-        mc.Trainer(model, mc.AdamW()).step(IDS)
+    for add in (model.add_forward_hook, model.add_backward_hook):
+        for point in ("layers.1.attn_out", "layers.1.attn_scores"):
+            with add(point, boom):
+                section = "forward" if add == model.add_forward_hook else "backward"
+                with pytest.raises(
+                    RuntimeError, match=f"^{section} hook at \"{point}\": KeyError: 'boom'$"
+                ) as e:
+                    mc.Trainer(model, mc.AdamW()).step(IDS)
+                assert isinstance(e.value.__cause__, KeyError)
+    # Nothing of a failed call is left over for the next one.
+    mc.Trainer(model, mc.AdamW()).step(IDS)
+    model.forward(IDS)
 
 
 # --- From a run config ---------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ loaders' strictness, error kinds and messages, and a chat whose kept history sta
 
 import json
 import os
+import re
 import shutil
 import struct
 
@@ -16,6 +17,8 @@ from metalcandle.config import load_config
 from metalcandle.errors import UserError
 from metalcandle.registry import Registry
 from metalcandle.tokenizers import CharTokenizer, load_tokenizer
+
+IDS = np.array([[1, 5, 9, 2, 7]], dtype=np.int64)
 
 # --- 1. names ------------------------------------------------------------------------------------
 
@@ -51,6 +54,88 @@ def test_registry_paths_read_back_stay_in_the_registry(tmp_path):
     (tmp_path / "registry.json").write_text(json.dumps(data))
     with pytest.raises(UserError, match="registry.json: .*not a plain name"):
         reg.entries()
+
+
+def test_registry_lookups_and_model_name_take_plain_names_only(tmp_path):
+    write_corpus(tmp_path)
+    cfg = write_config(tmp_path / "run.toml", "ok", tmp_path / "out", tmp_path / "models")
+    with pytest.raises(UserError, match=r"model.name '../x' is not a plain name: use 1 to 100 letters"):
+        load_config(cfg, ["model.name=../x"])
+    with pytest.raises(UserError, match=r"model name '/etc' is not a plain name"):
+        Registry(tmp_path / "models").get("/etc")
+
+
+PLAIN = r"is not a plain name: use 1 to 100 letters, digits, '\.', '_' and '-'"
+NOT_PLAIN = ["../x", "a/b", ".", "bad\nname", "x" * 300, "./x", "Qwen/Qwen2.5-0.5B"]
+
+
+def _adapter(fixtures, folder, base=None, meta_base=None):
+    """The fixture PEFT adapter of tiny-qwen2 copied to `folder`, its adapter_config.json's
+    base_model_name_or_path set to `base` (None: the fixture's own "tiny-qwen2"), with a
+    metadata.json naming `meta_base` when given."""
+    shutil.copytree(fixtures / "tiny-qwen2" / "lora" / "adapter_final", folder)
+    if base is not None:
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps(cfg | {"base_model_name_or_path": base}))
+    if meta_base is not None:
+        (folder / "metadata.json").write_text(json.dumps({"base_model_path": meta_base}))
+    return folder
+
+
+@pytest.mark.parametrize("key", ["base_model_name_or_path", "base_model_path"])
+@pytest.mark.parametrize("name", NOT_PLAIN)
+def test_adapter_base_given_relatively_must_be_a_plain_registry_name(
+    fixtures, tmp_path, monkeypatch, key, name
+):
+    from metalcandle.loading import load_folder_tokenizer, load_model_dir
+
+    # "../x" reaches a base from the working folder, where a relative value once resolved.
+    (tmp_path / "x").symlink_to(fixtures / "tiny-qwen2", target_is_directory=True)
+    meta = key == "base_model_path"
+    adapter = _adapter(fixtures, tmp_path / "adapter", None if meta else name, name if meta else None)
+    monkeypatch.chdir(adapter)
+    file = "metadata.json" if meta else "adapter_config.json"
+    for load in (load_model_dir, load_folder_tokenizer):
+        with pytest.raises(UserError) as e:
+            load(adapter, models_dir=tmp_path / "models")
+        message = str(e.value)
+        assert f"{file}: {key} (an absolute folder or a registry model's name) " in message
+        assert re.search(PLAIN, message), message
+
+
+def test_adapter_base_by_registry_name_or_absolute_folder(fixtures, tmp_path, capsys, monkeypatch):
+    from metalcandle.loading import load_model_dir
+
+    base = mc.load_model(fixtures / "tiny-qwen2")
+    base.load_adapter(fixtures / "tiny-qwen2" / "lora" / "adapter_final")
+    want = base.forward(IDS)
+    models = tmp_path / "models"
+    adapter = _adapter(fixtures, tmp_path / "adapter")  # PEFT's base_model_name_or_path = "tiny-qwen2"
+    with pytest.raises(UserError, match=r"base model 'tiny-qwen2' is not in the registry .*import-model"):
+        load_model_dir(adapter, models_dir=models)
+
+    # A plain name is a registry model: the one in models_dir, or ($METALCANDLE_MODELS_DIR) the default.
+    code, _, err = run_cli(capsys, "import-model", fixtures / "tiny-qwen2", "--models-dir", models)
+    assert code == 0, err
+    np.testing.assert_array_equal(load_model_dir(adapter, models_dir=models).forward(IDS), want)
+    monkeypatch.setenv("METALCANDLE_MODELS_DIR", str(models))
+    np.testing.assert_array_equal(load_model_dir(adapter).forward(IDS), want)
+
+    # An adapter registered in a registry finds its base in that registry.
+    monkeypatch.setenv("METALCANDLE_MODELS_DIR", str(tmp_path / "elsewhere"))
+    registered = _adapter(fixtures, models / "tuned")
+    Registry(models).register({"model_name": "tuned", "fine_tuned_from": "tiny-qwen2"})
+    np.testing.assert_array_equal(load_model_dir(registered).forward(IDS), want)
+
+    # An absolute path is the folder the adapter was trained on, as it is.
+    absolute = _adapter(fixtures, tmp_path / "abs", meta_base=str(fixtures / "tiny-qwen2"))
+    np.testing.assert_array_equal(load_model_dir(absolute).forward(IDS), want)
+    (absolute / "metadata.json").write_text(json.dumps({"base_model_path": str(tmp_path / "nowhere")}))
+    with pytest.raises(UserError, match=r"metadata.json: base_model_path: .* folder .*nowhere is not found"):
+        load_model_dir(absolute)
+    (absolute / "metadata.json").write_text(json.dumps({"base_model_path": 5}))
+    with pytest.raises(UserError, match=r"LoRA adapter without its base model .* got 5"):
+        load_model_dir(absolute)
 
 
 # --- 4. sizes checked before allocating ----------------------------------------------------------
@@ -166,6 +251,39 @@ def test_invalid_config_json_is_a_value_error_naming_the_file(fixtures, tmp_path
     (d / "config.json").write_text('{"vocab_size": NaN}')
     with pytest.raises(ValueError, match="config.json: invalid JSON"):
         mc.load_model(d)
+
+
+def test_core_errors_keep_their_kind(fixtures, tmp_path):
+    model = mc.load_model(fixtures / "tiny-qwen2")
+    with pytest.raises(ValueError, match=r"input_ids\[0, 1\] = 400 is outside the vocabulary \[0, 400\)"):
+        model.forward([[1, model.vocab_size]])
+    with pytest.raises(ValueError, match=r"outside the vocabulary"):
+        model._core.forward_cached(np.array([[-1]], dtype=np.int64), model._core.new_cache())
+
+    d = tmp_path / "m"
+    shutil.copytree(fixtures / "tiny-qwen2", d)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "hidden_size"}))
+    with pytest.raises(ValueError, match=r"config.json: key `hidden_size`: missing") as e:
+        mc.load_model(d)
+    assert not isinstance(e.value, OSError | RuntimeError)
+    (d / "config.json").write_text(json.dumps(config | {"num_attention_heads": "four"}))
+    with pytest.raises(ValueError, match=r"config.json: key `num_attention_heads`"):
+        mc.load_model(d)
+
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"model.safetensors"):
+        mc.load_model(d)
+    adapter = _adapter(fixtures, tmp_path / "adapter")
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"adapter_model.safetensors"):
+        mc.load_model(fixtures / "tiny-qwen2").load_adapter(adapter)
+    (adapter / "adapter_config.json").unlink()
+    (adapter / "adapter_config.json").mkdir()  # a folder where a file should be: an OSError
+    with pytest.raises(OSError, match=r"adapter_config.json") as e:
+        mc.load_model(fixtures / "tiny-qwen2").load_adapter(adapter)
+    assert not isinstance(e.value, FileNotFoundError)
 
 
 def test_corrupt_tokenizer_files_name_the_file(fixtures, tmp_path):

@@ -376,19 +376,24 @@ def load_for_inference(args):
     )
 
     cfg = load_config(args.config, args.overrides)
-    device, dtype = use_hardware(cfg), cfg["hardware"]["dtype"]
+    device, dtype, models = use_hardware(cfg), cfg["hardware"]["dtype"], cfg.models_dir
+
+    def from_folder(folder: Path):
+        model = load_model_dir(folder, device, dtype, models)
+        return cfg, model, load_folder_tokenizer(folder, models), str(folder)
+
     if args.checkpoint:
         folder = Path(args.checkpoint).absolute()
         if not folder.is_dir():
             raise UserError(f"--checkpoint: {folder} is not a folder")
-        return cfg, load_model_dir(folder, device, dtype), load_folder_tokenizer(folder), str(folder)
+        return from_folder(folder)
     base = resolve_base(cfg)
     if base is None:
         folder = latest_checkpoint(cfg.output_dir / "checkpoints")
         if folder is None:
             raise untrained_error(cfg)
-        return cfg, load_model_dir(folder, device, dtype), load_folder_tokenizer(folder), str(folder)
-    model = load_model_dir(base.path, device, dtype)
+        return from_folder(folder)
+    model = load_model_dir(base.path, device, dtype, models)
     what = str(base.path)
     if args.adapter:
         adapter = Path(args.adapter).absolute()
@@ -396,7 +401,7 @@ def load_for_inference(args):
             raise UserError(f"--adapter: {adapter} is not a LoRA adapter folder (no adapter_config.json)")
         model.load_adapter(adapter)
         what += f" + {adapter}"
-    return cfg, model, load_folder_tokenizer(base.path), what
+    return cfg, model, load_folder_tokenizer(base.path, models), what
 
 
 def cmd_chat(args) -> int:

@@ -492,6 +492,8 @@ def _check_cross_keys(where: str, s: dict) -> None:
     # The run's name becomes folder names (runs/<name>, the registry's <models_dir>/<name>).
     check_name(s["run"]["name"], f"{where}run.name")
     m = s["model"]
+    if m.get("name") is not None:
+        check_name(m["name"], f"{where}model.name")
     given = [k for k in ("name", "path", "spec") if m.get(k) is not None]
     if len(given) != 1:
         raise UserError(

@@ -37,7 +37,9 @@ gradient upstream unless a "straight_through" backward hook sits at the same poi
 Hooks cost nothing when none is attached: each point is one branch, and its name is never even
 formatted. Python functions are called with the array values copied out of the model; change
 what flows by returning a new array, not by writing into the one passed in. An exception raised
-inside a hook function surfaces as a RuntimeError naming the point and the original error.
+inside a hook function surfaces as a RuntimeError naming the point and the original error (its
+`__cause__`); an array returned in the wrong shape is a ValueError naming the point and both
+shapes, at every point and in the backward alike.
 """
 
 from __future__ import annotations
@@ -327,25 +329,13 @@ def _float32(value) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
-def _forward_fn(fn: Callable) -> Callable:
+def _point_fn(fn: Callable) -> Callable:
+    """A forward or backward hook function, `fn(point, array)`, whose result the core reads as
+    float32 (None keeps the value; the core checks the shape)."""
+
     def call(point, x):
         out = fn(point, x)
         return None if out is None else _float32(out)
-
-    return call
-
-
-def _backward_fn(fn: Callable) -> Callable:
-    def call(point, grad):
-        out = fn(point, grad)
-        if out is None:
-            return None  # the core keeps the gradient without reading it back
-        out = _float32(out)
-        # The core's own check of this shape fails inside autograd, as an untyped error; here it
-        # is a ValueError naming the shapes.
-        if out.shape != grad.shape:
-            raise ValueError(f"returned shape {out.shape}, expected {grad.shape}")
-        return out
 
     return call
 
@@ -384,13 +374,13 @@ def add_forward_hook(model, point: str, fn_or_kind, array=None, **params) -> Hoo
         if callable(fn_or_kind):
             raise ValueError("a forward hook function takes no parameters; close over them instead")
         raise ValueError(f'array= is for the "patch" kind, not {fn_or_kind!r}')
-    return _add_hook(model, "forward", point, points, fn_or_kind, params, _forward_fn)
+    return _add_hook(model, "forward", point, points, fn_or_kind, params, _point_fn)
 
 
 def add_backward_hook(model, point: str, fn_or_kind, **params) -> HookHandle:
     """See `Model.add_backward_hook`."""
     points = matching_points(model, point)
-    return _add_hook(model, "backward", point, points, fn_or_kind, params, _backward_fn)
+    return _add_hook(model, "backward", point, points, fn_or_kind, params, _point_fn)
 
 
 def add_update_hook(model, pattern: str, fn_or_kind, **params) -> HookHandle:

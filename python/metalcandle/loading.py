@@ -3,6 +3,7 @@ Face folder, or from a checkpoint (a full model, or a LoRA adapter on top of its
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from metalcandle.checkpoint import METADATA_FILE, read_json
 from metalcandle.config import Config
 from metalcandle.errors import UserError
-from metalcandle.registry import Registry
+from metalcandle.registry import Registry, check_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -89,15 +90,15 @@ def scratch_model_config(cfg: Config, vocab_size: int) -> dict:
     return {"model_type": "custom-transformer", "vocab_size": rows, **spec}
 
 
-def load_model_dir(path: Path, device: str = "cpu", dtype: str = "float32"):
+def load_model_dir(path: Path, device: str = "cpu", dtype: str = "float32", models_dir=None):
     """A model folder: a Hugging Face folder, a metalcandle checkpoint, or a LoRA adapter folder
-    (whose base is found through its metadata.json, or PEFT's base_model_name_or_path), with the
-    weights read as `dtype`."""
+    on top of its base (`adapter_base_path`; `models_dir`: the registry a base given by name is
+    looked up in when the adapter folder is not in one), with the weights read as `dtype`."""
     import metalcandle as mc
 
     path = Path(path)
     if (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
-        base = adapter_base_path(path)
+        base = adapter_base_path(path, models_dir)
         model = mc.load_model(base, dtype=dtype, device=device)
         model.load_adapter(path)
         return model
@@ -106,19 +107,61 @@ def load_model_dir(path: Path, device: str = "cpu", dtype: str = "float32"):
     return mc.load_model(path, dtype=dtype, device=device)
 
 
-def adapter_base_path(adapter_dir: Path) -> Path:
-    meta_file = adapter_dir / METADATA_FILE
-    base = None
-    if meta_file.is_file():
-        base = read_json(meta_file).get("base_model_path")
-    if base is None:
-        base = read_json(adapter_dir / ADAPTER_CONFIG).get("base_model_name_or_path")
-    if not base or not os.path.isdir(base):
-        raise UserError(f"{adapter_dir}: LoRA adapter whose base model folder {base!r} is not found")
-    return Path(base)
+# Where an adapter folder names its base: metalcandle's metadata.json, then PEFT's adapter_config.json.
+_BASE_KEYS = ((METADATA_FILE, "base_model_path"), (ADAPTER_CONFIG, "base_model_name_or_path"))
 
 
-def load_folder_tokenizer(path: Path):
+def adapter_base_path(adapter_dir: Path, models_dir=None) -> Path:
+    """The base model folder of a LoRA adapter folder, from metadata.json's `base_model_path`
+    (what `metalcandle train` writes) or else adapter_config.json's `base_model_name_or_path`
+    (what PEFT writes).
+
+    An absolute path is the folder the base was loaded from when the adapter was trained, and is
+    taken as it is. Anything else is the name of a registry model, a plain name (`check_name`),
+    found in the registry the adapter folder belongs to when it is a registered model, else in
+    `models_dir`'s (default: $METALCANDLE_MODELS_DIR or ./models). So a relative value never
+    depends on the working folder and never reaches outside the registry ("../x" and "a/b" are
+    refused); a hub id ("org/model") is refused too: import the base and write its name, or pass
+    the base with the run config's [model] and the adapter with --adapter."""
+    adapter_dir = Path(adapter_dir)
+    for file_name, key in _BASE_KEYS:
+        file = adapter_dir / file_name
+        base = read_json(file).get(key) if file.is_file() else None
+        if base is not None:
+            break
+    if not isinstance(base, str) or not base:
+        raise UserError(
+            f"{adapter_dir}: LoRA adapter without its base model (metadata.json base_model_path or "
+            f"{ADAPTER_CONFIG} base_model_name_or_path: an absolute folder or a registry model's name), "
+            f"got {base!r}; load the base and attach it with Model.load_adapter, or pass --adapter"
+        )
+    where = f"{file}: {key}"
+    if os.path.isabs(base):
+        if not os.path.isdir(base):
+            raise UserError(f"{where}: the LoRA adapter's base model folder {base} is not found")
+        return Path(base)
+    try:
+        check_name(base, f"{where} (an absolute folder or a registry model's name)")
+    except UserError as e:
+        raise UserError(
+            f"{e}; for a hub id, import that model (`metalcandle import-model ID`) and write its "
+            "registry name there"
+        ) from None
+    registries = [Registry(models_dir)]
+    home = Registry(adapter_dir.absolute().parent)
+    with contextlib.suppress(UserError):  # a folder beside a registry.json that is not ours
+        if home.file.is_file() and adapter_dir.name in home:
+            registries.insert(0, home)
+    for registry in registries:
+        if base in registry:
+            return Path(registry.get(base)["path"])
+    raise UserError(
+        f"{where}: the LoRA adapter's base model '{base}' is not in the registry "
+        f"{registries[0].file} (import it with `metalcandle import-model FOLDER --name {base}`)"
+    )
+
+
+def load_folder_tokenizer(path: Path, models_dir=None):
     """The tokenizer saved in a model/checkpoint folder, or in its LoRA base's folder."""
     from metalcandle.tokenizers import load_tokenizer
 
@@ -126,5 +169,5 @@ def load_folder_tokenizer(path: Path):
     if (path / "tokenizer.json").is_file():
         return load_tokenizer(path)
     if (path / ADAPTER_CONFIG).is_file():
-        return load_tokenizer(adapter_base_path(path))
+        return load_tokenizer(adapter_base_path(path, models_dir))
     raise UserError(f"{path}: no tokenizer.json")

@@ -127,11 +127,15 @@ class Model:
         )
 
     def load_adapter(self, path: str | os.PathLike) -> int:
-        """Attaches an adapter saved by PEFT or by `save_adapter`."""
+        """Attaches an adapter saved by PEFT or by `save_adapter` in the folder `path` (a path, taken
+        as it is, like `load_model`'s; an adapter has no name of its own). Its base is this model:
+        the base it names in its files matters only to `metalcandle` loading an adapter folder alone
+        (see `metalcandle.loading.adapter_base_path`)."""
         return self._core.load_adapter(os.fspath(path))
 
     def save_adapter(self, path: str | os.PathLike) -> None:
-        """Writes adapter_config.json + adapter_model.safetensors in PEFT's format."""
+        """Writes adapter_config.json + adapter_model.safetensors in PEFT's format into the folder
+        `path` (a path, taken as it is, like `save_pretrained`'s)."""
         self._core.save_adapter(os.fspath(path))
 
     def merge_adapter(self) -> None:

@@ -271,7 +271,8 @@ def quantize_run(cfg, fmt: str, out, checkpoint=None, skip: Iterable[str] = ()) 
 
         model, tokenizer = load_model(source, device=device), load_tokenizer(source)
     else:
-        model, tokenizer = load_model_dir(source, device), load_folder_tokenizer(source)
+        model = load_model_dir(source, device, models_dir=cfg.models_dir)
+        tokenizer = load_folder_tokenizer(source, cfg.models_dir)
     lines = [f"model: {source}"]
     if model.has_adapter:
         # GGUF has no place for an adapter: its delta goes into the float weights before rounding.

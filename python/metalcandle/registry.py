@@ -115,6 +115,7 @@ class Registry:
         return sorted(self._read()["models"].values(), key=lambda e: e.get("created_at") or "")
 
     def get(self, name: str) -> dict:
+        check_name(name)
         models = self._read()["models"]
         if name not in models:
             hint = did_you_mean(name, models) or " (see `metalcandle models`)"

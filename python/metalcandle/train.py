@@ -296,7 +296,7 @@ def build_model(cfg: Config, base: BaseModel | None, tokenizer, resume_from: Pat
         )
         return in_dtype(model, dtype, device)
     if cfg.is_lora:
-        model = load_model_dir(base.path, device, dtype)
+        model = load_model_dir(base.path, device, dtype, cfg.models_dir)
         if resume_from is not None:
             model.load_adapter(resume_from)
         else:
@@ -310,7 +310,7 @@ def build_model(cfg: Config, base: BaseModel | None, tokenizer, resume_from: Pat
                 use_rslora=lo["use_rslora"],
             )
         return model
-    return load_model_dir(resume_from or base.path, device, dtype)
+    return load_model_dir(resume_from or base.path, device, dtype, cfg.models_dir)
 
 
 def in_dtype(model, dtype: str, device: str):
@@ -472,7 +472,7 @@ def _train(cfg, progress, stop_at_step, log, allow_config_change, dist: Distribu
         R.write_run_file(out, cfg, state.run_id, state.run_created_at, resumed, ranks=ranks)
 
     tokenizer = (
-        load_folder_tokenizer(resume_from)
+        load_folder_tokenizer(resume_from, cfg.models_dir)
         if resume_from is not None
         else build_tokenizer(cfg, base, train_files(cfg))
     )
@@ -721,8 +721,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Path | None) -> dict:
     if checkpoint is None and base is None:
         raise untrained_error(cfg)
     folder = checkpoint if checkpoint is not None else base.path
-    model = load_model_dir(folder, device, cfg["hardware"]["dtype"])
-    tokenizer = load_folder_tokenizer(folder)
+    model = load_model_dir(folder, device, cfg["hardware"]["dtype"], cfg.models_dir)
+    tokenizer = load_folder_tokenizer(folder, cfg.models_dir)
     data = load_datasets(cfg, tokenizer)
     trainer = mc.Trainer(model, make_optimizer(cfg), max_grad_norm=cfg["train"]["max_grad_norm"] or None)
     batches = D.eval_batches(data.valid, cfg["train"]["batch_size"], cfg["train"]["eval_batches"])

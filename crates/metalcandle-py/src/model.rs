@@ -217,23 +217,21 @@ impl PyModel {
     ) -> PyResult<(Array<'py>, Option<Array<'py>>)> {
         let inp = self.inputs(input_ids, attention_mask, position_ids)?;
         let model = self.inner.detached();
-        let (logits, hidden) = py
-            .detach(|| {
-                let opts = ForwardOptions {
-                    attention_mask: inp.mask.as_deref(),
-                    position_ids: inp.positions.as_deref(),
-                    output_hidden_states,
-                    dropout: None,
-                };
-                let (logits, hidden) = model.forward(&inp.ids, &opts, None)?;
-                let hidden = if output_hidden_states {
-                    Some(Tensor::stack(&hidden, 0)?)
-                } else {
-                    None
-                };
-                Ok::<_, metalcandle_core::Error>((logits, hidden))
-            })
-            .map_err(to_py_err)?;
+        let (logits, hidden) = hooks::detach_running_hooks(py, || {
+            let opts = ForwardOptions {
+                attention_mask: inp.mask.as_deref(),
+                position_ids: inp.positions.as_deref(),
+                output_hidden_states,
+                dropout: None,
+            };
+            let (logits, hidden) = model.forward(&inp.ids, &opts, None)?;
+            let hidden = if output_hidden_states {
+                Some(Tensor::stack(&hidden, 0)?)
+            } else {
+                None
+            };
+            Ok((logits, hidden))
+        })?;
         let hidden = hidden.map(|h| to_numpy(py, &h)).transpose()?;
         Ok((to_numpy(py, &logits)?, hidden))
     }
@@ -250,17 +248,15 @@ impl PyModel {
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let inp = self.inputs(input_ids, attention_mask, position_ids)?;
         let (model, cache) = (self.inner.detached(), &mut cache.inner);
-        let logits = py
-            .detach(|| {
-                let opts = ForwardOptions {
-                    attention_mask: inp.mask.as_deref(),
-                    position_ids: inp.positions.as_deref(),
-                    output_hidden_states: false,
-                    dropout: None,
-                };
-                model.forward_last(&inp.ids, &opts, Some(cache))
-            })
-            .map_err(to_py_err)?;
+        let logits = hooks::detach_running_hooks(py, || {
+            let opts = ForwardOptions {
+                attention_mask: inp.mask.as_deref(),
+                position_ids: inp.positions.as_deref(),
+                output_hidden_states: false,
+                dropout: None,
+            };
+            model.forward_last(&inp.ids, &opts, Some(cache))
+        })?;
         to_numpy(py, &logits)
     }
 
@@ -426,9 +422,7 @@ impl PyModel {
             .collect::<metalcandle_core::Result<Vec<_>>>()
             .map_err(to_py_err)?;
         let model = &mut self.inner;
-        let out = py
-            .detach(|| model.calibrate(&ids, &formats, tolerance))
-            .map_err(to_py_err)?;
+        let out = hooks::detach_running_hooks(py, || model.calibrate(&ids, &formats, tolerance))?;
         json_text(&out)
     }
 
