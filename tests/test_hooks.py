@@ -246,6 +246,13 @@ def test_errors_inside_hook_functions_name_the_point(model_dir):
         ):
             mc.Trainer(model, mc.AdamW()).step(IDS)
 
+    # The core's own input errors keep their kind through the attention op too: a patch of the
+    # wrong shape at attn_probs.
+    with model.add_forward_hook("layers.0.attn_probs", "patch", array=np.zeros((3,), np.float32)):
+        for run in (model.forward, mc.Trainer(model, mc.AdamW()).step):
+            with pytest.raises(ValueError, match="layers.0.attn_probs"):
+                run(IDS)
+
     # An exception the function raises is a RuntimeError naming the point, caused by it.
     def boom(point, grad):
         raise KeyError("boom")

@@ -30,7 +30,7 @@ pub enum Error {
     NotFound(PathBuf),
 
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
 
     #[error("{0}")]
     Msg(String),
@@ -56,6 +56,37 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+}
+
+/// Our errors raised inside a candle op (a hook, an observer) travel through candle wrapped,
+/// not as text, so they come back out with their kind (an input error stays one).
+impl From<Error> for candle_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Candle(c) => c,
+            other => candle_core::Error::WrappedContext {
+                wrapped: Box::new(other),
+                context: String::new(),
+            },
+        }
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        match e {
+            candle_core::Error::WithBacktrace { inner, .. } => Error::from(*inner),
+            candle_core::Error::WrappedContext { wrapped, context } => {
+                match wrapped.downcast::<Error>() {
+                    Ok(ours) => *ours,
+                    Err(wrapped) => {
+                        Error::Candle(candle_core::Error::WrappedContext { wrapped, context })
+                    }
+                }
+            }
+            other => Error::Candle(other),
         }
     }
 }

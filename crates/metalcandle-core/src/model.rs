@@ -446,7 +446,7 @@ impl Decoder {
             let inner = |name: &str, t: Tensor| -> candle_core::Result<Tensor> {
                 self.hooks
                     .apply(&format!("layers.{i}.{name}"), t)
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+                    .map_err(candle_core::Error::from)
             };
             let h = block.attn.forward(
                 &attn_in,

@@ -70,7 +70,7 @@ impl CustomOp1 for GradHook {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let to_candle = |e: crate::Error| candle_core::Error::Msg(e.to_string());
+        let to_candle = candle_core::Error::from;
         Ok(Some(match &self.action {
             BackwardAction::Scale(s) => g.affine(*s, 0.0)?,
             BackwardAction::ClipValue(c) => g.clamp(-*c, *c)?,
@@ -97,12 +97,12 @@ impl CustomOp1 for GradHook {
             BackwardAction::Custom(f) => {
                 let r = f(&self.point, g).map_err(to_candle)?;
                 if r.dims() != g.dims() {
-                    candle_core::bail!(
+                    return Err(to_candle(crate::Error::Input(format!(
                         "backward hook at \"{}\" returned shape {:?}, expected {:?}",
                         self.point,
                         r.dims(),
                         g.dims()
-                    );
+                    ))));
                 }
                 r.to_dtype(g.dtype())?.to_device(g.device())?
             }

@@ -314,3 +314,18 @@ fn aux_inputs_are_kept_only_while_a_loss_is_computed() {
     m.detached().loss_parts(&batch()).unwrap();
     assert!(m.hooks.take_collected().is_empty());
 }
+
+#[test]
+fn a_hook_error_inside_an_op_keeps_its_kind() {
+    // attn_probs runs inside the attention op: the error crosses candle and must come back
+    // as the input error it is, message intact, not as candle text.
+    let mut m = tiny();
+    let wrong = candle_core::Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap();
+    m.hooks
+        .add_forward("layers.0.attn_probs", ForwardAction::Patch(wrong));
+    let err = m.forward(&ids(), &Default::default(), None).unwrap_err();
+    assert!(
+        matches!(&err, crate::Error::Input(msg) if msg.contains("layers.0.attn_probs")),
+        "{err:?}"
+    );
+}

@@ -36,7 +36,7 @@ impl Linear {
             o.lock()
                 .unwrap()
                 .record(x)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                .map_err(candle_core::Error::from)?;
         }
         if let Some(l) = &self.lora {
             let no_dropout = !self.training || l.dropout == 0.0;
