@@ -729,6 +729,10 @@ impl Island {
         };
         let x = Var::from_tensor(&Tensor::from_slice(buf, dims, &Device::Cpu)?)?;
         let y = hooks.apply(&point, x.as_tensor().clone())?;
+        if y.id() == x.as_tensor().id() {
+            // Only observers ran (captures): the value and its gradient pass unchanged.
+            return Ok(None);
+        }
         if y.dims() != x.dims() {
             return Err(Error::Input(format!(
                 "a hook at \"{point}\" returned shape {:?}, expected {:?}",

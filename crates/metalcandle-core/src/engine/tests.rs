@@ -447,6 +447,22 @@ fn hooks_between_blocks_run_on_the_fused_path_with_the_composed_gradients() {
     )
     .0;
     assert!((fused(&mut m, &[batch(1, 3, 9, 40, true)], false).0 - plain).abs() > 1e-3);
+    // Captures alone observe: the step is the unhooked one, bit for bit, and they recorded.
+    let mut watched = model(tiny_custom(), 3);
+    watched
+        .hooks
+        .add_forward("layers.*.residual", ForwardAction::Capture { full: true });
+    let (lw, gw) = fused(&mut watched, &[batch(1, 3, 9, 40, true)], false);
+    let (lp, gp) = fused(
+        &mut model(tiny_custom(), 3),
+        &[batch(1, 3, 9, 40, true)],
+        false,
+    );
+    assert_eq!(lw, lp);
+    for (name, g) in &gp {
+        assert_eq!(max_abs(&(g - &gw[name]).unwrap()), 0.0, "{name}");
+    }
+    assert_eq!(watched.hooks.take_captured().len(), 2);
     // A hook inside a block still takes the composed path, named.
     m.hooks
         .add_forward("layers.1.attn_probs", ForwardAction::Scale(1.0));
