@@ -81,6 +81,11 @@ fn composed(m: &mut Decoder, batches: &[Batch]) -> Grads {
 }
 
 fn fused(m: &mut Decoder, batches: &[Batch], ckpt: bool) -> Grads {
+    fused_at(m, batches, ckpt, 2)
+}
+
+/// The fused step after `step` optimizer steps (which picks its dropout masks).
+fn fused_at(m: &mut Decoder, batches: &[Batch], ckpt: bool, step: u64) -> Grads {
     assert_eq!(super::ineligible(m), None);
     let names: Vec<String> = m
         .make_trainable()
@@ -89,7 +94,7 @@ fn fused(m: &mut Decoder, batches: &[Batch], ckpt: bool) -> Grads {
         .map(|(n, _)| n)
         .collect();
     let total = total_tokens(batches);
-    let masks = step_masks(m, 2);
+    let masks = step_masks(m, step);
     let opts = StepOptions {
         gradient_checkpointing: ckpt,
         ..Default::default()
@@ -396,16 +401,7 @@ fn dropout_is_drawn_per_step_and_recomputed_exactly_under_checkpointing() {
         );
     }
     // Another step draws other masks; rate 0 draws none.
-    let names: Vec<String> = m
-        .make_trainable()
-        .unwrap()
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
-    let total = total_tokens(&batches);
-    let masks = step_masks(&m, 3);
-    let other = super::accumulate(&mut m, &names, &batches, total, masks, Default::default());
-    let l3 = other.unwrap().loss;
+    let (l3, _) = fused_at(&mut m, &batches, false, 3);
     m.spec.dropout = 0.0;
     let (l0, _) = fused(&mut m, &batches, false);
     assert!(
