@@ -271,7 +271,7 @@ impl Hooks {
             h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
         }
         let step = self.step.load(Ordering::SeqCst);
-        Rng::new(seed ^ h ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ call.rotate_left(32))
+        Rng::new(seed ^ h ^ step.wrapping_mul(crate::rng::GOLDEN) ^ call.rotate_left(32))
     }
 
     pub(crate) fn noise_like(

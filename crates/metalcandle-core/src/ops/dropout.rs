@@ -10,6 +10,7 @@
 //! An element is kept with probability 1 - p and then scaled by 1 / (1 - p), as torch's
 //! `nn.Dropout` does, so the expectation is unchanged.
 
+use crate::rng::{mix, GOLDEN};
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
@@ -49,16 +50,6 @@ pub struct Dropout {
     first_row: u64,
     base: u64,
 }
-
-/// SplitMix64's finalizer: a bijection of u64 whose outputs on consecutive inputs pass the
-/// usual statistical tests, which is all a mask needs.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
 impl Dropout {
     /// The masks of micro-batch `micro` of the step after `step` optimizer steps, for a
