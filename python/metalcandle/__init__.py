@@ -10,6 +10,8 @@ from metalcandle.optim import SGD, AdamW, Lion, Optimizer
 from metalcandle.quantize import (
     QuantizationPlan,
     dequantize_model,
+    disable_qat,
+    enable_qat,
     is_model_quantized,
     prepare_model_for_quantization,
     quantize_model,
@@ -35,6 +37,8 @@ __all__ += [
     "next_token_probs",
     "QuantizationPlan",
     "dequantize_model",
+    "disable_qat",
+    "enable_qat",
     "is_model_quantized",
     "prepare_model_for_quantization",
     "quantize_model",

@@ -90,11 +90,11 @@ def build_parser() -> Parser:
     p.add_argument("config", metavar="CFG")
     p.add_argument(
         "--format",
-        default="q8_0",
+        default=None,
         type=str.lower,
         choices=FORMATS,
         metavar="FORMAT",
-        help=f"block format: {', '.join(FORMATS)} (default: q8_0)",
+        help=f"block format: {', '.join(FORMATS)} (default: the config's [quantization] qat, else q8_0)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument(
@@ -227,7 +227,10 @@ def cmd_quantize(args) -> int:
     from metalcandle.quantize import quantize_run
 
     cfg = load_config(args.config, args.overrides)
-    print("\n".join(quantize_run(cfg, args.format, Path(args.out), args.checkpoint, args.skip)))
+    qat = cfg["quantization"]
+    fmt = args.format or (qat["qat"] if qat else "q8_0")
+    skip = list(args.skip) + (qat["skip"] if qat and args.format is None else [])
+    print("\n".join(quantize_run(cfg, fmt, Path(args.out), args.checkpoint, skip)))
     return 0
 
 

@@ -31,6 +31,7 @@ from metalcandle.hooks import SECTIONS as HOOK_SECTIONS
 from metalcandle.hooks import check_entry
 from metalcandle.model import DTYPES
 from metalcandle.presets import PRESETS, is_gpt2, preset_spec
+from metalcandle.quantize import FORMATS as QUANT_FORMATS
 from metalcandle.registry import check_name
 
 REQUIRED = object()  # default marker: the key must be given
@@ -149,6 +150,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "gradient_checkpointing": Key("bool", False),
         "fused": Key("bool", True),  # the fused CPU training step where the model allows it
     },
+    # Quantization-aware training (metalcandle.enable_qat): each step's forward and backward see
+    # the matrices rounded to `qat`'s format; `metalcandle quantize` then defaults to that format.
+    # Absent means float training.
+    "quantization": {
+        "qat": Key("str", REQUIRED, choices=QUANT_FORMATS),
+        "skip": Key("str_list", []),  # glob patterns of modules kept float, as `quantize --skip`
+    },
     "generate": {
         "max_new_tokens": Key("int", 64, min=0),
         "temperature": Key("float", 0.8, min=0.0),  # 0 = greedy
@@ -165,7 +173,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "hooks": {section: Key("hooks", []) for section in HOOK_SECTIONS},
 }
 
-OPTIONAL_SECTIONS = {"lora"}  # absent means: full training
+OPTIONAL_SECTIONS = {"lora", "quantization"}  # absent means: full training, float training
 
 # Sections left out of `Config.hash`: where and how a run computes may differ between the attempts
 # (resumes) and the ranks of one run.

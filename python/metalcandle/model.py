@@ -228,6 +228,12 @@ class Model:
         """True when at least one matrix is stored in a quantized block format."""
         return self._core.is_quantized
 
+    @property
+    def qat(self) -> dict[str, str] | None:
+        """{module: format} of the matrices quantization-aware training rounds at each training step
+        (`metalcandle.enable_qat`), or None when it is off."""
+        return self._core.qat
+
     def quantization_info(self) -> dict:
         """{"quantized": bool, "layers": {module: {"format", "bits_per_weight", "shape", "bytes"}},
         "float_layers": [module, ...], "quantized_bytes", "float_bytes"} for the token embedding, the

@@ -1,5 +1,6 @@
-"""Post-training quantization: every linear layer (attention, MLP, LM head) and the token embedding
-into llama.cpp's block formats (q8_0, q4_0, ...), computed by the Rust core with candle's kernels.
+"""Post-training quantization and quantization-aware training: every linear layer (attention, MLP,
+LM head) and the token embedding into llama.cpp's block formats (q8_0, q4_0, ...), computed by the
+Rust core with candle's kernels.
 
     model = mc.load_model("tiny-qwen2")
     mc.quantize_model(model, "q8_0")           # in place; returns the model
@@ -7,7 +8,11 @@ into llama.cpp's block formats (q8_0, q4_0, ...), computed by the Rust core with
     model.save_gguf("model.gguf", tokenizer)   # loads back with mc.load_model("model.gguf")
 
 Mixed precision comes from a calibration plan (`prepare_model_for_quantization`) or a dict of
-module names / glob patterns to formats."""
+module names / glob patterns to formats. Quantization-aware training trains through the rounding:
+
+    mc.enable_qat(model, "q4_0")               # each training step sees the q4_0-rounded weights
+    ...                                        # train as usual (Trainer, train_model, metalcandle train)
+    mc.quantize_model(model, "q4_0")           # then quantize as usual"""
 
 from __future__ import annotations
 
@@ -127,6 +132,7 @@ def prepare_model_for_quantization(
     candidates: Sequence[str] = ("q4_0", "q5_0", "q8_0"),
     tolerance: float = 0.05,
     skip: Iterable[str] = (),
+    qat: bool = False,
 ) -> QuantizationPlan:
     """Chooses a quantization format for each matrix from how it behaves on sample inputs.
 
@@ -145,8 +151,10 @@ def prepare_model_for_quantization(
          `tolerance`; if none is, the most precise candidate that fits; if none fits, "f32".
          Modules matching a glob in `skip` are set to "f32".
 
-    The model's weights are not changed. Pass the returned plan to `quantize_model(model, plan)`.
-    The model must be in float (not already quantized)."""
+    The model's weights are not changed. Pass the returned plan to `quantize_model(model, plan)` for
+    post-training quantization; with `qat=True` the plan's formats are also what quantization-aware
+    training rounds to from now on (`enable_qat(model, plan)`), before the same `quantize_model` call
+    at the end. The model must be in float (not already quantized)."""
     _check_model(model)
     if model.is_quantized:
         raise ValueError("the model is already quantized; calibrate the float model (dequantize_model first)")
@@ -167,7 +175,31 @@ def prepare_model_for_quantization(
         keep = any(glob_match(pattern, name) for pattern in skip)
         formats[name] = "f32" if keep else layer["format"]
         stats[name] = {k: v for k, v in layer.items() if k != "format"}
-    return QuantizationPlan(formats, stats, tuple(names), tolerance)
+    plan = QuantizationPlan(formats, stats, tuple(names), tolerance)
+    if qat:
+        enable_qat(model, plan)
+    return plan
+
+
+def _rules(what: str, spec, skip) -> tuple[str | None, dict[str, str], list[str]]:
+    """(format for every matrix or None, {module or glob: format}, skip globs) from the `spec` forms
+    `quantize_model` takes, each format checked."""
+    skip = [str(s) for s in ([skip] if isinstance(skip, str) else skip)]
+    if isinstance(spec, QuantizationPlan):
+        default, overrides = None, dict(spec.formats)
+    elif isinstance(spec, Mapping):
+        default, overrides = None, {str(k): str(v) for k, v in spec.items()}
+    elif isinstance(spec, str):
+        default, overrides = spec, {}
+    else:
+        raise TypeError(
+            f"{what}: spec must be a format name, a QuantizationPlan or a dict, got {type(spec).__name__}"
+        )
+    if default is not None:
+        _format_name(default, "format")
+    for name, fmt in overrides.items():
+        _format_name(fmt, f"format for {name!r}")
+    return default, overrides, skip
 
 
 def quantize_model(
@@ -186,28 +218,47 @@ def quantize_model(
     too: a warning names it, and `model.last_quantization_report` holds {"quantized": {module: format},
     "kept_float": {module: reason}}. Matrices already quantized keep their format."""
     _check_model(model)
-    skip = [str(s) for s in ([skip] if isinstance(skip, str) else skip)]
-    if isinstance(spec, QuantizationPlan):
-        default, overrides = None, dict(spec.formats)
-    elif isinstance(spec, Mapping):
-        default, overrides = None, {str(k): str(v) for k, v in spec.items()}
-    elif isinstance(spec, str):
-        default, overrides = spec, {}
-    else:
-        raise TypeError(
-            "quantize_model: spec must be a format name, a QuantizationPlan or a dict, "
-            f"got {type(spec).__name__}"
-        )
-    if default is not None:
-        _format_name(default, "format")
-    for name, fmt in overrides.items():
-        _format_name(fmt, f"format for {name!r}")
+    default, overrides, skip = _rules("quantize_model", spec, skip)
     report: dict[str, Any] = json.loads(model._core.quantize(default, overrides, skip))
     model.last_quantization_report = report
     unsupported = {k: v for k, v in report["kept_float"].items() if v != NOT_SELECTED}
     if unsupported:
         listed = "; ".join(f"{k}: {v}" for k, v in unsupported.items())
         warnings.warn(f"kept in float32 ({len(unsupported)} matrices): {listed}", stacklevel=2)
+    return model
+
+
+def enable_qat(
+    model: Model,
+    spec: str | QuantizationPlan | Mapping[str, str] = "q4_0",
+    skip: Iterable[str] = (),
+) -> dict[str, dict[str, str]]:
+    """Quantization-aware training: from now on each training step (`Trainer.step`, `train_model`,
+    `metalcandle train` with `[quantization] qat = "q4_0"`) runs its forward and backward with the
+    selected matrices rounded to their format, exactly as `quantize_model` will round them (quantize,
+    then dequantize), and applies the gradient taken there to the float weights unchanged (the
+    straight-through estimator). The float weights are restored after every step, so checkpoints hold
+    them; evaluation (`Trainer.evaluate`) scores the rounded weights, what the quantized model will
+    score, while `model.forward` and generation use the float ones.
+
+    With a LoRA adapter the merged weight W + s B A is what gets rounded, as a merge followed by
+    `quantize_model` (what `metalcandle quantize` does) will round it. `spec` and `skip` select
+    matrices and formats as in `quantize_model`. When training is done, call `quantize_model` with the
+    same spec. Returns {"quantized": {module: format}, "kept_float": {module: reason}}."""
+    _check_model(model)
+    default, overrides, skip = _rules("enable_qat", spec, skip)
+    quantized, kept_float = model._core.set_qat(default, overrides, skip)
+    if not quantized:
+        raise ValueError(
+            "enable_qat: no matrix takes the format(s) given: "
+            + ("; ".join(f"{k}: {v}" for k, v in kept_float.items()) or "the model has no matrices")
+        )
+    return {"quantized": quantized, "kept_float": kept_float}
+
+
+def disable_qat(model: Model) -> Model:
+    """Turns quantization-aware training off (training steps use the float weights again)."""
+    _check_model(model)._core.clear_qat()
     return model
 
 

@@ -79,8 +79,10 @@ def new_run_id(name: str) -> str:
 
 def upgraded(config: dict) -> dict:
     """A saved resolved config as this version resolves it: one saved before [hooks] existed gets
-    the empty hooks it ran with, one saved before [hardware] its settings there (`upgrade_saved`)."""
+    the empty hooks it ran with, one saved before [hardware] its settings there (`upgrade_saved`),
+    one saved before [quantization] none."""
     config = upgrade_saved(config)
+    config.setdefault("quantization", None)  # saved before quantization-aware training existed
     if config.get("hooks") is None:
         config["hooks"] = {k: [] for k in SCHEMA["hooks"]}
     return config

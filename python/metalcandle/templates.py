@@ -47,6 +47,10 @@ threads = 0                     # CPU threads; 0: $RAYON_NUM_THREADS, else every
 gradient_checkpointing = false  # keep only each block's input, recompute it in the backward
                                 # (also read as train.gradient_checkpointing)
 fused = true                    # the fused CPU step for float32 full training; false: per-op path
+
+# [quantization]                # quantization-aware training for a quantized deployment:
+# qat = "q4_0"                  # each step trains through the rounding `metalcandle quantize`
+# skip = []                     # applies (then its default format); globs kept float, e.g. "lm_head"
 """
 
 FROM_SCRATCH = """\

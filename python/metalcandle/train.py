@@ -313,6 +313,20 @@ def build_model(cfg: Config, base: BaseModel | None, tokenizer, resume_from: Pat
     return load_model_dir(resume_from or base.path, device, dtype, cfg.models_dir)
 
 
+def enable_qat(cfg: Config, model) -> str | None:
+    """Turns on [quantization] qat for `model` (training steps and evaluation see the rounded
+    weights); the line to print, or None without the section."""
+    import metalcandle as mc
+
+    q = cfg["quantization"]
+    if q is None:
+        return None
+    report = mc.enable_qat(model, q["qat"], skip=q["skip"])
+    kept = [k for k, why in report["kept_float"].items() if why != "not selected"]
+    line = f"quantization-aware training: {len(report['quantized'])} matrices rounded to {q['qat']} each step"
+    return line + (f", {len(kept)} kept float ({', '.join(kept)})" if kept else "")
+
+
 def in_dtype(model, dtype: str, device: str):
     """`model` with its weights in `dtype`. The core makes a new model in float32 only; another
     dtype is had the way a checkpoint gets it, by writing the weights and reading them back."""
@@ -483,6 +497,8 @@ def _train(cfg, progress, stop_at_step, log, allow_config_change, dist: Distribu
 
     model = build_model(cfg, base, tokenizer, resume_from)
     attach_hooks(model, cfg["hooks"], cfg.source)  # before the first step, fresh or resumed alike
+    if (qat := enable_qat(cfg, model)) is not None:
+        say(qat)
     opt = make_optimizer(cfg)
     hw = cfg["hardware"]
     trainer = mc.Trainer(
@@ -723,6 +739,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Path | None) -> dict:
     folder = checkpoint if checkpoint is not None else base.path
     model = load_model_dir(folder, device, cfg["hardware"]["dtype"], cfg.models_dir)
     tokenizer = load_folder_tokenizer(folder, cfg.models_dir)
+    enable_qat(cfg, model)  # a QAT run is scored as the quantized model it trains for
     data = load_datasets(cfg, tokenizer)
     trainer = mc.Trainer(model, make_optimizer(cfg), max_grad_norm=cfg["train"]["max_grad_norm"] or None)
     batches = D.eval_batches(data.valid, cfg["train"]["batch_size"], cfg["train"]["eval_batches"])

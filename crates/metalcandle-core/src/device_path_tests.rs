@@ -3,7 +3,6 @@
 //! trainable parameter the gradient the CPU kernels give, never differentiate a frozen weight,
 //! update like the kernels, and decode through the KV cache as a full forward does.
 
-use crate::lora::LoraConfig;
 use crate::model::{Decoder, ForwardOptions};
 use crate::ops::device_path;
 use crate::optim::{Optimizer, OptimizerConfig};
@@ -50,15 +49,8 @@ fn batch() -> Batch {
 }
 
 fn lora(m: &mut Decoder) {
-    let cfg = LoraConfig {
-        r: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        use_rslora: false,
-        target_modules: vec!["all-linear".into()],
-        layers_to_transform: None,
-    };
-    m.add_lora(cfg, 1).unwrap();
+    m.add_lora(crate::testing::all_linear_lora(4, 8.0), 1)
+        .unwrap();
 }
 
 /// One AdamW step, so LoRA's B (zero at initialisation) no longer zeroes A's gradient.

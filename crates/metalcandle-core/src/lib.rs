@@ -18,6 +18,8 @@ pub mod weights;
 
 #[cfg(test)]
 mod device_path_tests;
+#[cfg(test)]
+mod testing;
 
 pub use error::{Error, Result};
 pub use model::{Decoder, ForwardOptions, KvCache};

@@ -38,6 +38,8 @@ pub struct Decoder {
     pub lora_config: Option<crate::lora::LoraConfig>,
     /// Intervention points (see `hooks`); empty by default.
     pub hooks: crate::hooks::Hooks,
+    /// Quantization-aware training: the matrices a training step rounds (see quant/qat.rs).
+    pub qat: Option<crate::quant::qat::Qat>,
     pub device: Device,
     pub dtype: DType,
     /// The fused training path's buffers, kept between steps.
@@ -216,6 +218,7 @@ impl Decoder {
             rope,
             lora_config: None,
             hooks: Default::default(),
+            qat: None,
             device: device.clone(),
             dtype,
             engine: Default::default(),

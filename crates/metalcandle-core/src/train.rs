@@ -261,11 +261,16 @@ impl Decoder {
     }
 
     /// Token-weighted mean loss over batches, without gradients.
+    /// Under QAT, the loss of the rounded weights: what the quantized model will score.
     pub fn eval_loss(&self, batches: &[Batch]) -> Result<f64> {
-        let model = self.detached();
+        self.detached()
+            .with_fake_quant(|model| model.mean_loss(batches))
+    }
+
+    fn mean_loss(&self, batches: &[Batch]) -> Result<f64> {
         let (mut sum, mut count) = (0.0, 0usize);
         for b in batches {
-            let (loss, n) = model.loss(b)?;
+            let (loss, n) = self.loss(b)?;
             sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * n as f64;
             count += n;
         }
@@ -346,7 +351,9 @@ pub fn train_step_with(
     // The fused path's gradients stay in its flat buffer, already clipped, with their norm.
     if path == StepPath::Fused {
         let names: Vec<String> = vars.iter().map(|(n, _)| n.clone()).collect();
-        let a = crate::engine::accumulate(model, &names, micro_batches, total, masks, opts)?;
+        let a = model.with_fake_quant(|m| {
+            crate::engine::accumulate(m, &names, micro_batches, total, masks, opts)
+        })?;
         let grads = crate::engine::gradients(model)
             .ok_or_else(|| Error::Msg("the fused step kept no gradients".into()))?;
         opt.step_with(&vars, &grads)?;
@@ -359,7 +366,7 @@ pub fn train_step_with(
         });
     }
     model.set_training(true);
-    let result = accumulate(model, &vars, micro_batches, total, masks);
+    let result = model.with_fake_quant(|m| accumulate(m, &vars, micro_batches, total, masks));
     model.set_training(false);
     let (mut loss, mut aux, mut grads) = result?;
     if let Some(r) = opts.reducer {

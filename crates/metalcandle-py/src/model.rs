@@ -8,14 +8,14 @@ use metalcandle_core::hooks::{Captured, Hooks};
 use metalcandle_core::lora::LoraConfig;
 use metalcandle_core::model::ForwardOptions;
 use metalcandle_core::quant::gguf::{load_gguf, save_gguf, GgufTokenizer};
-use metalcandle_core::quant::parse_format;
+use metalcandle_core::quant::{format_name, parse_format};
 use metalcandle_core::weights::{load_hf_folder_as, save_hf_folder};
 use metalcandle_core::{Decoder, KvCache, ModelSpec};
 use numpy::{PyArrayDyn, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
@@ -384,6 +384,35 @@ impl PyModel {
         let model = &mut self.inner;
         let report = py.detach(|| model.quantize(&*choose)).map_err(to_py_err)?;
         json_text(&report)
+    }
+
+    /// Turns quantization-aware training on, choosing formats as `quantize` does; returns
+    /// ({module: format}, {module: why it stays float}).
+    #[pyo3(signature = (default, overrides, skip))]
+    fn set_qat(
+        &mut self,
+        default: Option<String>,
+        overrides: HashMap<String, String>,
+        skip: Vec<String>,
+    ) -> PyResult<(BTreeMap<String, String>, BTreeMap<String, String>)> {
+        let choose = quant::chooser(default.as_deref(), &overrides, &skip).map_err(to_py_err)?;
+        let report = self.inner.set_qat(&*choose).map_err(to_py_err)?;
+        Ok((report.quantized, report.kept_float))
+    }
+
+    fn clear_qat(&mut self) {
+        self.inner.qat = None;
+    }
+
+    /// {module: format} of the matrices a training step rounds, or None.
+    #[getter]
+    fn qat(&self) -> Option<BTreeMap<String, String>> {
+        self.inner.qat.as_ref().map(|q| {
+            q.formats
+                .iter()
+                .map(|(n, d)| (n.clone(), format_name(*d).to_string()))
+                .collect()
+        })
     }
 
     fn dequantize(&mut self, py: Python<'_>) -> PyResult<()> {

@@ -296,15 +296,9 @@ fn trajectories_match_the_composed_path() {
 /// each adapter gradient within 1e-5 of the composed path's scale, the base frozen.
 fn check_lora(config: Value, batches: &[Batch]) {
     let mut m = model(config, 3);
-    let cfg = crate::lora::LoraConfig {
-        r: 3,
-        alpha: 6.0,
-        dropout: 0.0,
-        use_rslora: false,
-        target_modules: vec!["all-linear".into()],
-        layers_to_transform: None,
-    };
-    let adapted = m.add_lora(cfg, 9).unwrap();
+    let adapted = m
+        .add_lora(crate::testing::all_linear_lora(3, 6.0), 9)
+        .unwrap();
     m.visit_adapter_mut(&mut |name, t| {
         if name.contains("lora_B") {
             let n = t.elem_count() as u32;

@@ -4,20 +4,11 @@ use super::*;
 use crate::model::{Decoder, ForwardOptions};
 use crate::ops::gradcheck::max_abs_diff;
 use crate::optim::{Optimizer, OptimizerConfig};
-use crate::spec::ModelSpec;
 use crate::train::{train_step, train_step_with, Batch, StepOptions};
 use candle_core::Device;
-use serde_json::json;
 
 fn tiny() -> Decoder {
-    let config = json!({
-        "model_type": "llama", "vocab_size": 48, "hidden_size": 32,
-        "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": false
-    });
-    let spec = ModelSpec::from_hf_config(&config, "config").unwrap();
-    Decoder::random(spec, config, 11, &Device::Cpu).unwrap()
+    crate::testing::llama(48, 32, 64, false, 11)
 }
 
 fn batch() -> Batch {

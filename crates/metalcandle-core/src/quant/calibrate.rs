@@ -3,12 +3,12 @@
 //! stays under a bound. Errors are measured with the quantized kernel itself, so they include
 //! the 8-bit rounding of the activations that the kernel applies at inference.
 
-use super::{format_name, unsupported_reason};
+use super::{format_name, quantize_matrix, unsupported_reason};
 use crate::error::Result;
 use crate::model::{Decoder, ForwardOptions};
 use crate::nn::Weight;
 use crate::ops;
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -97,7 +97,7 @@ fn frobenius(t: &Tensor) -> Result<f64> {
 }
 
 fn relative_error(w: &Tensor, x: Option<&Tensor>, dtype: GgmlDType) -> Result<f64> {
-    let q = Arc::new(QTensor::quantize(&w.contiguous()?, dtype)?);
+    let q = Arc::new(quantize_matrix(w, dtype)?);
     match x {
         Some(x) => {
             let want = ops::frozen_linear(x, w)?;

@@ -4,6 +4,7 @@
 pub mod calibrate;
 pub mod gguf;
 mod gguf_layout;
+pub mod qat;
 
 pub use crate::weights::names::glob_match;
 
@@ -11,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::model::Decoder;
 use crate::nn::Weight;
 use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -74,6 +76,36 @@ pub fn unsupported_reason(dims: &[usize], dtype: GgmlDType) -> Option<String> {
             format_name(dtype)
         )
     })
+}
+
+/// The blocks of `t` in `dtype`, rounded from its float32 values.
+pub fn quantize_matrix(t: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
+    Ok(QTensor::quantize(
+        &t.to_dtype(DType::F32)?.contiguous()?,
+        dtype,
+    )?)
+}
+
+/// The format `choose` gives the float matrix `name`, if its shape takes it; the choice, or why
+/// the matrix stays float, goes into `report`.
+fn select(
+    name: &str,
+    t: &Tensor,
+    choose: &dyn Fn(&str) -> Option<GgmlDType>,
+    report: &mut QuantReport,
+) -> Option<GgmlDType> {
+    let Some(dtype) = choose(name) else {
+        report.kept_float.insert(name.into(), "not selected".into());
+        return None;
+    };
+    if let Some(why) = unsupported_reason(t.dims(), dtype) {
+        report.kept_float.insert(name.into(), why);
+        return None;
+    }
+    report
+        .quantized
+        .insert(name.into(), format_name(dtype).into());
+    Some(dtype)
 }
 
 /// What `Decoder::quantize` did to each matrix.
@@ -145,8 +177,10 @@ impl Decoder {
     }
 
     /// Quantizes each matrix to the format `choose` gives for its module name (None keeps it
-    /// float). Matrices already quantized and tracked (trainable) ones are left alone; shapes a
-    /// format cannot take stay float and are reported, not failed.
+    /// float). Matrices already quantized are left alone; shapes a format cannot take stay float
+    /// and are reported, not failed. A weight that was being trained in full may be quantized
+    /// when training is done (QAT's last step): a later full training step is then refused by
+    /// `make_trainable`, so an optimizer never updates a variable the model no longer reads.
     pub fn quantize(&mut self, choose: &dyn Fn(&str) -> Option<GgmlDType>) -> Result<QuantReport> {
         let mut report = QuantReport::default();
         for (name, w) in self.quantizable_mut() {
@@ -157,23 +191,13 @@ impl Decoder {
                 }
                 Weight::Float(t) => t,
             };
-            let Some(dtype) = choose(&name) else {
-                report.kept_float.insert(name, "not selected".into());
+            let Some(dtype) = select(&name, t, choose, &mut report) else {
                 continue;
             };
-            if t.is_variable() {
-                return Err(Error::Input(format!(
-                    "{name}: cannot quantize a weight that is being trained"
-                )));
-            }
-            if let Some(why) = unsupported_reason(t.dims(), dtype) {
-                report.kept_float.insert(name, why);
-                continue;
-            }
-            let q = QTensor::quantize(&t.contiguous()?, dtype)?;
-            *w = Weight::Quantized(Arc::new(q));
-            report.quantized.insert(name, format_name(dtype).into());
+            *w = Weight::Quantized(Arc::new(quantize_matrix(t, dtype)?));
         }
+        // The formats QAT rounded to are now the stored ones.
+        self.qat = None;
         Ok(report)
     }
 
@@ -225,19 +249,10 @@ impl Decoder {
 mod tests {
     use super::*;
     use crate::ops::gradcheck::max_abs_diff;
-    use crate::spec::ModelSpec;
     use candle_core::{Device, Tensor};
-    use serde_json::json;
 
     fn tiny(hidden: usize) -> Decoder {
-        let config = json!({
-            "model_type": "llama", "vocab_size": 64, "hidden_size": hidden,
-            "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
-            "tie_word_embeddings": true
-        });
-        let spec = ModelSpec::from_hf_config(&config, "config").unwrap();
-        Decoder::random(spec, config, 0, &Device::Cpu).unwrap()
+        crate::testing::llama(64, hidden, 96, true, 0)
     }
 
     #[test]
@@ -290,7 +305,10 @@ mod tests {
     #[test]
     fn quantized_models_refuse_full_training_merges_and_safetensors() {
         let mut m = tiny(64);
+        // Trained in full, then quantized: the next full step must be refused.
+        m.make_trainable().unwrap();
         m.quantize(&|_| Some(GgmlDType::Q8_0)).unwrap();
+        assert!(m.matrices().iter().all(|(_, w)| w.quant_format().is_some()));
         let e = m.make_trainable().unwrap_err().to_string();
         assert!(e.contains("quantized"), "{e}");
         let dir = std::env::temp_dir().join(format!("mc-q-{}", std::process::id()));
