@@ -404,3 +404,21 @@ def test_cli_quantize_picks_the_runs_final_checkpoint(capsys, tmp_path):
     assert code == 0 and f"model: {tmp_path / 'run' / 'best'}" in out, err
     want = mc.quantize_model(best, "q4_0").forward(ids)
     np.testing.assert_array_equal(mc.load_model(tmp_path / "q" / "model.gguf").forward(ids), want)
+
+
+def test_bits_per_weight_are_ggmls_block_sizes():
+    # Bytes per block over weights per block, from ggml's block structs (scales, mins, quants).
+    blocks = {
+        "q4_0": (2 + 16, 32),
+        "q4_1": (4 + 16, 32),
+        "q5_0": (2 + 4 + 16, 32),
+        "q5_1": (4 + 4 + 16, 32),
+        "q8_0": (2 + 32, 32),
+        "q2_k": (16 + 64 + 4, 256),
+        "q3_k": (32 + 64 + 12 + 2, 256),
+        "q4_k": (4 + 12 + 128, 256),
+        "q5_k": (4 + 12 + 32 + 128, 256),
+        "q6_k": (128 + 64 + 16 + 2, 256),
+    }
+    assert mc.quantize.BITS_PER_WEIGHT == {f: 8 * b / n for f, (b, n) in blocks.items()}
+    assert list(mc.quantize.FORMATS) == sorted(blocks, key=lambda f: (8 * blocks[f][0] / blocks[f][1]))

@@ -26,23 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from metalcandle import _core
 from metalcandle.errors import UserError
 from metalcandle.hooks import glob_match
 from metalcandle.model import Model, as_ids
 
-# llama.cpp's names; storage bits per weight include the per-block scales (and mins).
-BITS_PER_WEIGHT = {
-    "q2_k": 2.625,
-    "q3_k": 3.4375,
-    "q4_0": 4.5,
-    "q4_k": 4.5,
-    "q4_1": 5.0,
-    "q5_0": 5.5,
-    "q5_k": 5.5,
-    "q5_1": 6.0,
-    "q6_k": 6.5625,
-    "q8_0": 8.5,
-}
+# llama.cpp's names, fewest bits first; storage bits per weight include the per-block scales (and mins).
+BITS_PER_WEIGHT = dict(sorted(_core.quant_formats(), key=lambda f: f[1]))
 FORMATS = tuple(BITS_PER_WEIGHT)
 # Formats that keep a matrix in float when used in a plan or a {module: format} dict.
 FLOAT_FORMATS = ("f32", "float", "none")

@@ -92,8 +92,3 @@ impl From<candle_core::Error> for Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
-
-#[macro_export]
-macro_rules! input_err {
-    ($($arg:tt)*) => { $crate::Error::Input(format!($($arg)*)) };
-}

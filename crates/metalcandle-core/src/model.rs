@@ -108,22 +108,15 @@ impl Decoder {
         let n = names::Naming::of(&spec);
         let linear = |take: &mut dyn FnMut(&str) -> Result<Tensor>,
                       module: String,
-                      bias: bool,
-                      conv1d: bool|
+                      bias: bool|
          -> Result<Linear> {
-            Ok(Linear {
-                weight: Weight::Float(take(&format!("{module}.weight"))?),
-                bias: if bias {
-                    Some(take(&format!("{module}.bias"))?)
-                } else {
-                    None
-                },
-                name: module,
-                conv1d,
-                lora: None,
-                training: false,
-                observer: None,
-            })
+            let weight = Weight::Float(take(&format!("{module}.weight"))?);
+            let bias = if bias {
+                Some(take(&format!("{module}.bias"))?)
+            } else {
+                None
+            };
+            Ok(Linear::new(module, weight, bias))
         };
         let norm = |take: &mut dyn FnMut(&str) -> Result<Tensor>,
                     module: String,
@@ -154,30 +147,19 @@ impl Decoder {
         let mut blocks = Vec::with_capacity(spec.layers.len());
         for (i, ls) in spec.layers.iter().enumerate() {
             let a = &ls.attention;
-            let conv = n.conv1d();
             let qkv = if a.fused_qkv {
-                QkvProj::Fused(linear(
-                    &mut take,
-                    n.linear(i, ParamKind::Qkv),
-                    a.qkv_bias,
-                    conv,
-                )?)
+                QkvProj::Fused(linear(&mut take, n.linear(i, ParamKind::Qkv), a.qkv_bias)?)
             } else {
                 QkvProj::Separate {
-                    q: linear(&mut take, n.linear(i, ParamKind::Q), a.qkv_bias, conv)?,
-                    k: linear(&mut take, n.linear(i, ParamKind::K), a.qkv_bias, conv)?,
-                    v: linear(&mut take, n.linear(i, ParamKind::V), a.qkv_bias, conv)?,
+                    q: linear(&mut take, n.linear(i, ParamKind::Q), a.qkv_bias)?,
+                    k: linear(&mut take, n.linear(i, ParamKind::K), a.qkv_bias)?,
+                    v: linear(&mut take, n.linear(i, ParamKind::V), a.qkv_bias)?,
                 }
             };
-            let o = linear(&mut take, n.linear(i, ParamKind::O), a.o_bias, conv)?;
+            let o = linear(&mut take, n.linear(i, ParamKind::O), a.o_bias)?;
             let m = &ls.mlp;
             let gate = match m.kind {
-                MlpKind::Gated => Some(linear(
-                    &mut take,
-                    n.linear(i, ParamKind::Gate),
-                    m.bias,
-                    conv,
-                )?),
+                MlpKind::Gated => Some(linear(&mut take, n.linear(i, ParamKind::Gate), m.bias)?),
                 MlpKind::Plain => None,
             };
             blocks.push(Block {
@@ -187,8 +169,8 @@ impl Decoder {
                 mlp: Mlp {
                     spec: *m,
                     gate,
-                    up: linear(&mut take, n.linear(i, ParamKind::Up), m.bias, conv)?,
-                    down: linear(&mut take, n.linear(i, ParamKind::Down), m.bias, conv)?,
+                    up: linear(&mut take, n.linear(i, ParamKind::Up), m.bias)?,
+                    down: linear(&mut take, n.linear(i, ParamKind::Down), m.bias)?,
                 },
             });
         }
@@ -196,7 +178,7 @@ impl Decoder {
         let lm_head = if spec.tie_word_embeddings {
             None
         } else {
-            Some(linear(&mut take, "lm_head".into(), false, false)?)
+            Some(linear(&mut take, "lm_head".into(), false)?)
         };
         let rope = match &spec.positions {
             Positions::Rope { theta, scaling } => Some(

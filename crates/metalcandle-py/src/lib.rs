@@ -25,6 +25,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(train::eval_loss, m)?)?;
     m.add_function(wrap_pyfunction!(quant::gguf_tokenizer_json, m)?)?;
     m.add_function(wrap_pyfunction!(quant::gguf_metadata, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::quant_formats, m)?)?;
     m.add_function(wrap_pyfunction!(hooks::hook_points, m)?)?;
     m.add_function(wrap_pyfunction!(hooks::glob_match, m)?)?;
     m.add_function(wrap_pyfunction!(env::build_info, m)?)?;

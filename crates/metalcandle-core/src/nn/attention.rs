@@ -155,15 +155,8 @@ mod tests {
     use candle_core::{DType, Device};
 
     fn lin(name: &str, out: usize, inp: usize, seed: u64) -> Linear {
-        Linear {
-            name: name.into(),
-            weight: crate::nn::Weight::Float(rand_tensor(&[out, inp], seed)),
-            bias: None,
-            conv1d: false,
-            lora: None,
-            training: false,
-            observer: None,
-        }
+        let w = crate::nn::Weight::Float(rand_tensor(&[out, inp], seed));
+        Linear::new(name.into(), w, None)
     }
 
     /// Naive reference: repeat kv heads, softmax per query, one head at a time.

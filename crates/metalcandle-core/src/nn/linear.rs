@@ -13,8 +13,6 @@ pub struct Linear {
     pub name: String,
     pub weight: Weight,
     pub bias: Option<Tensor>,
-    /// The checkpoint stores the weight as [in, out] (GPT-2's Conv1D).
-    pub conv1d: bool,
     pub lora: Option<Lora>,
     /// Training mode: LoRA dropout applies.
     pub training: bool,
@@ -23,6 +21,19 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// A plain layer: no adapter, no observer, inference mode. (GPT-2's Conv1D layout is the
+    /// checkpoint's business: `weights` transposes it on reading and writing.)
+    pub fn new(name: String, weight: Weight, bias: Option<Tensor>) -> Self {
+        Self {
+            name,
+            weight,
+            bias,
+            lora: None,
+            training: false,
+            observer: None,
+        }
+    }
+
     pub fn in_features(&self) -> usize {
         self.weight.dims()[1]
     }
@@ -71,15 +82,7 @@ mod tests {
     fn affine_map_matches_closed_form() {
         let w = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &Device::Cpu).unwrap();
         let b = Tensor::new(&[0.5f32, -1., 0.], &Device::Cpu).unwrap();
-        let lin = Linear {
-            name: "l".into(),
-            weight: Weight::Float(w),
-            bias: Some(b),
-            conv1d: false,
-            lora: None,
-            training: false,
-            observer: None,
-        };
+        let lin = Linear::new("l".into(), Weight::Float(w), Some(b));
         let y = lin
             .forward(&Tensor::new(&[[[1f32, -1.]]], &Device::Cpu).unwrap())
             .unwrap();

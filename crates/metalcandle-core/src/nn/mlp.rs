@@ -48,15 +48,8 @@ mod tests {
     use candle_core::Device;
 
     fn lin(w: &[[f64; 1]; 1]) -> Linear {
-        Linear {
-            name: "l".into(),
-            weight: crate::nn::Weight::Float(Tensor::new(w, &Device::Cpu).unwrap()),
-            bias: None,
-            conv1d: false,
-            lora: None,
-            training: false,
-            observer: None,
-        }
+        let w = crate::nn::Weight::Float(Tensor::new(w, &Device::Cpu).unwrap());
+        Linear::new("l".into(), w, None)
     }
 
     #[test]

@@ -137,7 +137,7 @@ pub(crate) fn cpu_tensor<T: WithDType>(data: Vec<T>, shape: impl Into<Shape>) ->
     Tensor::from_vec(data, shape, &candle_core::Device::Cpu)
 }
 
-/// Rows below which threading costs more than it saves.
+/// Elements (not rows) below which threading costs more than it saves.
 pub(crate) const PAR_MIN_ELEMS: usize = 1 << 14;
 
 /// Applies `f(row_index, out_row)` to each `width`-long row of `out`, in parallel when large.

@@ -30,6 +30,11 @@ const FORMATS: &[(&str, GgmlDType)] = &[
     ("q6_k", GgmlDType::Q6K),
 ];
 
+/// Every block format: (llama.cpp's name, storage bits per weight).
+pub fn formats() -> impl Iterator<Item = (&'static str, f64)> {
+    FORMATS.iter().map(|(n, d)| (*n, bits_per_weight(*d)))
+}
+
 pub fn parse_format(name: &str) -> Result<GgmlDType> {
     let lower = name.to_ascii_lowercase();
     FORMATS
