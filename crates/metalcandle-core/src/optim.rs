@@ -257,6 +257,12 @@ impl Optimizer {
         let config: OptimizerConfig =
             serde_json::from_value(meta.get("config").cloned().unwrap_or_default())
                 .map_err(|e| Error::config(&ctx, "config", e.to_string()))?;
+        // As Optimizer::new checks it: a saved file edited to eps = 0 or a NaN lr would
+        // otherwise load and turn every parameter it updates into NaN.
+        config.validate().map_err(|e| match e {
+            Error::Config { key, msg, .. } => Error::config(&ctx, format!("config.{key}"), msg),
+            other => other,
+        })?;
         let steps: BTreeMap<String, u64> =
             serde_json::from_value(meta.get("steps").cloned().unwrap_or_default())
                 .map_err(|e| Error::config(&ctx, "steps", e.to_string()))?;
@@ -676,5 +682,27 @@ mod tests {
             var.as_tensor().to_vec1::<f32>().unwrap(),
             reference.to_vec1::<f32>().unwrap()
         );
+    }
+
+    #[test]
+    fn a_saved_config_is_checked_when_loaded() {
+        let dir = std::env::temp_dir().join(format!("mc-optim-load-{}", std::process::id()));
+        let opt = Optimizer::new(OptimizerConfig::default()).unwrap();
+        opt.save(&dir).unwrap();
+        let path = dir.join("optimizer.json");
+        let mut meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        meta["config"]["eps"] = serde_json::json!(0.0);
+        std::fs::write(&path, meta.to_string()).unwrap();
+        let e = Optimizer::new(OptimizerConfig::default())
+            .unwrap()
+            .load(&dir, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("optimizer.json") && e.contains("config.eps"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(dir).ok();
     }
 }

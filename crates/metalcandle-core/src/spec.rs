@@ -186,8 +186,44 @@ impl ModelSpec {
         if self.layers.is_empty() {
             return Err(Error::config(context, "num_hidden_layers", "must be > 0"));
         }
+        // A zero size makes every tensor it spans empty, so a checkpoint of empty tensors
+        // would match any other size, and the rotary tables are sized by head_dim alone.
+        if self.hidden_size == 0 {
+            return Err(Error::config(context, "hidden_size", "must be > 0"));
+        }
         for (i, l) in self.layers.iter().enumerate() {
             let a = &l.attention;
+            if a.head_dim == 0 {
+                return Err(Error::config(
+                    context,
+                    "head_dim",
+                    format!("layer {i}: must be > 0"),
+                ));
+            }
+            if l.mlp.intermediate_size == 0 {
+                return Err(Error::config(
+                    context,
+                    "intermediate_size",
+                    format!("layer {i}: must be > 0"),
+                ));
+            }
+            // The projections' row counts, which the tensor names and shapes are built from
+            // unchecked (weights::names::param_specs).
+            let q = a.num_heads.checked_mul(a.head_dim);
+            let kv = a.num_kv_heads.checked_mul(a.head_dim);
+            let qkv = q
+                .zip(kv)
+                .and_then(|(q, kv)| kv.checked_mul(2).and_then(|kv| q.checked_add(kv)));
+            if qkv.is_none() {
+                return Err(Error::config(
+                    context,
+                    "head_dim",
+                    format!(
+                        "layer {i}: {} heads of {} dimensions overflow",
+                        a.num_heads, a.head_dim
+                    ),
+                ));
+            }
             if a.num_heads == 0 || a.num_kv_heads == 0 || a.num_heads % a.num_kv_heads != 0 {
                 return Err(Error::config(
                     context,
@@ -218,6 +254,18 @@ impl ModelSpec {
             if a.sliding_window == Some(0) {
                 return Err(Error::config(context, "sliding_window", "must be > 0"));
             }
+        }
+        let params = crate::weights::names::param_specs(self)
+            .iter()
+            .try_fold(0usize, |n, p| {
+                n.checked_add(crate::limits::elem_count(&p.shape)?)
+            });
+        if params.is_none() {
+            return Err(Error::config(
+                context,
+                "vocab_size",
+                "the parameter count overflows (vocab_size, hidden_size or a layer size is too large)",
+            ));
         }
         Ok(())
     }
@@ -507,7 +555,12 @@ fn gpt2(c: &Cfg) -> Result<ModelSpec> {
         },
         mlp: MlpSpec {
             kind: MlpKind::Plain,
-            intermediate_size: c.opt_usize("n_inner")?.unwrap_or(4 * hidden),
+            intermediate_size: match c.opt_usize("n_inner")? {
+                Some(n) => n,
+                None => hidden
+                    .checked_mul(4)
+                    .ok_or_else(|| c.err("n_embd", format!("{hidden} is too large")))?,
+            },
             activation: act,
             bias: true,
         },
@@ -964,5 +1017,50 @@ mod tests {
             e.contains("layer_overrides[1].n_heads") && e.contains("divisible"),
             "{e}"
         );
+    }
+
+    /// Found by fuzzing (fuzz/rust/regressions/from_config/): sizes whose products overflow
+    /// panicked while the spec was built or its tensors named, and a hidden size of 0 with a
+    /// huge head_dim passed every size check (its tensors are all empty) and then allocated
+    /// rotary tables of head_dim / 2 floats.
+    #[test]
+    fn sizes_that_overflow_or_are_zero_are_refused_by_name() {
+        let err = |cfg: Value| {
+            ModelSpec::from_hf_config(&cfg, "x/config.json")
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err(
+            json!({"model_type": "gpt2", "n_embd": 1u64 << 62, "n_head": 1, "n_layer": 1,
+                           "vocab_size": 2, "n_positions": 4}),
+        );
+        assert!(e.contains("x/config.json") && e.contains("n_embd"), "{e}");
+        let e = err(
+            json!({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1,
+                           "num_attention_heads": 1u64 << 32, "head_dim": 1u64 << 32,
+                           "intermediate_size": 8, "vocab_size": 2}),
+        );
+        assert!(e.contains("head_dim") && e.contains("overflow"), "{e}");
+        let e = err(
+            json!({"model_type": "llama", "hidden_size": 1u64 << 40, "num_hidden_layers": 1,
+                           "num_attention_heads": 1, "intermediate_size": 1u64 << 40,
+                           "vocab_size": 1u64 << 40}),
+        );
+        assert!(e.contains("vocab_size") && e.contains("overflows"), "{e}");
+        let e = err(
+            json!({"model_type": "llama", "hidden_size": 0, "num_hidden_layers": 1,
+                           "num_attention_heads": 1, "head_dim": 1u64 << 40,
+                           "intermediate_size": 8, "vocab_size": 2}),
+        );
+        assert!(e.contains("`hidden_size`") && e.contains("> 0"), "{e}");
+        let e = err(
+            json!({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1,
+                           "num_attention_heads": 2, "head_dim": 0, "intermediate_size": 8,
+                           "vocab_size": 2}),
+        );
+        assert!(e.contains("`head_dim`") && e.contains("> 0"), "{e}");
+        let mut c = qwen_cfg();
+        c["intermediate_size"] = json!(0);
+        assert!(err(c).contains("`intermediate_size`"));
     }
 }

@@ -420,18 +420,7 @@ fn read_content(path: &Path) -> Result<(gguf_file::Content, std::fs::File)> {
         return Err(Error::NotFound(path.to_path_buf()));
     }
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let bad =
-        |e: String| Error::Weights(format!("{}: not a readable GGUF file: {e}", path.display()));
-    // candle's parser panics on some corrupt headers (an alignment of 0): keep that an error.
-    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        gguf_file::Content::read(&mut f)
-    }));
-    let content = match read {
-        Ok(r) => r.map_err(|e| bad(e.to_string()))?,
-        Err(_) => return Err(bad("corrupt header".into())),
-    };
-    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
-    super::gguf_layout::check_layout(&content, len, path)?;
+    let content = super::gguf_layout::read_content(&mut f, path)?;
     Ok((content, f))
 }
 
