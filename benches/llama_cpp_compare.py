@@ -29,11 +29,13 @@ import sys
 import tempfile
 import warnings
 
-from common import QWEN25_05B
-from compare_torch import run_worker, worker_env
+from common import QWEN25_05B, run_worker, worker_env
 
 PREFILL, DECODE = 256, 64
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The metalcandle and machine measurements are compare_torch.py's workers, so both benchmarks
+# time the same calls.
+COMPARE_TORCH = os.path.join(HERE, "compare_torch.py")
 TOKENIZER = os.path.join(HERE, "..", "tests", "fixtures", "tiny-qwen2", "tokenizer.json")
 
 
@@ -128,7 +130,7 @@ def main() -> None:
             spec = {"path": path, "runs": args.runs, "threads": args.threads}
             mc = {}
             for task in ("prefill", "decode"):
-                r = run_worker(f"metalcandle:{task}", spec, args.threads)
+                r = run_worker(COMPARE_TORCH, f"metalcandle:{task}", spec, args.threads)
                 mc[task] = r.get("tokens_per_s")
             lc = llama_bench(binary, path, args.threads, args.runs) if binary else {}
             if "error" in lc:
@@ -138,7 +140,7 @@ def main() -> None:
                 "llama.cpp": lc,
                 "gguf_mib": round(os.path.getsize(path) / 2**20),
             }
-    machine = run_worker("numpy:machine", {"threads": args.threads}, args.threads)
+    machine = run_worker(COMPARE_TORCH, "numpy:machine", {"threads": args.threads}, args.threads)
     layers = args.layers or QWEN25_05B["num_hidden_layers"]
     print(
         f"Qwen2.5-0.5B-shaped, random, {layers} layers, same GGUF files, {args.threads} threads; "

@@ -421,4 +421,4 @@ def test_bits_per_weight_are_ggmls_block_sizes():
         "q6_k": (128 + 64 + 16 + 2, 256),
     }
     assert mc.quantize.BITS_PER_WEIGHT == {f: 8 * b / n for f, (b, n) in blocks.items()}
-    assert list(mc.quantize.FORMATS) == sorted(blocks, key=lambda f: (8 * blocks[f][0] / blocks[f][1]))
+    assert list(mc.quantize.FORMATS) == sorted(blocks, key=lambda f: 8 * blocks[f][0] / blocks[f][1])

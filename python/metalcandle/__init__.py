@@ -1,6 +1,6 @@
 """metalcandle: train and fine-tune small decoder-only transformers on a Rust core."""
 
-from metalcandle import distributed
+from metalcandle import devices, distributed
 from metalcandle._core import __version__
 from metalcandle.chat import InteractivePrompt
 from metalcandle.fit import train_epoch, train_model
@@ -21,6 +21,8 @@ from metalcandle.text_dataset import TextDataset
 from metalcandle.tokenizers import CharTokenizer, Tokenizer, load_tokenizer, train_bpe
 from metalcandle.trainable_tokenizers import BasicTokenizer, BPETokenizer
 from metalcandle.trainer import StepStats, Trainer
+
+devices.pin_default_threads()
 
 __all__ = ["SGD", "AdamW", "Lion", "Optimizer", "Model", "StepStats", "Trainer", "load_model", "__version__"]
 __all__ += [

@@ -204,7 +204,11 @@ def launch_ranks(nproc: int, argv: list[str]) -> int:
         elif not a.startswith("--nproc="):
             rest.append(a)
     env = dict(os.environ)
-    env.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    from metalcandle import devices
+
+    if not devices.USER_SET_THREADS:
+        # The ranks share the cores, whatever this process pinned for itself.
+        env["RAYON_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     cmd = [mpiexec, "-n", str(nproc), sys.executable, "-m", "metalcandle", *rest]
     return subprocess.call(cmd, env=env)
 

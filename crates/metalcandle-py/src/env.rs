@@ -42,6 +42,12 @@ fn probe(open: impl FnOnce() -> candle_core::Result<Device>) -> (bool, Option<St
     }
 }
 
+/// The CPU thread count the core uses when `RAYON_NUM_THREADS` is not set (the physical cores).
+#[pyfunction]
+pub fn default_threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
 #[pyfunction]
 pub fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);

@@ -29,6 +29,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(hooks::hook_points, m)?)?;
     m.add_function(wrap_pyfunction!(hooks::glob_match, m)?)?;
     m.add_function(wrap_pyfunction!(env::build_info, m)?)?;
+    m.add_function(wrap_pyfunction!(env::default_threads, m)?)?;
     m.add(
         "POINTS_IN_A_LAYER",
         metalcandle_core::hooks::POINTS_IN_A_LAYER.to_vec(),

@@ -40,6 +40,31 @@ pub(crate) fn linear_storage<S: BackendStorage>(
     Ok((out, Shape::from(out_dims)))
 }
 
+/// A decoding step's product (a few rows of float32 x) through the memory-bound kernel.
+fn few_rows(
+    xs: &CpuStorage,
+    xl: &Layout,
+    ws: &CpuStorage,
+    wl: &Layout,
+) -> Result<Option<(CpuStorage, Shape)>> {
+    let (CpuStorage::F32(_), CpuStorage::F32(_)) = (xs, ws) else {
+        return Ok(None);
+    };
+    let (n, k) = wl.shape().dims2()?;
+    let dims = xl.dims();
+    if dims.last() != Some(&k) || xl.shape().elem_count() / k.max(1) > super::float_gemv::MAX_ROWS {
+        return Ok(None);
+    }
+    let (x, w) = (super::slice::<f32>(xs, xl)?, super::slice::<f32>(ws, wl)?);
+    let m = x.len() / k.max(1);
+    let Some(y) = super::float_gemv::try_forward(w, n, k, x, m) else {
+        return Ok(None);
+    };
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().unwrap() = n;
+    Ok(Some((CpuStorage::F32(y), Shape::from(out_dims))))
+}
+
 impl CustomOp1 for FrozenLinear {
     fn name(&self) -> &'static str {
         "frozen-linear"
@@ -48,7 +73,12 @@ impl CustomOp1 for FrozenLinear {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (ws, wl) = self.w.storage_and_layout();
         match &*ws {
-            Storage::Cpu(ws) => linear_storage(s, l, ws, wl),
+            Storage::Cpu(ws) => {
+                if let Some(out) = few_rows(s, l, ws, wl)? {
+                    return Ok(out);
+                }
+                linear_storage(s, l, ws, wl)
+            }
             _ => candle_core::bail!("frozen linear: weight and input on different devices"),
         }
     }

@@ -2,9 +2,23 @@
 //! operand takes row and column strides, so a transpose is a stride and a column range of a
 //! wider buffer is an operand, and the destination can accumulate (`dst += a b`) in place.
 
-/// gemm's thread count follows candle's (rayon's `RAYON_NUM_THREADS`).
+/// gemm's thread count follows candle's: `RAYON_NUM_THREADS` when set (read at every call, as
+/// candle does), else candle's default, computed once. Without the variable candle recounts
+/// the physical cores by reading and parsing /proc/cpuinfo (about 60 us) on every call, which
+/// a training step makes dozens of times.
+pub(crate) fn threads() -> usize {
+    static DEFAULT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    match std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        Some(n) if n > 0 => n,
+        _ => *DEFAULT.get_or_init(candle_core::utils::get_num_threads),
+    }
+}
+
 fn parallelism() -> gemm::Parallelism {
-    match candle_core::utils::get_num_threads() {
+    match threads() {
         0 | 1 => gemm::Parallelism::None,
         n => gemm::Parallelism::Rayon(n),
     }

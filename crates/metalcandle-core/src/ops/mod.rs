@@ -11,9 +11,11 @@ pub mod cross_entropy;
 pub mod dropout;
 pub mod fast_exp;
 pub mod flash_attention;
+pub(crate) mod float_gemv;
 pub mod frozen_matmul;
 pub(crate) mod gemm;
 pub mod head_loss;
+pub(crate) mod int8_dot;
 pub mod layer_norm;
 pub mod lora_linear;
 pub mod quantized_gemm;
@@ -23,6 +25,8 @@ pub mod rms_norm;
 pub mod rope;
 pub mod softmax;
 pub mod swiglu;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;

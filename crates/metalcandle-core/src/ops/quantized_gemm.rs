@@ -19,6 +19,7 @@
 //! integer accumulators start from `-offset * sum(block of x)` to take it off exactly. Without
 //! VNNI, q8_0 uses `maddubs` on |w| and x with w's sign instead, which cannot saturate.
 
+use super::int8_dot::{detect, Path};
 use super::quantized_gemv::{quantize_block, Format, WeightBytes, QK};
 use candle_core::quantized::QTensor;
 use candle_core::Result;
@@ -33,7 +34,7 @@ const C: usize = 4;
 /// `Some(x @ W^T)` as [m, n] for a CPU q4_0 or q8_0 weight on a CPU with AVX2, FMA and F16C;
 /// `None` to let candle's kernel run.
 pub(crate) fn try_forward(w: &QTensor, x: &[f32], m: usize) -> Result<Option<Vec<f32>>> {
-    let Some(path) = simd::detect() else {
+    let Some(path) = detect() else {
         return Ok(None);
     };
     if m == 0 {
@@ -45,7 +46,7 @@ pub(crate) fn try_forward(w: &QTensor, x: &[f32], m: usize) -> Result<Option<Vec
     Ok(Some(forward(path, &wb, x, m)))
 }
 
-fn forward(path: simd::Path, wb: &WeightBytes, x: &[f32], m: usize) -> Vec<f32> {
+fn forward(path: Path, wb: &WeightBytes, x: &[f32], m: usize) -> Vec<f32> {
     let act = Packed::quantize(x, m, wb.k, path.offset(wb.format));
     simd::gemm(path, wb, &act)
 }
@@ -63,6 +64,8 @@ struct Packed {
 }
 
 impl Packed {
+    /// Row by row on candle's pool: at 256 rows of the MLP's 4864 inputs this rounding is a
+    /// tenth of the product's time, too much to leave on one thread.
     fn quantize(x: &[f32], m: usize, k: usize, offset: i32) -> Self {
         let blocks = k / QK;
         let groups = blocks.div_ceil(G);
@@ -70,19 +73,43 @@ impl Packed {
         let mut qs = vec![0i8; rows * groups * GV];
         let mut d = vec![0f32; rows * groups * G];
         let mut start = vec![0i32; rows * groups * G];
-        let mut block = [0i8; QK];
-        for (r, xr) in x.chunks_exact(k).enumerate() {
-            for (b, xs) in xr.chunks_exact(QK).enumerate() {
-                let (scale, sum) = quantize_block(xs, &mut block);
-                let (g, j) = (r * groups + b / G, b % G);
-                d[g * G + j] = scale;
-                start[g * G + j] = -offset * sum;
-                let dst = &mut qs[g * GV..(g + 1) * GV];
-                for (i, four) in block.chunks_exact(4).enumerate() {
-                    dst[(i * G + j) * 4..(i * G + j) * 4 + 4].copy_from_slice(four);
+        let (qs_addr, d_addr, start_addr) = (
+            qs.as_mut_ptr() as usize,
+            d.as_mut_ptr() as usize,
+            start.as_mut_ptr() as usize,
+        );
+        candle_core::utils::barrier_pool().execute_chunked(m, |range| {
+            // SAFETY: row r writes only its own groups [r * groups, (r + 1) * groups) of each
+            // buffer, and each row is handed to one worker.
+            let (qs, d, start) = unsafe {
+                let first = range.start * groups;
+                let len = range.len() * groups;
+                (
+                    std::slice::from_raw_parts_mut((qs_addr as *mut i8).add(first * GV), len * GV),
+                    std::slice::from_raw_parts_mut((d_addr as *mut f32).add(first * G), len * G),
+                    std::slice::from_raw_parts_mut(
+                        (start_addr as *mut i32).add(first * G),
+                        len * G,
+                    ),
+                )
+            };
+            let mut block = [0i8; QK];
+            for (r, xr) in x[range.start * k..range.end * k]
+                .chunks_exact(k)
+                .enumerate()
+            {
+                for (b, xs) in xr.chunks_exact(QK).enumerate() {
+                    let (scale, sum) = quantize_block(xs, &mut block);
+                    let (g, j) = (r * groups + b / G, b % G);
+                    d[g * G + j] = scale;
+                    start[g * G + j] = -offset * sum;
+                    let dst = &mut qs[g * GV..(g + 1) * GV];
+                    for (i, four) in block.chunks_exact(4).enumerate() {
+                        dst[(i * G + j) * 4..(i * G + j) * 4 + 4].copy_from_slice(four);
+                    }
                 }
             }
-        }
+        });
         Packed {
             m,
             rows,
@@ -96,61 +123,15 @@ impl Packed {
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{Format, Packed, WeightBytes, C, G, GV, QK};
+    use super::{Format, Packed, Path, WeightBytes, C, G, GV, QK};
+    use crate::ops::x86::hsum;
     use std::arch::x86_64::*;
 
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub(super) enum Path {
-        /// 256-bit `vpdpbusd` from AVX-512 VNNI (with 32 registers: 4 weight rows a tile).
-        Vnni,
-        /// The same instruction from AVX-VNNI (16 registers: 2 rows).
-        AvxVnni,
-        Avx2,
-    }
-
-    impl Path {
-        /// What the weight bytes are shifted by to make them unsigned.
-        pub(super) fn offset(self, f: Format) -> i32 {
-            match (f, self) {
-                (Format::Q4_0, _) => 8,
-                (Format::Q8_0, Path::Avx2) => 0,
-                (Format::Q8_0, _) => 128,
-            }
-        }
-
-        fn rows(self) -> usize {
-            match self {
-                Path::Vnni => 4,
-                Path::AvxVnni | Path::Avx2 => 2,
-            }
-        }
-    }
-
-    pub(super) fn detect() -> Option<Path> {
-        let base = is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c");
-        if !base {
-            return None;
-        }
-        Some(
-            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
-                Path::Vnni
-            } else if is_x86_feature_detected!("avxvnni") {
-                Path::AvxVnni
-            } else {
-                Path::Avx2
-            },
-        )
-    }
-
-    /// Every path this CPU can run, for the tests.
-    #[cfg(test)]
-    pub(super) fn all_available() -> Vec<Path> {
-        match detect() {
-            None => vec![],
-            Some(Path::Avx2) => vec![Path::Avx2],
-            Some(p) => vec![p, Path::Avx2],
+    /// Weight rows per tile: with 32 registers (AVX-512) 4, else 2.
+    fn rows(path: Path) -> usize {
+        match path {
+            Path::Vnni => 4,
+            Path::AvxVnni | Path::Avx2 => 2,
         }
     }
 
@@ -164,7 +145,7 @@ mod simd {
     /// Fills [m, n], the weight rows split in tiles across candle's pool (whose workers are
     /// already spinning between the ops of a forward pass).
     pub(super) fn gemm(path: Path, wb: &WeightBytes, a: &Packed) -> Vec<f32> {
-        let (n, r) = (wb.n, path.rows());
+        let (n, r) = (wb.n, rows(path));
         let mut out = vec![0f32; a.m * n];
         let out_addr = out.as_mut_ptr() as usize;
         candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(r), |tiles| {
@@ -274,13 +255,6 @@ mod simd {
         ]
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
-
     /// One tile of R weight rows against every activation row, C rows at a time; `$dot` adds
     /// the products of one interleaved register of weights and activations into `$acc`.
     macro_rules! tile_kernel {
@@ -350,28 +324,10 @@ mod simd {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod simd {
-    use super::{Format, Packed, WeightBytes};
+    use super::{Packed, Path, WeightBytes};
 
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub(super) enum Path {}
-
-    impl Path {
-        pub(super) fn offset(self, _: Format) -> i32 {
-            match self {}
-        }
-    }
-
-    pub(super) fn detect() -> Option<Path> {
-        None
-    }
-
-    #[cfg(test)]
-    pub(super) fn all_available() -> Vec<Path> {
-        vec![]
-    }
-
-    pub(super) fn gemm(path: Path, _: &WeightBytes, _: &Packed) -> Vec<f32> {
-        match path {}
+    pub(super) fn gemm(_: Path, _: &WeightBytes, _: &Packed) -> Vec<f32> {
+        unreachable!("detect() finds no path off x86")
     }
 }
 
@@ -388,7 +344,7 @@ mod tests {
     /// (padded groups and a whole one), row counts around the tile of 4.
     #[test]
     fn matches_candles_quantized_matmul() {
-        let paths = simd::all_available();
+        let paths = crate::ops::int8_dot::all_available();
         if paths.is_empty() {
             eprintln!("no AVX2/FMA/F16C on this CPU: the kernel never runs here");
             return;
@@ -420,7 +376,7 @@ mod tests {
     /// moves each term by at most |x| |w| / 254, far below 1% of the output's range here.
     #[test]
     fn close_to_the_dequantized_float_product() {
-        if simd::detect().is_none() {
+        if detect().is_none() {
             eprintln!("no AVX2/FMA/F16C on this CPU: the kernel never runs here");
             return;
         }

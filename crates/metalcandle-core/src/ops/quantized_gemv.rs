@@ -14,6 +14,7 @@
 //! streamed from memory, this one was faster there too (q8_0 Qwen2.5-0.5B shape: 43.9 against
 //! 39.4 tokens/s), so it takes every q8_0 shape.
 
+use super::int8_dot::{detect, Path};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Result;
 
@@ -23,22 +24,23 @@ pub(crate) const MAX_ROWS: usize = 8;
 pub(super) const QK: usize = 32;
 
 /// `Some(x @ W^T)` as [m, n] when this kernel applies (a CPU q4_0 or q8_0 weight, at most
-/// `MAX_ROWS` rows, AVX2 and FMA available), `None` to let candle's kernel run.
+/// `MAX_ROWS` rows, AVX2, FMA and F16C available), `None` to let candle's kernel run.
 pub(crate) fn try_forward(w: &QTensor, x: &[f32], m: usize) -> Result<Option<Vec<f32>>> {
-    if m == 0 || m > MAX_ROWS || !simd::available() {
+    let Some(path) = detect() else {
+        return Ok(None);
+    };
+    if m == 0 || m > MAX_ROWS {
         return Ok(None);
     }
     let Some(wb) = WeightBytes::of(w, x, m)? else {
         return Ok(None);
     };
-    let act = Activations::quantize(x, m, wb.k);
-    Ok(Some(simd::gemv(
-        wb.format,
-        &wb.data,
-        wb.row_bytes,
-        wb.n,
-        &act,
-    )))
+    Ok(Some(forward(path, &wb, x, m)))
+}
+
+fn forward(path: Path, wb: &WeightBytes, x: &[f32], m: usize) -> Vec<f32> {
+    let act = Activations::quantize(x, m, wb.k, path.offset(wb.format));
+    simd::gemv(path, wb.format, &wb.data, wb.row_bytes, wb.n, &act)
 }
 
 /// The raw blocks of a CPU q4_0 or q8_0 weight [n, k] whose rows `x` (m rows) can multiply.
@@ -87,7 +89,7 @@ impl<'a> WeightBytes<'a> {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(super) enum Format {
+pub(crate) enum Format {
     /// f16 scale, then 16 bytes of two 4-bit values each (low nibbles are elements 0..16).
     Q4_0,
     /// f16 scale, then 32 signed bytes.
@@ -103,10 +105,8 @@ impl Format {
     }
 }
 
-/// x in ggml's q8_0 form: per block of 32, `d = max|x| / 127` (kept at f16 precision, as the
-/// stored block would be) and `round(x / d)`, plus `8 d sum(q)` for the q4_0 offset.
 /// One block of 32 activations in ggml's q8_0 form, into `q`: returns the scale (at f16
-/// precision) and the sum of the quantized values.
+/// precision, as the stored block would be) and the sum of the quantized values.
 pub(super) fn quantize_block(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
     let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
     let scale = amax / 127.0;
@@ -119,48 +119,59 @@ pub(super) fn quantize_block(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
     (half::f16::from_f32(scale).to_f32(), sum)
 }
 
+/// Lanes of a 256-bit register of 32-bit sums: lane j adds the products of bytes 4j..4j+4.
+const LANES: usize = 8;
+
+/// x in q8_0 blocks, with each block's scale and, per lane, the integer the lane's sum starts
+/// from: `-offset * (x's four bytes in that lane)`, which takes the weights' offset off
+/// exactly inside the integer sum (no float correction per block).
 struct Activations {
     m: usize,
     blocks: usize,
     qs: Vec<i8>,
     d: Vec<f32>,
-    offset: Vec<f32>,
+    start: Vec<i32>,
 }
 
 impl Activations {
-    fn quantize(x: &[f32], m: usize, k: usize) -> Self {
+    fn quantize(x: &[f32], m: usize, k: usize, offset: i32) -> Self {
         let blocks = k / QK;
         let mut qs = vec![0i8; m * k];
         let mut d = vec![0f32; m * blocks];
-        let mut offset = vec![0f32; m * blocks];
-        for (b, (xs, q)) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).enumerate() {
-            let (scale, sum) = quantize_block(xs, q);
-            d[b] = scale;
-            offset[b] = 8.0 * scale * sum as f32;
+        let mut start = vec![0i32; m * blocks * LANES];
+        let lanes = start.chunks_exact_mut(LANES);
+        for (((xs, q), d), start) in x
+            .chunks_exact(QK)
+            .zip(qs.chunks_exact_mut(QK))
+            .zip(&mut d)
+            .zip(lanes)
+        {
+            *d = quantize_block(xs, q).0;
+            for (s, four) in start.iter_mut().zip(q.chunks_exact(4)) {
+                *s = -offset * four.iter().map(|&v| v as i32).sum::<i32>();
+            }
         }
         Activations {
             m,
             blocks,
             qs,
             d,
-            offset,
+            start,
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{Activations, Format, QK};
+    use super::{Activations, Format, Path, LANES, QK};
+    use crate::ops::x86::hsum;
     use std::arch::x86_64::*;
-
-    pub(super) fn available() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
 
     /// Fills [m, n]. The work runs on candle's barrier pool, whose workers spin between the
     /// many small ops of a decoding step; waking sleeping threads for each of a step's ~170
     /// products cost more than a tenth of the step.
     pub(super) fn gemv(
+        path: Path,
         f: Format,
         w: &[u8],
         row_bytes: usize,
@@ -180,15 +191,17 @@ mod simd {
                     (last - first) * m,
                 )
             };
-            // SAFETY: `available()` checked AVX2 and FMA.
+            let w = &w[first * row_bytes..last * row_bytes];
+            // SAFETY: detect() found AVX2, FMA and F16C, and VNNI for those paths.
             unsafe {
-                rows_block(
-                    f,
-                    &w[first * row_bytes..last * row_bytes],
-                    row_bytes,
-                    a,
-                    out,
-                )
+                match (path, f) {
+                    (Path::Vnni, Format::Q4_0) => rows_vnni::<true>(w, row_bytes, a, out),
+                    (Path::Vnni, Format::Q8_0) => rows_vnni::<false>(w, row_bytes, a, out),
+                    (Path::AvxVnni, Format::Q4_0) => rows_avxvnni::<true>(w, row_bytes, a, out),
+                    (Path::AvxVnni, Format::Q8_0) => rows_avxvnni::<false>(w, row_bytes, a, out),
+                    (Path::Avx2, Format::Q4_0) => rows_avx2_unsigned(w, row_bytes, a, out),
+                    (Path::Avx2, Format::Q8_0) => rows_avx2_signed(w, row_bytes, a, out),
+                }
             }
         });
         if m == 1 {
@@ -203,73 +216,102 @@ mod simd {
         out
     }
 
-    /// Every activation row against each of `w`'s rows; `out` is [rows, m]. One weight row
-    /// at a time, front to back, so the weights are read as a single sequential stream (rows
-    /// are short, 504 bytes for q4_0 at k = 896: interleaving several rows' blocks leaves the
-    /// hardware prefetcher behind and cost a third of the speed).
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows_block(f: Format, w: &[u8], row_bytes: usize, a: &Activations, out: &mut [f32]) {
-        for (row, out) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut(a.m)) {
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = match f {
-                    Format::Q4_0 => dot_row::<true>(row, a, i),
-                    Format::Q8_0 => dot_row::<false>(row, a, i),
-                };
+    /// Every activation row against each of `w`'s rows, `out` [rows, m]: one weight row at a
+    /// time, front to back, so the weights are read as a single sequential stream (rows are
+    /// short, 504 bytes for q4_0 at k = 896: interleaving several rows' blocks leaves the
+    /// hardware prefetcher behind and cost a third of the speed). Per block: the weight bytes
+    /// made unsigned (`$unsigned`), the lanes' integer sums from their starting values
+    /// (`$dot`), then one conversion and one FMA with the two scales; blocks alternate
+    /// between two float accumulators so the FMAs do not wait on each other.
+    macro_rules! rows_kernel {
+        ($name:ident, $features:literal, <$($q4:ident)?>, $q4e:expr,
+         |$block:ident| $unsigned:expr, |$acc:ident, $w:ident, $y:ident| $dot:expr) => {
+            #[target_feature(enable = $features)]
+            unsafe fn $name<$(const $q4: bool)?>(
+                w: &[u8],
+                row_bytes: usize,
+                a: &Activations,
+                out: &mut [f32],
+            ) {
+                let q4: bool = $q4e;
+                let bb = if q4 { Format::Q4_0 } else { Format::Q8_0 }.block_bytes();
+                for (row, out) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut(a.m)) {
+                    let base = row.as_ptr();
+                    for (i, o) in out.iter_mut().enumerate() {
+                        let qs = a.qs.as_ptr().add(i * a.blocks * QK);
+                        let ad = a.d.as_ptr().add(i * a.blocks);
+                        let starts = a.start.as_ptr().add(i * a.blocks * LANES);
+                        let mut acc = [_mm256_setzero_ps(); 2];
+                        for b in 0..a.blocks {
+                            let $block = base.add(b * bb);
+                            let $y = _mm256_loadu_si256(qs.add(b * QK) as *const __m256i);
+                            let $acc = _mm256_loadu_si256(starts.add(b * LANES) as *const __m256i);
+                            let $w = $unsigned;
+                            let sums = _mm256_cvtepi32_ps($dot);
+                            let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                                u16::from_le_bytes([*$block, *$block.add(1)]) as i32,
+                            )));
+                            let scale = _mm256_set1_ps(dw * *ad.add(b));
+                            acc[b & 1] = _mm256_fmadd_ps(scale, sums, acc[b & 1]);
+                        }
+                        *o = hsum(_mm256_add_ps(acc[0], acc[1]));
+                    }
+                }
             }
+        };
+    }
+
+    /// q4_0's 32 nibbles as unsigned bytes (low nibbles are elements 0..16); q8_0's bytes
+    /// flipped to q + 128.
+    #[target_feature(enable = "avx2")]
+    unsafe fn unsigned_bytes(block: *const u8, q4: bool) -> __m256i {
+        if q4 {
+            let packed = _mm_loadu_si128(block.add(2) as *const __m128i);
+            let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+            _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+        } else {
+            let q = _mm256_loadu_si256(block.add(2) as *const __m256i);
+            _mm256_xor_si256(q, _mm256_set1_epi8(-128))
         }
     }
 
-    /// The dot product of activation row `i` with one weight row.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_row<const Q4: bool>(row: &[u8], a: &Activations, i: usize) -> f32 {
-        let bb = if Q4 { Format::Q4_0 } else { Format::Q8_0 }.block_bytes();
-        let ones = _mm256_set1_epi16(1);
-        let low = _mm256_set1_epi8(0x0F);
-        let mut acc = _mm256_setzero_ps();
-        let mut offset = 0f32;
-        let qs = a.qs.as_ptr().add(i * a.blocks * QK);
-        let ad = a.d.as_ptr().add(i * a.blocks);
-        let aoff = a.offset.as_ptr().add(i * a.blocks);
-        let base = row.as_ptr();
-        for b in 0..row.len() / bb {
-            let block = base.add(b * bb);
-            let y = _mm256_loadu_si256(qs.add(b * QK) as *const __m256i);
-            let dw = half::f16::from_bits(u16::from_le_bytes([*block, *block.add(1)])).to_f32();
-            let products = if Q4 {
-                let packed = _mm_loadu_si128(block.add(2) as *const __m128i);
-                let nibbles =
-                    _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
-                offset += dw * *aoff.add(b);
-                _mm256_maddubs_epi16(nibbles, y)
-            } else {
-                // maddubs wants its first operand unsigned: |x| times y with x's sign.
-                let xq = _mm256_loadu_si256(block.add(2) as *const __m256i);
-                _mm256_maddubs_epi16(_mm256_sign_epi8(xq, xq), _mm256_sign_epi8(y, xq))
-            };
-            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(products, ones));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * *ad.add(b)), sums, acc);
-        }
-        hsum(acc) - offset
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
+    rows_kernel!(rows_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", <Q4>, Q4,
+        |block| unsigned_bytes(block, Q4),
+        |acc, w, y| _mm256_dpbusd_epi32(acc, w, y));
+    rows_kernel!(rows_avxvnni, "avx2,fma,f16c,avxvnni", <Q4>, Q4,
+        |block| unsigned_bytes(block, Q4),
+        |acc, w, y| _mm256_dpbusd_avx_epi32(acc, w, y));
+    rows_kernel!(rows_avx2_unsigned, "avx2,fma,f16c", <>, true,
+    |block| unsigned_bytes(block, true),
+    |acc, w, y| _mm256_add_epi32(
+        acc,
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, y), _mm256_set1_epi16(1))
+    ));
+    // Without VNNI, q8_0 multiplies |w| by y with w's sign (its starting values are zero).
+    rows_kernel!(rows_avx2_signed, "avx2,fma,f16c", <>, false,
+    |block| _mm256_loadu_si256(block.add(2) as *const __m256i),
+    |acc, w, y| _mm256_add_epi32(
+        acc,
+        _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w)),
+            _mm256_set1_epi16(1)
+        )
+    ));
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 mod simd {
-    use super::{Activations, Format};
+    use super::{Activations, Format, Path};
 
-    pub(super) fn available() -> bool {
-        false
-    }
-
-    pub(super) fn gemv(_: Format, _: &[u8], _: usize, _: usize, _: &Activations) -> Vec<f32> {
-        unreachable!("gemv runs only where available() holds")
+    pub(super) fn gemv(
+        _: Path,
+        _: Format,
+        _: &[u8],
+        _: usize,
+        _: usize,
+        _: &Activations,
+    ) -> Vec<f32> {
+        unreachable!("detect() finds no path off x86")
     }
 }
 
@@ -280,29 +322,37 @@ mod tests {
     use candle_core::{DType, Device, Module, Tensor};
 
     /// Against candle's own quantized matmul: the same integer products, so only the order of
-    /// the float sums differs. 37 rows split unevenly across the threads.
+    /// the float sums differs. Every path this CPU has; 37 rows split unevenly across the
+    /// threads; an odd block count (the two accumulators) and an even one.
     #[test]
     fn matches_candles_quantized_matmul() {
-        if !simd::available() {
-            eprintln!("no AVX2/FMA on this CPU: the kernel never runs here");
+        let paths = crate::ops::int8_dot::all_available();
+        if paths.is_empty() {
+            eprintln!("no AVX2/FMA/F16C on this CPU: the kernel never runs here");
             return;
         }
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q8_0] {
-            for m in [1, 3, MAX_ROWS] {
-                let w = rand_tensor(&[37, 96], 7).to_dtype(DType::F32).unwrap();
-                let q = QTensor::quantize(&w, dtype).unwrap();
-                let x = rand_tensor(&[m, 96], 8).to_dtype(DType::F32).unwrap();
-                let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let got = try_forward(&q, &xs, m).unwrap().expect("kernel applies");
-                let got = Tensor::from_vec(got, (m, 37), &Device::Cpu).unwrap();
-                let want = candle_core::quantized::QMatMul::from_qtensor(q)
-                    .unwrap()
-                    .forward(&x)
-                    .unwrap();
-                let err = (&got - &want).unwrap().abs().unwrap().max_all().unwrap();
-                let scale = want.abs().unwrap().max_all().unwrap();
-                let rel = err.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
-                assert!(rel < 1e-5, "{dtype:?} m={m}: relative difference {rel}");
+        for path in paths {
+            for dtype in [GgmlDType::Q4_0, GgmlDType::Q8_0] {
+                for k in [96, 128] {
+                    for m in [1, 3, MAX_ROWS] {
+                        let w = rand_tensor(&[37, k], 7).to_dtype(DType::F32).unwrap();
+                        let q = QTensor::quantize(&w, dtype).unwrap();
+                        let x = rand_tensor(&[m, k], 8).to_dtype(DType::F32).unwrap();
+                        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                        let wb = WeightBytes::of(&q, &xs, m).unwrap().unwrap();
+                        let got = forward(path, &wb, &xs, m);
+                        let got = Tensor::from_vec(got, (m, 37), &Device::Cpu).unwrap();
+                        let want = candle_core::quantized::QMatMul::from_qtensor(q)
+                            .unwrap()
+                            .forward(&x)
+                            .unwrap();
+                        let err = (&got - &want).unwrap().abs().unwrap().max_all().unwrap();
+                        let scale = want.abs().unwrap().max_all().unwrap();
+                        let rel =
+                            err.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
+                        assert!(rel < 1e-5, "{path:?} {dtype:?} k={k} m={m}: rel diff {rel}");
+                    }
+                }
             }
         }
     }
