@@ -182,6 +182,27 @@ def test_threads_are_set_for_the_core_and_zero_leaves_them(tmp_path, monkeypatch
     assert os.environ["RAYON_NUM_THREADS"] == "1" and _core.build_info()["threads"] == 1
 
 
+def test_import_pins_the_default_thread_count_and_keeps_the_users(tmp_path):
+    # Pinned, the matrix products stop re-reading /proc/cpuinfo; the count itself must not change,
+    # and a count the user set before import is theirs.
+    probe = (
+        "import os, metalcandle as mc; "
+        "print(os.environ['RAYON_NUM_THREADS'], mc._core.build_info()['threads'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAYON_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    pinned, used = out.stdout.split()
+    assert pinned == used == str(_core.default_threads())
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**env, "RAYON_NUM_THREADS": "3"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.split() == ["3", "3"]
+
+
 def train_in_a_fresh_process(folder, cfg_file, *overrides):
     """`metalcandle train` in its own process, so the core's thread pool is built under the
     config's threads; RAYON_NUM_THREADS is unset, so the default is the library's own."""

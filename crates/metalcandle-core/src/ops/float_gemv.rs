@@ -33,16 +33,7 @@ pub(crate) fn try_forward(w: &[f32], n: usize, k: usize, x: &[f32], m: usize) ->
             }
         }
     });
-    if m == 1 {
-        return Some(out_t);
-    }
-    let mut out = vec![0f32; m * n];
-    for (j, row) in out_t.chunks_exact(m).enumerate() {
-        for (i, v) in row.iter().enumerate() {
-            out[i * n + j] = *v;
-        }
-    }
-    Some(out)
+    Some(super::rows_of_transposed(out_t, n, m))
 }
 
 #[cfg(target_arch = "x86_64")]

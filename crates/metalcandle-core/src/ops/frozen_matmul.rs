@@ -52,11 +52,11 @@ fn few_rows(
     };
     let (n, k) = wl.shape().dims2()?;
     let dims = xl.dims();
-    if dims.last() != Some(&k) || xl.shape().elem_count() / k.max(1) > super::float_gemv::MAX_ROWS {
+    let m = xl.shape().elem_count() / k.max(1);
+    if dims.last() != Some(&k) || m > super::float_gemv::MAX_ROWS {
         return Ok(None);
     }
     let (x, w) = (super::slice::<f32>(xs, xl)?, super::slice::<f32>(ws, wl)?);
-    let m = x.len() / k.max(1);
     let Some(y) = super::float_gemv::try_forward(w, n, k, x, m) else {
         return Ok(None);
     };

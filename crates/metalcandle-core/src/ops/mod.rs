@@ -75,6 +75,21 @@ impl Elem for f32 {
 }
 impl Elem for f64 {}
 
+/// `out_t` [n, m] (one row per weight row, as the decoding kernels fill it so that each worker
+/// writes one contiguous range) as [m, n].
+pub(crate) fn rows_of_transposed(out_t: Vec<f32>, n: usize, m: usize) -> Vec<f32> {
+    if m == 1 {
+        return out_t;
+    }
+    let mut out = vec![0f32; m * n];
+    for (j, row) in out_t.chunks_exact(m).enumerate() {
+        for (i, v) in row.iter().enumerate() {
+            out[i * n + j] = *v;
+        }
+    }
+    out
+}
+
 /// Lanes of the reductions below: one accumulator is a chain of dependent adds (4 cycles
 /// each); 16 independent ones the compiler keeps in vector registers.
 const LANES: usize = 16;

@@ -335,41 +335,18 @@ mod simd {
 mod tests {
     use super::*;
     use crate::ops::gradcheck::rand_tensor;
-    use candle_core::quantized::{GgmlDType, QMatMul};
-    use candle_core::{DType, Device, Module, Tensor};
+    use candle_core::quantized::GgmlDType;
+    use candle_core::{DType, Device, Tensor};
 
-    /// Against candle's own quantized matmul, which also rounds x to q8_0 blocks and so forms
-    /// the same integer products: only the order of the float sums differs. Every path this
-    /// CPU has; 37 weight rows (not a multiple of the tile), inputs of 3, 8 and 10 blocks
-    /// (padded groups and a whole one), row counts around the tile of 4.
+    /// Inputs of 3, 8 and 10 blocks (padded groups and a whole one), row counts around the
+    /// tile of 4.
     #[test]
     fn matches_candles_quantized_matmul() {
-        let paths = crate::ops::int8_dot::all_available();
-        if paths.is_empty() {
-            eprintln!("no AVX2/FMA/F16C on this CPU: the kernel never runs here");
-            return;
-        }
-        for path in paths {
-            for dtype in [GgmlDType::Q4_0, GgmlDType::Q8_0] {
-                for k in [96, 256, 320] {
-                    for m in [1, 9, 14, 33] {
-                        let w = rand_tensor(&[37, k], 7).to_dtype(DType::F32).unwrap();
-                        let q = QTensor::quantize(&w, dtype).unwrap();
-                        let x = rand_tensor(&[m, k], 8).to_dtype(DType::F32).unwrap();
-                        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                        let wb = WeightBytes::of(&q, &xs, m).unwrap().unwrap();
-                        let got = forward(path, &wb, &xs, m);
-                        let got = Tensor::from_vec(got, (m, 37), &Device::Cpu).unwrap();
-                        let want = QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap();
-                        let err = (&got - &want).unwrap().abs().unwrap().max_all().unwrap();
-                        let scale = want.abs().unwrap().max_all().unwrap();
-                        let rel =
-                            err.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
-                        assert!(rel < 1e-5, "{path:?} {dtype:?} k={k} m={m}: rel diff {rel}");
-                    }
-                }
-            }
-        }
+        crate::ops::quantized_gemv::tests::check_against_candle(
+            forward,
+            &[96, 256, 320],
+            &[1, 9, 14, 33],
+        );
     }
 
     /// Against the float product with the dequantized weight: the activations' 8-bit rounding

@@ -5,9 +5,11 @@
 //! per block of 32 (as candle and ggml do, so the integer products are the same) and reads
 //! each weight row front to back.
 //!
-//! q4_0 nibbles are unsigned (0..15, the stored value is q - 8), so the products are taken on
-//! the unsigned nibbles with `maddubs` and the offset is removed once per block through the
-//! block's activation sum.
+//! The integer products take unsigned weight bytes (`vpdpbusd` with VNNI, `maddubs` + `madd`
+//! without): q4_0 nibbles are stored as q + 8 and, with VNNI, q8_0 bytes are flipped to
+//! q + 128. Each 32-bit lane's sum starts from `-offset * (its four activation bytes)`,
+//! computed once with the activations, so the offset comes off exactly inside the integer sum;
+//! a per-block float correction was a chain of dependent FMAs that held the kernel back.
 //!
 //! On CPUs with VNNI, candle repacks q8_0 weights with 256-aligned inputs for a kernel that
 //! beats this one while the weight sits in cache; in a whole decoding step, with the weights
@@ -204,16 +206,7 @@ mod simd {
                 }
             }
         });
-        if m == 1 {
-            return out_t;
-        }
-        let mut out = vec![0f32; m * n];
-        for (j, row) in out_t.chunks_exact(m).enumerate() {
-            for (i, v) in row.iter().enumerate() {
-                out[i * n + j] = *v;
-            }
-        }
-        out
+        crate::ops::rows_of_transposed(out_t, n, m)
     }
 
     /// Every activation row against each of `w`'s rows, `out` [rows, m]: one weight row at a
@@ -316,45 +309,16 @@ mod simd {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::ops::gradcheck::rand_tensor;
-    use candle_core::{DType, Device, Module, Tensor};
+    use candle_core::DType;
 
     /// Against candle's own quantized matmul: the same integer products, so only the order of
-    /// the float sums differs. Every path this CPU has; 37 rows split unevenly across the
-    /// threads; an odd block count (the two accumulators) and an even one.
+    /// the float sums differs. An odd block count (the two accumulators) and an even one.
     #[test]
     fn matches_candles_quantized_matmul() {
-        let paths = crate::ops::int8_dot::all_available();
-        if paths.is_empty() {
-            eprintln!("no AVX2/FMA/F16C on this CPU: the kernel never runs here");
-            return;
-        }
-        for path in paths {
-            for dtype in [GgmlDType::Q4_0, GgmlDType::Q8_0] {
-                for k in [96, 128] {
-                    for m in [1, 3, MAX_ROWS] {
-                        let w = rand_tensor(&[37, k], 7).to_dtype(DType::F32).unwrap();
-                        let q = QTensor::quantize(&w, dtype).unwrap();
-                        let x = rand_tensor(&[m, k], 8).to_dtype(DType::F32).unwrap();
-                        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                        let wb = WeightBytes::of(&q, &xs, m).unwrap().unwrap();
-                        let got = forward(path, &wb, &xs, m);
-                        let got = Tensor::from_vec(got, (m, 37), &Device::Cpu).unwrap();
-                        let want = candle_core::quantized::QMatMul::from_qtensor(q)
-                            .unwrap()
-                            .forward(&x)
-                            .unwrap();
-                        let err = (&got - &want).unwrap().abs().unwrap().max_all().unwrap();
-                        let scale = want.abs().unwrap().max_all().unwrap();
-                        let rel =
-                            err.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
-                        assert!(rel < 1e-5, "{path:?} {dtype:?} k={k} m={m}: rel diff {rel}");
-                    }
-                }
-            }
-        }
+        check_against_candle(forward, &[96, 128], &[1, 3, MAX_ROWS]);
     }
 
     #[test]
@@ -369,5 +333,46 @@ mod tests {
         assert!(try_forward(&q4k, &x[..256], 1).unwrap().is_none());
         let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
         assert!(try_forward(&q, &x, MAX_ROWS + 1).unwrap().is_none());
+    }
+
+    /// `forward` (this kernel's or quantized_gemm's) against candle's own quantized matmul, which
+    /// also rounds x to q8_0 blocks and so forms the same integer products: only the order of the
+    /// float sums differs (1e-5 of the output's range). Every path this CPU has, q4_0 and q8_0,
+    /// 37 weight rows (split unevenly across threads and tiles), inputs of `ks` and `ms` rows.
+    pub(in crate::ops) fn check_against_candle(
+        forward: fn(Path, &WeightBytes, &[f32], usize) -> Vec<f32>,
+        ks: &[usize],
+        ms: &[usize],
+    ) {
+        use crate::ops::gradcheck::rand_tensor;
+        use candle_core::quantized::QMatMul;
+        use candle_core::{DType, Device, Module, Tensor};
+
+        let paths = crate::ops::int8_dot::all_available();
+        if paths.is_empty() {
+            eprintln!("no AVX2/FMA/F16C on this CPU: the kernel never runs here");
+            return;
+        }
+        for path in paths {
+            for dtype in [GgmlDType::Q4_0, GgmlDType::Q8_0] {
+                for &k in ks {
+                    for &m in ms {
+                        let w = rand_tensor(&[37, k], 7).to_dtype(DType::F32).unwrap();
+                        let q = QTensor::quantize(&w, dtype).unwrap();
+                        let x = rand_tensor(&[m, k], 8).to_dtype(DType::F32).unwrap();
+                        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                        let wb = WeightBytes::of(&q, &xs, m).unwrap().unwrap();
+                        let got = forward(path, &wb, &xs, m);
+                        let got = Tensor::from_vec(got, (m, 37), &Device::Cpu).unwrap();
+                        let want = QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap();
+                        let err = (&got - &want).unwrap().abs().unwrap().max_all().unwrap();
+                        let scale = want.abs().unwrap().max_all().unwrap();
+                        let rel =
+                            err.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
+                        assert!(rel < 1e-5, "{path:?} {dtype:?} k={k} m={m}: rel diff {rel}");
+                    }
+                }
+            }
+        }
     }
 }
