@@ -175,6 +175,8 @@ class ScriptedCore:
 
 
 class ScriptedModel:
+    max_position_embeddings = ScriptedCore.max_position_embeddings
+
     def __init__(self, script, vocab):
         self._core = ScriptedCore(script, vocab)
         self.config = {}

@@ -277,11 +277,11 @@ def test_a_checkpoint_from_before_hardware_resumes_as_is(capsys, tmp_path):
     # Rewrite the checkpoint as an older version saved it: the settings in [run] and [train], no
     # [hardware], and a hash over all of it.
     last = ck.latest_checkpoint(cfg.output_dir / "checkpoints")
-    saved = json.loads((last / T.RUN_CONFIG_JSON).read_text())["config"]
+    saved = json.loads((last / ck.RUN_CONFIG_JSON).read_text())["config"]
     hardware = saved.pop("hardware")
     saved["run"]["device"] = hardware["device"]
     saved["train"]["gradient_checkpointing"] = hardware["gradient_checkpointing"]
-    ck.write_json(last / T.RUN_CONFIG_JSON, {"config": saved, "hash": "0123456789abcdef"})
+    ck.write_json(last / ck.RUN_CONFIG_JSON, {"config": saved, "hash": "0123456789abcdef"})
     state = json.loads((last / ck.STATE_FILE).read_text())
     ck.write_json(last / ck.STATE_FILE, {**state, "config_hash": "0123456789abcdef"})
     code, _, err = run_cli(capsys, "train", cfg_file, "--quiet")

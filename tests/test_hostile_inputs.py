@@ -179,6 +179,40 @@ def test_lora_rank_beyond_memory_is_refused(fixtures, tmp_path):
         assert not model.has_adapter
 
 
+_LOAD_AND_REPORT_PEAK = """
+import resource, sys
+import metalcandle as mc
+model = mc.load_model(sys.argv[1])
+try:
+    model.load_adapter(sys.argv[2])
+except ValueError as e:
+    print("ValueError:", e)
+print("peak MiB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_adapter_tensors_are_checked_before_the_rank_allocates(fixtures, tmp_path):
+    # r = 2^20 fits this machine's memory (about 9 GiB of adapters for tiny-qwen2), so only the
+    # order of the checks keeps the load small: the file's tensors are read before anything else.
+    import subprocess
+    import sys
+
+    adapter = tmp_path / "a"
+    shutil.copytree(fixtures / "tiny-qwen2" / "lora" / "adapter_final", adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg | {"r": 2**20}))
+    header = b"{}"
+    (adapter / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    out = subprocess.run(
+        [sys.executable, "-c", _LOAD_AND_REPORT_PEAK, fixtures / "tiny-qwen2", adapter],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "adapter_model.safetensors" in out and "missing tensor" in out, out
+    assert int(out.rsplit("peak MiB", 1)[1]) < 1024, out
+
+
 def test_char_tokenizer_encodes_in_chunks_exactly():
     text = ("ab<unk>c<|endoftext|>dé\n" * 50) + "<|endof"
     whole = CharTokenizer().encode(text)
@@ -352,6 +386,9 @@ def test_trainer_inputs_are_checked_like_forward(fixtures):
         ("modules_to_save", ["lm_head"], "modules_to_save"),
         ("bias", "all", "bias"),
         ("use_rslora", "yes", "use_rslora"),
+        ("lora_dropout", 5, "lora_dropout"),
+        ("lora_dropout", "x", "lora_dropout"),
+        ("target_modules", ["nothing_of_this_model"], "target_modules"),
     ],
 )
 def test_adapter_fields_that_would_be_ignored_are_refused(fixtures, tmp_path, field, value, match):

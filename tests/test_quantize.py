@@ -198,7 +198,7 @@ def test_gguf_round_trip(fixtures, tmp_path, name):
         assert loaded.quantization_info()["layers"] == model.quantization_info()["layers"]
         np.testing.assert_array_equal(loaded.forward(IDS), model.forward(IDS))
 
-    meta = json.loads(_core.gguf_metadata(str(path)))
+    meta = _core.gguf_metadata(str(path))
     assert meta["general.file_type"] == 2  # llama.cpp's MOSTLY_Q4_0
     assert json.loads(meta["metalcandle.config_json"]) == model.config
     text = (fixtures / "corpus.txt").read_text(encoding="utf-8")[:4000] + "<|im_start|>hi<|im_end|> é"

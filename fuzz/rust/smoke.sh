@@ -24,7 +24,9 @@ cargo ${toolchain[@]+"${toolchain[@]}"} fuzz build --fuzz-dir . -s "$sanitizer" 
 bin="target/$(rustc -vV | sed -n 's/^host: //p')/release"
 targets=${TARGETS:-$(cargo ${toolchain[@]+"${toolchain[@]}"} fuzz list --fuzz-dir .)}
 
-work=$(mktemp -d)
+# Each input is written to scratch files and read back: in memory (/dev/shm) that is about
+# thirty times faster than on disk, where the smoke would spend most of its time in the file system.
+work=$(mktemp -d -p /dev/shm 2>/dev/null || mktemp -d)
 trap 'rm -rf "$work"' EXIT
 artifacts=${ARTIFACTS:-$work/artifacts}
 corpus=${CORPUS:-$work/corpus}

@@ -31,7 +31,7 @@ class InteractivePrompt:
     ):
         if int(max_context_length) != max_context_length or max_context_length < 1:
             raise ValueError(f"max_context_length must be a positive integer, got {max_context_length!r}")
-        context = model._core.max_position_embeddings
+        context = model.max_position_embeddings
         if max_context_length > context:
             raise ValueError(
                 f"max_context_length {max_context_length} exceeds the model's context of {context}"
@@ -169,7 +169,7 @@ def run_chat(
     """A chat REPL: each line is a message, the reply streams to `output`. `/clear` forgets the
     conversation, `/exit` (or end of input) leaves, Ctrl-C during a reply stops that reply and keeps the
     session. `max_context_length` defaults to the model's context. Returns the conversation."""
-    length = max_context_length or model._core.max_position_embeddings
+    length = max_context_length or model.max_position_embeddings
     chat = InteractivePrompt(model, tokenizer, length, system_prompt=system_prompt, **gen_options)
     _say(output, "Type a message. /clear forgets the conversation, /exit leaves; Ctrl-C stops a reply.\n")
     while True:

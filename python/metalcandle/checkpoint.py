@@ -28,6 +28,9 @@ from metalcandle.errors import BadFileError, UserError
 STATE_FILE = "state.json"
 METADATA_FILE = "metadata.json"
 TRAINER_DIR = "trainer_state"
+# The resolved run config; not "config.json", which is the model's own config in the same folder.
+RUN_CONFIG_TOML = "run_config.toml"
+RUN_CONFIG_JSON = "run_config.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 

@@ -413,7 +413,7 @@ def load_for_inference(args):
 
 def cmd_chat(args) -> int:
     from metalcandle.chat import run_chat
-    from metalcandle.train import generation_options
+    from metalcandle.generate import generation_options
 
     cfg, model, tokenizer, what = load_for_inference(args)
     if getattr(tokenizer, "chat_template", None) is None:
@@ -427,13 +427,13 @@ def cmd_chat(args) -> int:
 
 def cmd_generate(args) -> int:
     from metalcandle.chat import run_generate
-    from metalcandle.train import generation_options
+    from metalcandle.generate import generation_options
 
     cfg, model, tokenizer, what = load_for_inference(args)
     print(f"model: {what}", file=sys.stderr)
     opts = generation_options(cfg["generate"])
     # A one-line note instead of generate's multi-line warning when the context is too short.
-    room = model._core.max_position_embeddings - len(tokenizer.encode(args.prompt))
+    room = model.max_position_embeddings - len(tokenizer.encode(args.prompt))
     if opts["max_new_tokens"] > room:
         print(
             f"note: the model's context allows {max(room, 0)} new tokens after this prompt", file=sys.stderr

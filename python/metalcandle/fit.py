@@ -9,8 +9,6 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
-
 from metalcandle import checkpoint as ck
 from metalcandle.schedule import lr_at
 from metalcandle.text_dataset import TextDataset
@@ -40,13 +38,7 @@ def train_epoch(
 
 def evaluate(model, batches: Iterable) -> float:
     """Mean loss over the target tokens of (x, y) batches, without gradients."""
-    trainer = _trainer(model, None, None)
-    total, count = 0.0, 0
-    for x, y in batches:
-        n = int((np.asarray(y) != -100).sum())
-        total += trainer.eval_loss(x, targets=y) * n
-        count += n
-    return total / max(count, 1)
+    return _trainer(model, None, None).evaluate(batches, targets=True)[0]
 
 
 def train_model(
@@ -78,7 +70,7 @@ def train_model(
     as if it had not stopped. `callback(epoch, history)` runs after each epoch."""
     import metalcandle as mc
 
-    seq_len = seq_len or min(256, model._core.max_position_embeddings)
+    seq_len = seq_len or min(256, model.max_position_embeddings)
     train = TextDataset(sources, tokenizer, seq_len)
     valid = TextDataset(valid_sources, tokenizer, seq_len) if valid_sources is not None else None
     optimizer = optimizer or mc.AdamW(lr=lr, weight_decay=weight_decay)
@@ -93,7 +85,7 @@ def train_model(
         if model.has_adapter:
             model.load_adapter(folder)
         else:  # the saved weights, in the caller's Model object
-            model._core = mc.load_model(folder)._core
+            model.load_weights(folder)
         trainer.load_state(folder / ck.TRAINER_DIR)
     for epoch in range(history["epochs_done"], epochs):
         total, count = 0.0, 0

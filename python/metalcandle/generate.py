@@ -115,7 +115,7 @@ def _cap_to_context(model, prompt_len: int, max_new_tokens: int) -> int:
     (with a warning) instead of feeding positions the model has no embedding for."""
     if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    context = model._core.max_position_embeddings
+    context = model.max_position_embeddings
     if prompt_len > context:
         raise ValueError(f"the prompt has {prompt_len} tokens, more than the model's context of {context}")
     room = context - prompt_len
@@ -634,3 +634,22 @@ def generate_text(model, *args, tokenizer=None, max_length: int | None = None, *
             raise ValueError("pass max_length (prompt included) or max_new_tokens, not both")
         options["max_new_tokens"] = max(0, max_length - len(_prompt_ids(tokenizer, prompt)))
     return "".join(stream_text(model, tokenizer, prompt, **options))
+
+
+def generation_options(gen: dict) -> dict:
+    """[generate] as keyword arguments of `generate_text`. Temperature 0 means greedy, which takes
+    no sampling options (generate warns about ignored ones), so they are only passed when sampling."""
+    opts = {
+        "max_new_tokens": gen["max_new_tokens"],
+        "do_sample": gen["temperature"] > 0,
+        "repetition_penalty": gen["repetition_penalty"] if gen["repetition_penalty"] != 1.0 else None,
+        "num_beams": gen["num_beams"],
+    }
+    if opts["do_sample"]:
+        opts.update(
+            temperature=gen["temperature"],
+            top_k=gen["top_k"] or None,
+            top_p=gen["top_p"] if gen["top_p"] < 1.0 else None,
+            seed=gen["seed"],
+        )
+    return opts

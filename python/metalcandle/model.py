@@ -42,7 +42,7 @@ class Model:
 
     def __init__(self, core: _core.Model):
         self._core = core
-        self.config: dict = json.loads(core.config_json())
+        self.config: dict = core.config()
         self.last_quantization_report: dict | None = None
         self._captures: list = []  # open `capture` blocks
         self._captured: dict = {}  # captured values no open block asked for
@@ -65,8 +65,19 @@ class Model:
         return self._core.num_layers
 
     @property
+    def max_position_embeddings(self) -> int:
+        """The longest sequence the model takes: its position table, or the context RoPE was set for."""
+        return self._core.max_position_embeddings
+
+    def load_weights(self, path: str | os.PathLike) -> None:
+        """Replaces this model's weights and config by the Hugging Face folder's, in place: whoever
+        holds this object (a Trainer, a resumed loop) then trains the loaded model."""
+        loaded = load_model(path)
+        self._core, self.config = loaded._core, loaded.config
+
+    @property
     def spec(self) -> dict:
-        return json.loads(self._core.spec_json())
+        return self._core.spec()
 
     def num_parameters(self) -> int:
         return self._core.num_parameters()
@@ -153,8 +164,7 @@ class Model:
 
     @property
     def lora_config(self) -> dict | None:
-        text = self._core.lora_config_json()
-        return None if text is None else json.loads(text)
+        return self._core.lora_config()
 
     def trainable_parameters(self) -> dict[str, np.ndarray]:
         """What a training step updates: the adapter matrices, or every parameter."""
@@ -239,7 +249,7 @@ class Model:
         "float_layers": [module, ...], "quantized_bytes", "float_bytes"} for the token embedding, the
         linear layers and the LM head, plus "format" (the one format used, "mixed", or None) and
         "bits_per_weight" (storage bits per weight over the quantized matrices, or None)."""
-        info = json.loads(self._core.quantization_info())
+        info = self._core.quantization_info()
         layers = info["layers"].values()
         formats = sorted({layer["format"] for layer in layers})
         info["format"] = formats[0] if len(formats) == 1 else ("mixed" if formats else None)

@@ -4,7 +4,6 @@ and loads its state exactly."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 from metalcandle import _core
@@ -51,7 +50,7 @@ class Optimizer:
 
     @property
     def config(self) -> dict:
-        return json.loads(self._core.config_json())
+        return self._core.config()
 
     def steps(self) -> dict[str, int]:
         """How many updates each parameter has received."""

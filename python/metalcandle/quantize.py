@@ -158,7 +158,7 @@ def prepare_model_for_quantization(
     tolerance = float(tolerance)
     if not tolerance > 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance}")
-    report = json.loads(model._core.calibrate(_batches(batches), names, tolerance))
+    report = model._core.calibrate(_batches(batches), names, tolerance)
     skip = list(skip)
     formats, stats = {}, {}
     for name, layer in report.items():
@@ -209,7 +209,7 @@ def quantize_model(
     "kept_float": {module: reason}}. Matrices already quantized keep their format."""
     _check_model(model)
     default, overrides, skip = _rules("quantize_model", spec, skip)
-    report: dict[str, Any] = json.loads(model._core.quantize(default, overrides, skip))
+    report: dict[str, Any] = model._core.quantize(default, overrides, skip)
     model.last_quantization_report = report
     unsupported = {k: v for k, v in report["kept_float"].items() if v != NOT_SELECTED}
     if unsupported:

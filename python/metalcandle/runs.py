@@ -219,12 +219,10 @@ def load_run(folder: str | os.PathLike) -> RunInfo:
         run_id, config_hash, config = data["run_id"], data["config_hash"], data["config"]
     else:
         # A run from before run.json existed: its newest checkpoint has the config.
-        from metalcandle.train import RUN_CONFIG_JSON
-
         last = ck.latest_checkpoint(folder / "checkpoints")
-        if last is None or not (last / RUN_CONFIG_JSON).is_file():
+        if last is None or not (last / ck.RUN_CONFIG_JSON).is_file():
             raise UserError(f"{folder} is not a run folder (no {RUN_FILE})")
-        saved = _read_json(last / RUN_CONFIG_JSON)
+        saved = _read_json(last / ck.RUN_CONFIG_JSON)
         state = _read_json(last / ck.STATE_FILE)
         run_id, config_hash, config = state.get("run_id") or "(none)", saved.get("hash"), saved["config"]
     return RunInfo(folder, run_id, config_hash, upgraded(config), metrics, _metric_hashes(metrics))

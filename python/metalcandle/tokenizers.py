@@ -385,7 +385,7 @@ def _gguf_tokenizer(path: Path) -> Tokenizer:
     if text is None:
         raise FileNotFoundError(f"{path}: the GGUF file embeds no tokenizer (tokenizer.huggingface.json)")
     backend = _Backend.from_str(text)
-    metadata = json.loads(_core.gguf_metadata(str(path)))
+    metadata = _core.gguf_metadata(str(path))
     config: dict = {}
     keys = {"bos_token": "bos", "eos_token": "eos", "pad_token": "padding", "unk_token": "unknown"}
     for name, key in keys.items():

@@ -31,6 +31,7 @@ from metalcandle.config import Config, to_toml
 from metalcandle.devices import apply_threads
 from metalcandle.distributed import Distributed, as_distributed, rank_slice
 from metalcandle.errors import BadFileError, TrainingInterrupted, UserError
+from metalcandle.generate import generation_options
 from metalcandle.hooks import attach_hooks
 from metalcandle.loading import (
     BaseModel,
@@ -49,9 +50,6 @@ from metalcandle.registry import Registry, new_model_id, read_license
 from metalcandle.schedule import lr_at
 
 NUM_SAMPLES = 3  # continuations logged at each evaluation
-# The resolved run config; not "config.json", which is the model's own config in the same folder.
-RUN_CONFIG_TOML = "run_config.toml"
-RUN_CONFIG_JSON = "run_config.json"
 
 
 @dataclass
@@ -160,33 +158,9 @@ def make_optimizer(cfg: Config):
     return mc.AdamW(lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"])
 
 
-def generation_options(gen: dict) -> dict:
-    """[generate] as keyword arguments of `generate_text`. Temperature 0 means greedy, which takes
-    no sampling options (generate warns about ignored ones), so they are only passed when sampling."""
-    opts = {
-        "max_new_tokens": gen["max_new_tokens"],
-        "do_sample": gen["temperature"] > 0,
-        "repetition_penalty": gen["repetition_penalty"] if gen["repetition_penalty"] != 1.0 else None,
-        "num_beams": gen["num_beams"],
-    }
-    if opts["do_sample"]:
-        opts.update(
-            temperature=gen["temperature"],
-            top_k=gen["top_k"] or None,
-            top_p=gen["top_p"] if gen["top_p"] < 1.0 else None,
-            seed=gen["seed"],
-        )
-    return opts
-
-
 def evaluate(trainer, batches) -> tuple[float, float]:
     """Token-weighted mean validation loss over fixed batches, and its perplexity."""
-    total, count = 0.0, 0
-    for ids, labels in batches:
-        n = int((labels[:, 1:] != D.IGNORE).sum())
-        total += trainer.eval_loss(ids, labels=labels) * n
-        count += n
-    loss = total / max(count, 1)
+    loss, _ = trainer.evaluate(batches)
     return loss, math.exp(min(loss, 700.0))
 
 
@@ -209,7 +183,7 @@ def sample_continuations(model, tokenizer, prompts: list[str], gen_opts: dict) -
     from metalcandle.generate import generate_text
 
     out = []
-    context = model._core.max_position_embeddings
+    context = model.max_position_embeddings
     for i, p in enumerate(prompts):
         ids = tokenizer.encode(p)
         # Stay inside the context so generate does not warn at every evaluation; a seed per
@@ -275,8 +249,8 @@ def save_checkpoint(dest: Path, cfg: Config, model, trainer, tokenizer, state: R
             model.save_pretrained(tmp)
         tokenizer.save(tmp)
         trainer.save_state(tmp / ck.TRAINER_DIR)
-        (tmp / RUN_CONFIG_TOML).write_text(to_toml(resolved), encoding="utf-8")
-        ck.write_json(tmp / RUN_CONFIG_JSON, {"config": resolved, "hash": config_hash})
+        (tmp / ck.RUN_CONFIG_TOML).write_text(to_toml(resolved), encoding="utf-8")
+        ck.write_json(tmp / ck.RUN_CONFIG_JSON, {"config": resolved, "hash": config_hash})
         ck.write_json(tmp / ck.METADATA_FILE, meta)
         # Written last: a folder is a checkpoint only once state.json is in it.
         ck.write_json(tmp / ck.STATE_FILE, {**state.__dict__, "config_hash": config_hash})
@@ -429,244 +403,302 @@ def check_same_config(cfg: Config, dist: Distributed) -> None:
 
 
 def _train(cfg, progress, stop_at_step, log, allow_config_change, dist: Distributed | None) -> TrainResult:
-    import metalcandle as mc
-
-    main_rank = dist is None or dist.is_main
-    ranks = 1 if dist is None else dist.size
-
-    def say(msg: str):
-        if main_rank:
-            (log or (lambda m: print(m, file=sys.stderr)))(msg)
-
-    apply_threads(cfg["hardware"]["threads"])  # before anything computes: see apply_threads
-    out = cfg.output_dir
+    run = Run(cfg, log, allow_config_change, dist)
+    due = lambda step, every: step % every == 0 or step == run.max_steps  # noqa: E731
     t = cfg["train"]
-    if main_rank:
-        if out.exists() and not out.is_dir():
-            raise UserError(f"run.output_dir: {out} exists and is not a folder")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"run.output_dir: cannot create {out} ({e.strerror})") from None
-        resume_from = ck.resolve_resume(t["resume"], out)
-    if dist is not None:
-        # Rank 0's choice, so an "auto" resume never depends on what another rank's disk shows.
-        resume_from = dist.bcast(resume_from if main_rank else None)
-        if resume_from is not None and not ck.is_checkpoint(resume_from):
-            raise UserError(
-                f"train.resume: rank {dist.rank} cannot read the checkpoint {resume_from}; every rank "
-                "must see run.output_dir (a shared filesystem) to resume"
-            )
-    base = resolve_base(cfg)
-
-    state = RunState()
-    resumed = None
-    if resume_from is not None:
-        saved = ck.read_json(resume_from / ck.STATE_FILE)
-        saved_hash = saved.pop("config_hash", None)
-        # Also under an unchanged hash: [hardware] is not in it, and its dtype must not change.
-        saved_config = ck.read_json(resume_from / RUN_CONFIG_JSON)["config"]
-        changed = R.check_resume(cfg, saved_config, resume_from, allow_config_change, say)
-        state = RunState.from_saved(saved, resume_from / ck.STATE_FILE)
-        resumed = {
-            "at": R.utc_now(),
-            "step": state.step,
-            "checkpoint": str(resume_from),
-            "config_hash_before": saved_hash,
-            "changed": changed,
-            "ranks": ranks,
-        }
-        say(f"resuming from {resume_from} (step {state.step})")
-    if not state.run_id:  # a fresh run, or a checkpoint from before run ids
-        state.run_id, state.run_created_at = R.new_run_id(cfg["run"]["name"]), R.utc_now()
-    if dist is not None:
-        # A fresh run id is drawn on rank 0 only (it holds the time and a random tag).
-        state.run_id, state.run_created_at = dist.bcast((state.run_id, state.run_created_at))
-    if main_rank:
-        R.write_run_file(out, cfg, state.run_id, state.run_created_at, resumed, ranks=ranks)
-
-    tokenizer = (
-        load_folder_tokenizer(resume_from, cfg.models_dir)
-        if resume_from is not None
-        else build_tokenizer(cfg, base, train_files(cfg))
-    )
-    data = load_datasets(cfg, tokenizer)
-    if hasattr(tokenizer, "unknown_counts") and sum(tokenizer.unknown_counts.values()):
-        say("note: " + tokenizer.unknown_summary())
-    max_steps = total_steps(cfg, len(data.train))
-
-    model = build_model(cfg, base, tokenizer, resume_from)
-    attach_hooks(model, cfg["hooks"], cfg.source)  # before the first step, fresh or resumed alike
-    if (qat := enable_qat(cfg, model)) is not None:
-        say(qat)
-    opt = make_optimizer(cfg)
-    hw = cfg["hardware"]
-    trainer = mc.Trainer(
-        model,
-        opt,
-        max_grad_norm=t["max_grad_norm"] or None,
-        gradient_checkpointing=hw["gradient_checkpointing"],
-        fused=hw["fused"],
-        comm=dist,
-        seed=cfg["run"]["seed"],
-    )
-    if resume_from is not None:
-        trainer.load_state(resume_from / ck.TRAINER_DIR)
-
-    check_step_memory(cfg, model)
-    stream = D.BatchStream(data.train, t["batch_size"], cfg["run"]["seed"])
-    stream.position = state.data_position
-    valid_batches = D.eval_batches(data.valid, t["batch_size"], t["eval_batches"])
-    prompts = sample_prompts(data.valid, tokenizer)
-    gen_opts = generation_options(cfg["generate"])
-    meta = metadata_for(cfg, state, base, architecture_type_of(model))
-    metrics = MetricsLog(
-        out / "metrics.jsonl",
-        state.step if resume_from is not None else None,
-        stamp={"run_id": state.run_id, "config_hash": cfg.hash(), "ranks": ranks},
-        enabled=main_rank,
-    )
-    ckpt_root = out / "checkpoints"
-    s = cfg["scheduler"]
-
-    if cfg.is_lora:
-        trainable = sum(int(a.size) for a in model.trainable_parameters().values())
-        size = f"{model.num_parameters():,} parameters, {trainable:,} trainable (LoRA)"
-    else:
-        size = f"{model.num_parameters():,} parameters"
-    say(
-        f"{cfg['run']['name']}: {model.architecture}, {size}, vocab {tokenizer.vocab_size}, "
-        f"{len(data.train)} train / {len(data.valid)} valid windows of {cfg['data']['seq_len']} tokens, "
-        f"{max_steps} steps"
-    )
-    bar = Progress(max_steps, initial=state.step, enabled=progress and main_rank)
-    first_loss = last_loss = None
-    stopped_early = state.stopped_early
-    window_tokens, window_time, run_tokens, run_time = 0, 0.0, 0, 0.0
-    start_step, saved_step = state.step, None
+    run.bar = Progress(run.max_steps, initial=run.state.step, enabled=progress and run.main_rank)
     try:
-        while state.step < max_steps and not stopped_early:
-            step = state.step + 1
-            lr = lr_at(
-                step, cfg["optimizer"]["lr"], s["name"], s["warmup_steps"], max_steps, s["min_lr_ratio"]
-            )
-            opt.lr = lr
-            micro = [stream.next() for _ in range(t["grad_accum"])]
-            with sigint_deferred():  # the update and its bookkeeping happen together or not at all
-                t0 = time.perf_counter()
-                if len(micro) == 1:
-                    stats = trainer.step(micro[0][0], labels=micro[0][1])
-                else:
-                    stats = trainer.step([m[0] for m in micro], labels=[m[1] for m in micro])
-                dt = time.perf_counter() - t0
-                n_tok = sum(m[0].size for m in micro)
-                window_tokens += n_tok
-                window_time += dt
-                run_tokens += n_tok
-                run_time += dt
-                state.step = step
-                state.data_position = stream.position
-                state.tokens_seen += n_tok
-                loss = float(stats.loss)
-                if not math.isfinite(loss):
-                    raise UserError(f"training diverged at step {step} (loss {loss}); lower optimizer.lr")
-                first_loss = loss if first_loss is None else first_loss
-                last_loss = loss
-                tps = window_tokens / max(window_time, 1e-9)
-                aux = {name: float(v) for name, v in stats.aux.items()}
-                bar.update(step, loss, lr, tps, aux, model.device_memory())
-                if step % t["log_every"] == 0 or step == max_steps:
-                    metrics.write(
-                        {
-                            "step": step,
-                            "loss": loss,
-                            "lr": lr,
-                            "grad_norm": float(stats.grad_norm),
-                            "tokens_per_s": tps,
-                            "rss_mib": round(rss_mib(), 1),
-                            "peak_rss_mib": round(peak_rss_mib(), 1),
-                            "tokens_seen": state.tokens_seen,
-                            "epoch": stream.epoch,
-                            **{f"aux/{name}": v for name, v in aux.items()},
-                        }
-                    )
-                    window_tokens, window_time = 0, 0.0
-
-            if step % t["eval_every"] == 0 or step == max_steps:
-                val_loss, val_ppl = evaluate(trainer, valid_batches)
-                metrics.write({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
-                if main_rank:
-                    bar.write(f"step {step}: val_loss {val_loss:.4f}  val_ppl {val_ppl:.2f}")
-                    for p, text in zip(
-                        prompts, sample_continuations(model, tokenizer, prompts, gen_opts), strict=True
-                    ):
-                        bar.write(f"  sample: {p!r} -> {text!r}")
-                if state.best_val_loss is None or val_loss < state.best_val_loss:
-                    state.best_val_loss, state.best_step, state.evals_since_best = val_loss, step, 0
-                    if t["early_stopping_patience"] and main_rank:
-                        save_checkpoint(out / "best", cfg, model, trainer, tokenizer, state, meta)
-                else:
-                    state.evals_since_best += 1
-                    if (
-                        t["early_stopping_patience"]
-                        and state.evals_since_best >= t["early_stopping_patience"]
-                    ):
-                        stopped_early = state.stopped_early = True
-                        bar.write(
-                            f"early stopping at step {step}: no improvement for {state.evals_since_best} "
-                            f"evaluations; best val_loss {state.best_val_loss:.4f} at step {state.best_step}"
-                        )
+        while run.state.step < run.max_steps and not run.state.stopped_early:
+            step = run.step()
+            if due(step, t["eval_every"]):
+                run.evaluate(step)
             interrupted = stop_at_step is not None and step >= stop_at_step
-            saving = step % t["save_every"] == 0 or step == max_steps or stopped_early or interrupted
-            if saving and main_rank:
-                save_checkpoint(
-                    ckpt_root / ck.step_dir_name(step), cfg, model, trainer, tokenizer, state, meta
-                )
-                saved_step = step
-                with sigint_deferred():  # or Ctrl-C could leave a half-deleted step folder behind
-                    ck.prune(ckpt_root, t["keep_last"])
-            if stopped_early or interrupted:
+            if due(step, t["save_every"]) or run.state.stopped_early or interrupted:
+                run.save_step(step)
+            if interrupted:
                 break
     except KeyboardInterrupt as e:
-        # The state is that of the last finished step (see sigint_deferred), so it is saved as is.
-        # A step's pending evaluation is not redone on resume; training itself continues exactly.
-        if state.step == start_step:
-            where, saved = resume_from, False
-        elif not main_rank:
-            where, saved = ckpt_root / ck.step_dir_name(state.step), False
+        raise run.interrupted() from e
+    finally:
+        run.bar.close()
+    return run.finish()
+
+
+class Run:
+    """One training run, fresh or resumed from its checkpoint: everything the loop in `_train`
+    reads and writes. With `dist`, one rank of a data-parallel run: rank 0 alone writes files and
+    reports."""
+
+    def __init__(self, cfg: Config, log, allow_config_change: bool, dist: Distributed | None):
+        import metalcandle as mc
+
+        self.cfg, self.dist, self.log = cfg, dist, log
+        self.main_rank = dist is None or dist.is_main
+        apply_threads(cfg["hardware"]["threads"])  # before anything computes: see apply_threads
+        self.out = cfg.output_dir
+        self.resume_from = self._resume_point()
+        self.base = resolve_base(cfg)
+        self.state = self._starting_state(allow_config_change)
+
+        tokenizer = (
+            load_folder_tokenizer(self.resume_from, cfg.models_dir)
+            if self.resume_from is not None
+            else build_tokenizer(cfg, self.base, train_files(cfg))
+        )
+        data = load_datasets(cfg, tokenizer)
+        if hasattr(tokenizer, "unknown_counts") and sum(tokenizer.unknown_counts.values()):
+            self.say("note: " + tokenizer.unknown_summary())
+        self.tokenizer, self.max_steps = tokenizer, total_steps(cfg, len(data.train))
+
+        model = self.model = build_model(cfg, self.base, tokenizer, self.resume_from)
+        attach_hooks(model, cfg["hooks"], cfg.source)  # before the first step, fresh or resumed alike
+        if (qat := enable_qat(cfg, model)) is not None:
+            self.say(qat)
+        t, hw = cfg["train"], cfg["hardware"]
+        self.opt = make_optimizer(cfg)
+        self.trainer = mc.Trainer(
+            model,
+            self.opt,
+            max_grad_norm=t["max_grad_norm"] or None,
+            gradient_checkpointing=hw["gradient_checkpointing"],
+            fused=hw["fused"],
+            comm=dist,
+            seed=cfg["run"]["seed"],
+        )
+        if self.resume_from is not None:
+            self.trainer.load_state(self.resume_from / ck.TRAINER_DIR)
+        check_step_memory(cfg, model)
+
+        self.stream = D.BatchStream(data.train, t["batch_size"], cfg["run"]["seed"])
+        self.stream.position = self.state.data_position
+        self.valid_batches = D.eval_batches(data.valid, t["batch_size"], t["eval_batches"])
+        self.prompts = sample_prompts(data.valid, tokenizer)
+        self.gen_opts = generation_options(cfg["generate"])
+        self.meta = metadata_for(cfg, self.state, self.base, architecture_type_of(model))
+        self.metrics = MetricsLog(
+            self.out / "metrics.jsonl",
+            self.state.step if self.resume_from is not None else None,
+            stamp={"run_id": self.state.run_id, "config_hash": cfg.hash(), "ranks": self.ranks},
+            enabled=self.main_rank,
+        )
+        self.ckpt_root = self.out / "checkpoints"
+        self.start_step, self.saved_step = self.state.step, None
+        self.first_loss = self.last_loss = None
+        self.window = Throughput()  # since the last metrics line
+        self.total = Throughput()  # since this process started the run
+        self.bar = Progress(0, enabled=False)
+
+        if cfg.is_lora:
+            trainable = sum(int(a.size) for a in model.trainable_parameters().values())
+            size = f"{model.num_parameters():,} parameters, {trainable:,} trainable (LoRA)"
         else:
-            where, saved = ckpt_root / ck.step_dir_name(state.step), True
-            if saved_step != state.step:
-                save_checkpoint(where, cfg, model, trainer, tokenizer, state, meta)
+            size = f"{model.num_parameters():,} parameters"
+        self.say(
+            f"{cfg['run']['name']}: {model.architecture}, {size}, vocab {tokenizer.vocab_size}, "
+            f"{len(data.train)} train / {len(data.valid)} valid windows of {cfg['data']['seq_len']} "
+            f"tokens, {self.max_steps} steps"
+        )
+
+    @property
+    def ranks(self) -> int:
+        return 1 if self.dist is None else self.dist.size
+
+    def say(self, msg: str) -> None:
+        if self.main_rank:
+            (self.log or (lambda m: print(m, file=sys.stderr)))(msg)
+
+    def _resume_point(self) -> Path | None:
+        """The checkpoint to resume from (train.resume), as rank 0 sees it."""
+        out, dist = self.out, self.dist
+        resume_from = None
+        if self.main_rank:
+            if out.exists() and not out.is_dir():
+                raise UserError(f"run.output_dir: {out} exists and is not a folder")
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"run.output_dir: cannot create {out} ({e.strerror})") from None
+            resume_from = ck.resolve_resume(self.cfg["train"]["resume"], out)
+        if dist is not None:
+            # Rank 0's choice, so an "auto" resume never depends on what another rank's disk shows.
+            resume_from = dist.bcast(resume_from)
+            if resume_from is not None and not ck.is_checkpoint(resume_from):
+                raise UserError(
+                    f"train.resume: rank {dist.rank} cannot read the checkpoint {resume_from}; every "
+                    "rank must see run.output_dir (a shared filesystem) to resume"
+                )
+        return resume_from
+
+    def _starting_state(self, allow_config_change: bool) -> RunState:
+        """The resumed checkpoint's state (its config checked against this one), or a fresh one;
+        recorded in the run file."""
+        cfg, resume_from = self.cfg, self.resume_from
+        state, resumed = RunState(), None
+        if resume_from is not None:
+            saved = ck.read_json(resume_from / ck.STATE_FILE)
+            saved_hash = saved.pop("config_hash", None)
+            # Also under an unchanged hash: [hardware] is not in it, and its dtype must not change.
+            saved_config = ck.read_json(resume_from / ck.RUN_CONFIG_JSON)["config"]
+            changed = R.check_resume(cfg, saved_config, resume_from, allow_config_change, self.say)
+            state = RunState.from_saved(saved, resume_from / ck.STATE_FILE)
+            resumed = {
+                "at": R.utc_now(),
+                "step": state.step,
+                "checkpoint": str(resume_from),
+                "config_hash_before": saved_hash,
+                "changed": changed,
+                "ranks": self.ranks,
+            }
+            self.say(f"resuming from {resume_from} (step {state.step})")
+        if not state.run_id:  # a fresh run, or a checkpoint from before run ids
+            state.run_id, state.run_created_at = R.new_run_id(cfg["run"]["name"]), R.utc_now()
+        if self.dist is not None:
+            # A fresh run id is drawn on rank 0 only (it holds the time and a random tag).
+            state.run_id, state.run_created_at = self.dist.bcast((state.run_id, state.run_created_at))
+        if self.main_rank:
+            R.write_run_file(self.out, cfg, state.run_id, state.run_created_at, resumed, ranks=self.ranks)
+        return state
+
+    def step(self) -> int:
+        """One optimizer step and its bookkeeping, together or not at all; returns its number."""
+        state, t, s = self.state, self.cfg["train"], self.cfg["scheduler"]
+        step = state.step + 1
+        lr = lr_at(
+            step, self.cfg["optimizer"]["lr"], s["name"], s["warmup_steps"], self.max_steps, s["min_lr_ratio"]
+        )
+        self.opt.lr = lr
+        micro = [self.stream.next() for _ in range(t["grad_accum"])]
+        with sigint_deferred():
+            t0 = time.perf_counter()
+            if len(micro) == 1:
+                stats = self.trainer.step(micro[0][0], labels=micro[0][1])
+            else:
+                stats = self.trainer.step([m[0] for m in micro], labels=[m[1] for m in micro])
+            n_tok = sum(m[0].size for m in micro)
+            self.window.add(n_tok, time.perf_counter() - t0)
+            self.total.add(n_tok, time.perf_counter() - t0)
+            state.step, state.data_position = step, self.stream.position
+            state.tokens_seen += n_tok
+            loss = float(stats.loss)
+            if not math.isfinite(loss):
+                raise UserError(f"training diverged at step {step} (loss {loss}); lower optimizer.lr")
+            self.first_loss = loss if self.first_loss is None else self.first_loss
+            self.last_loss = loss
+            aux = {name: float(v) for name, v in stats.aux.items()}
+            self.bar.update(step, loss, lr, self.window.rate, aux, self.model.device_memory())
+            if step % t["log_every"] == 0 or step == self.max_steps:
+                self.metrics.write(
+                    {
+                        "step": step,
+                        "loss": loss,
+                        "lr": lr,
+                        "grad_norm": float(stats.grad_norm),
+                        "tokens_per_s": self.window.rate,
+                        "rss_mib": round(rss_mib(), 1),
+                        "peak_rss_mib": round(peak_rss_mib(), 1),
+                        "tokens_seen": state.tokens_seen,
+                        "epoch": self.stream.epoch,
+                        **{f"aux/{name}": v for name, v in aux.items()},
+                    }
+                )
+                self.window = Throughput()
+        return step
+
+    def evaluate(self, step: int) -> None:
+        """Validation loss and samples; keeps the best checkpoint and stops early when asked."""
+        state, patience = self.state, self.cfg["train"]["early_stopping_patience"]
+        val_loss, val_ppl = evaluate(self.trainer, self.valid_batches)
+        self.metrics.write({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
+        if self.main_rank:
+            self.bar.write(f"step {step}: val_loss {val_loss:.4f}  val_ppl {val_ppl:.2f}")
+            samples = sample_continuations(self.model, self.tokenizer, self.prompts, self.gen_opts)
+            for p, text in zip(self.prompts, samples, strict=True):
+                self.bar.write(f"  sample: {p!r} -> {text!r}")
+        if state.best_val_loss is None or val_loss < state.best_val_loss:
+            state.best_val_loss, state.best_step, state.evals_since_best = val_loss, step, 0
+            if patience and self.main_rank:
+                self.save(self.out / "best")
+            return
+        state.evals_since_best += 1
+        if patience and state.evals_since_best >= patience:
+            state.stopped_early = True
+            self.bar.write(
+                f"early stopping at step {step}: no improvement for {state.evals_since_best} "
+                f"evaluations; best val_loss {state.best_val_loss:.4f} at step {state.best_step}"
+            )
+
+    def save(self, dest: Path) -> Path:
+        return save_checkpoint(
+            dest, self.cfg, self.model, self.trainer, self.tokenizer, self.state, self.meta
+        )
+
+    def save_step(self, step: int) -> None:
+        """The step's checkpoint, then the oldest pruned beyond train.keep_last."""
+        if not self.main_rank:
+            return
+        self.save(self.ckpt_root / ck.step_dir_name(step))
+        self.saved_step = step
+        with sigint_deferred():  # or Ctrl-C could leave a half-deleted step folder behind
+            ck.prune(self.ckpt_root, self.cfg["train"]["keep_last"])
+
+    def interrupted(self) -> TrainingInterrupted:
+        """After Ctrl-C: the last finished step saved (see sigint_deferred), and what to tell the user.
+        A step's pending evaluation is not redone on resume; training itself continues exactly."""
+        step = self.state.step
+        where = self.ckpt_root / ck.step_dir_name(step)
+        if step == self.start_step:
+            where, saved = self.resume_from, False
+        elif not self.main_rank:
+            saved = False
+        else:
+            saved = True
+            if self.saved_step != step:
+                self.save(where)
             # Pruning keeps the highest steps: with a newer one left by an earlier attempt, it would
             # remove the checkpoint just saved.
-            if ck.latest_checkpoint(ckpt_root) == where:
-                ck.prune(ckpt_root, t["keep_last"])
-        raise training_interrupted(cfg, state.step, where, saved) from e
-    finally:
-        bar.close()
+            if ck.latest_checkpoint(self.ckpt_root) == where:
+                ck.prune(self.ckpt_root, self.cfg["train"]["keep_last"])
+        return training_interrupted(self.cfg, step, where, saved)
 
-    finished = state.step >= max_steps or stopped_early
-    final_dir = (
-        out / "best" if (stopped_early and (out / "best").exists()) else ck.latest_checkpoint(ckpt_root)
-    )
-    registered = None
-    if finished and final_dir is not None and main_rank:
-        registered = register_run(cfg, final_dir, meta)
-        if (out / "metrics.jsonl").exists():
-            png = plot_loss(out / "metrics.jsonl", out / "loss.png", title=cfg["run"]["name"])
-            say(f"loss curve: {png}")
-    return TrainResult(
-        output_dir=out,
-        final_dir=final_dir,
-        steps=state.step,
-        first_loss=first_loss,
-        last_loss=last_loss,
-        best_val_loss=state.best_val_loss,
-        stopped_early=stopped_early,
-        tokens_per_s=run_tokens / max(run_time, 1e-9),
-        registered_as=registered,
-    )
+    def finish(self) -> TrainResult:
+        """Registers a finished run's model (the best one when it stopped early) and plots its loss."""
+        state, out = self.state, self.out
+        finished = state.step >= self.max_steps or state.stopped_early
+        best = out / "best"
+        final_dir = best if (state.stopped_early and best.exists()) else ck.latest_checkpoint(self.ckpt_root)
+        registered = None
+        if finished and final_dir is not None and self.main_rank:
+            registered = register_run(self.cfg, final_dir, self.meta)
+            if (out / "metrics.jsonl").exists():
+                png = plot_loss(out / "metrics.jsonl", out / "loss.png", title=self.cfg["run"]["name"])
+                self.say(f"loss curve: {png}")
+        return TrainResult(
+            output_dir=out,
+            final_dir=final_dir,
+            steps=state.step,
+            first_loss=self.first_loss,
+            last_loss=self.last_loss,
+            best_val_loss=state.best_val_loss,
+            stopped_early=state.stopped_early,
+            tokens_per_s=self.total.rate,
+            registered_as=registered,
+        )
+
+
+@dataclass
+class Throughput:
+    """Tokens over the seconds spent in steps."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
 
 
 def check_step_memory(cfg: Config, model) -> None:
@@ -741,7 +773,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Path | None) -> dict:
     tokenizer = load_folder_tokenizer(folder, cfg.models_dir)
     enable_qat(cfg, model)  # a QAT run is scored as the quantized model it trains for
     data = load_datasets(cfg, tokenizer)
-    trainer = mc.Trainer(model, make_optimizer(cfg), max_grad_norm=cfg["train"]["max_grad_norm"] or None)
+    trainer = mc.Trainer(model, None)  # evaluation takes no step
     batches = D.eval_batches(data.valid, cfg["train"]["batch_size"], cfg["train"]["eval_batches"])
     loss, ppl = evaluate(trainer, batches)
     return {

@@ -163,24 +163,37 @@ class Trainer:
         return StepStats(loss=loss, grad_norm=norm, tokens=tokens, aux=dict(aux))
 
     def eval_loss(self, input_ids, labels=None, attention_mask=None, targets=None) -> float:
+        """The mean loss over the label tokens, without gradients (a list of arrays: over all of them)."""
         ids, labs, mask, pre_shifted = _inputs(input_ids, labels, attention_mask, targets)
+        return self._mean_loss(ids, labs, mask, pre_shifted)[0]
+
+    def evaluate(self, batches, targets: bool = False) -> tuple[float, int]:
+        """The mean loss over every label token of `batches`, (input_ids, labels) pairs (or
+        (input_ids, targets) with `targets`), and how many tokens it averaged."""
+        batches = list(batches)
+        ids, given = [b[0] for b in batches], [b[1] for b in batches]
+        ids, labs, mask, pre_shifted = _inputs(
+            ids, None if targets else given, None, given if targets else None
+        )
+        return self._mean_loss(ids, labs, mask, pre_shifted)
+
+    def _mean_loss(self, ids, labs, mask, pre_shifted) -> tuple[float, int]:
         _check_labels(self.model, labs)
-        if not self.parallel:
-            return _core.eval_loss(self.model._core, ids, labs, mask, pre_shifted)
-        # Each rank evaluates a part of the rows; the token-weighted sums are added up.
+        if self.parallel:
+            # Each rank evaluates a part of every batch's rows; the summed losses are added up.
+            parts = [np.array_split(np.arange(len(a)), self.dist.size)[self.dist.rank] for a in ids]
+            keep = [i for i, p in enumerate(parts) if len(p)]
+            ids = [ids[i][parts[i]] for i in keep]
+            labs = [labs[i][parts[i]] for i in keep]
+            mask = None if mask is None else [mask[i][parts[i]] for i in keep]
         total = np.zeros(2)
-        for i in range(len(ids)):
-            part = np.array_split(np.arange(len(ids[i])), self.dist.size)[self.dist.rank]
-            counted = labs[i][part] if pre_shifted else labs[i][part, 1:]
-            n = int((counted != -100).sum())
-            if n:
-                m = None if mask is None else [mask[i][part]]
-                loss = _core.eval_loss(self.model._core, [ids[i][part]], [labs[i][part]], m, pre_shifted)
-                total += (loss * n, n)
-        self.dist.allreduce(total)
+        if ids:
+            total[:] = _core.eval_loss(self.model._core, ids, labs, mask, pre_shifted)
+        if self.parallel:
+            self.dist.allreduce(total)
         if total[1] == 0:
             raise ValueError("no label tokens to evaluate (all labels are -100)")
-        return float(total[0] / total[1])
+        return float(total[0] / total[1]), int(total[1])
 
     def save_state(self, path) -> None:
         """Optimizer moments and step counters (the weights are saved separately)."""

@@ -73,9 +73,10 @@ fn max_abs(t: &Tensor) -> f32 {
 /// gradient of an untracked operand, a cost of the order of the op itself, never a matmul.
 fn gradients(m: &mut Decoder) -> (HashMap<String, Tensor>, Vec<String>) {
     let vars = m.make_trainable().unwrap();
-    let (loss, _) = m.loss(&batch()).unwrap();
+    let view = m.tracked(&vars);
+    let (loss, _) = view.loss(&batch()).unwrap();
     let store = loss.backward().unwrap();
-    let base_got_one = m
+    let base_got_one = view
         .named_parameters()
         .into_iter()
         .filter(|(_, t)| m.has_adapter() && t.rank() == 2 && store.get(t).is_some())

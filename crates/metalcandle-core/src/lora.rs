@@ -144,65 +144,92 @@ impl Decoder {
     /// Attaches fresh adapters (PEFT init) to every targeted linear.
     pub fn add_lora(&mut self, cfg: LoraConfig, seed: u64) -> Result<usize> {
         cfg.validate()?;
+        let targets = self.targeted(&cfg)?;
+        let mut bytes = Some(0u64);
+        for (_, in_f, out_f) in &targets {
+            let n = (*in_f as u64 + *out_f as u64)
+                .checked_mul(cfg.r as u64)
+                .and_then(|n| n.checked_mul(4));
+            bytes = bytes.zip(n).and_then(|(a, b)| a.checked_add(b));
+        }
+        crate::limits::check_bytes("lora", "r", &format!("rank {} adapters", cfg.r), bytes)?;
+        let mut rng = Rng::new(seed);
+        let (dev, r) = (self.device.clone(), cfg.r);
+        self.attach(cfg, &targets, |_, in_f, out_f| {
+            // kaiming_uniform_(a=sqrt(5)) on [r, in]: bound = sqrt(6 / ((1 + 5) * fan_in)) = 1/sqrt(in).
+            let bound = 1.0 / (in_f as f64).sqrt();
+            let a: Vec<f32> = (0..r * in_f)
+                .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
+                .collect();
+            Ok((
+                Tensor::from_vec(a, (r, in_f), &dev)?,
+                Tensor::zeros((out_f, r), candle_core::DType::F32, &dev)?,
+            ))
+        })
+    }
+
+    /// The (name, in, out) of every linear `cfg` targets, before anything is allocated: refused
+    /// when an adapter is already attached or when no linear matches.
+    fn targeted(&mut self, cfg: &LoraConfig) -> Result<Vec<(String, usize, usize)>> {
         if self.has_adapter() {
             return Err(Error::Input(
                 "an adapter is already attached (merge or remove it first)".into(),
             ));
         }
-        let mut bytes = Some(0u64);
-        for lin in self.linears_mut() {
-            if cfg.targets(&lin.name) {
-                let n = (lin.in_features() as u64 + lin.out_features() as u64)
-                    .checked_mul(cfg.r as u64)
-                    .and_then(|n| n.checked_mul(4));
-                bytes = bytes.zip(n).and_then(|(a, b)| a.checked_add(b));
-            }
-        }
-        crate::limits::check_bytes("lora", "r", &format!("rank {} adapters", cfg.r), bytes)?;
-        let mut rng = Rng::new(seed);
-        let (dev, scaling, dropout) = (self.device.clone(), cfg.scaling(), cfg.dropout);
-        let mut count = 0;
-        for lin in self.linears_mut() {
-            if !cfg.targets(&lin.name) {
-                continue;
-            }
-            let (out_f, in_f) = (lin.out_features(), lin.in_features());
-            // kaiming_uniform_(a=sqrt(5)) on [r, in]: bound = sqrt(6 / ((1 + 5) * fan_in)) = 1/sqrt(in).
-            let bound = 1.0 / (in_f as f64).sqrt();
-            let a: Vec<f32> = (0..cfg.r * in_f)
-                .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
-                .collect();
-            lin.lora = Some(Lora {
-                a: Tensor::from_vec(a, (cfg.r, in_f), &dev)?,
-                b: Tensor::zeros((out_f, cfg.r), candle_core::DType::F32, &dev)?,
-                scaling,
-                dropout,
-                merged: false,
-            });
-            count += 1;
-        }
-        if count == 0 {
-            let names: Vec<String> = self
-                .linears_mut()
+        let arch = self.spec.architecture;
+        let linears = self.linears_mut();
+        let targets: Vec<_> = linears
+            .iter()
+            .filter(|l| cfg.targets(&l.name))
+            .map(|l| (l.name.clone(), l.in_features(), l.out_features()))
+            .collect();
+        if targets.is_empty() {
+            let mut modules: Vec<&str> = linears
                 .iter()
-                .map(|l| l.name.rsplit('.').next().unwrap_or("").to_string())
+                .map(|l| l.name.rsplit('.').next().unwrap_or(""))
                 .collect();
-            let mut uniq = names.clone();
-            uniq.sort();
-            uniq.dedup();
+            modules.sort();
+            modules.dedup();
             return Err(Error::config(
                 "lora",
                 "target_modules",
                 format!(
                     "{:?} matches no linear layer of this {} model (its modules: {})",
                     cfg.target_modules,
-                    self.spec.architecture.as_str(),
-                    uniq.join(", ")
+                    arch.as_str(),
+                    modules.join(", ")
                 ),
             ));
         }
+        Ok(targets)
+    }
+
+    /// Gives each of `targets` the adapter `make(name, in, out)` returns as (A, B); all of them
+    /// are made before any is attached, so a failure leaves the model as it was.
+    fn attach(
+        &mut self,
+        cfg: LoraConfig,
+        targets: &[(String, usize, usize)],
+        mut make: impl FnMut(&str, usize, usize) -> Result<(Tensor, Tensor)>,
+    ) -> Result<usize> {
+        let mut made = HashMap::new();
+        for (name, in_f, out_f) in targets {
+            made.insert(name.as_str(), make(name, *in_f, *out_f)?);
+        }
+        let (scaling, dropout) = (cfg.scaling(), cfg.dropout);
+        for lin in self.linears_mut() {
+            if let Some((a, b)) = made.remove(lin.name.as_str()) {
+                lin.lora = Some(Lora {
+                    a,
+                    b,
+                    scaling,
+                    dropout,
+                    merged: false,
+                });
+            }
+        }
         self.lora_config = Some(cfg);
-        Ok(count)
+        Ok(targets.len())
     }
 
     fn adapted(&mut self) -> Result<Vec<&mut Linear>> {
@@ -376,71 +403,69 @@ impl Decoder {
                 ))
             }
         };
+        let dropout = match v.get("lora_dropout") {
+            None | Some(Value::Null) => 0.0,
+            Some(x) => x.as_f64().ok_or_else(|| {
+                Error::config(&ctx, "lora_dropout", format!("must be a number, got {x}"))
+            })?,
+        };
         let cfg = LoraConfig {
             r,
             alpha: num("lora_alpha")?,
-            dropout: v
-                .get("lora_dropout")
-                .and_then(|x| x.as_f64())
-                .unwrap_or(0.0),
+            dropout,
             use_rslora,
             target_modules: targets,
             layers_to_transform: layers,
         };
+        // The same checks as `add_lora`, under the names this file gives the fields.
+        cfg.validate().map_err(|e| match e {
+            Error::Config { key, msg, .. } => {
+                let key = if key == "dropout" {
+                    "lora_dropout".into()
+                } else {
+                    key
+                };
+                Error::config(&ctx, key, msg)
+            }
+            other => other,
+        })?;
+        let targets = self.targeted(&cfg).map_err(|e| match e {
+            Error::Config { key, msg, .. } => Error::config(&ctx, key, msg),
+            other => other,
+        })?;
         let file = dir.join("adapter_model.safetensors");
         if !file.exists() {
             return Err(Error::NotFound(file));
         }
-        let mut saved = candle_core::safetensors::load(&file, &self.device).map_err(|e| {
+        let saved = candle_core::safetensors::load(&file, &self.device).map_err(|e| {
             Error::Weights(format!(
                 "{}: not a readable safetensors file: {e}",
                 file.display()
             ))
         })?;
         // PEFT may write the adapter name into the keys (`lora_A.default.weight`).
-        saved = saved
+        let saved: HashMap<String, Tensor> = saved
             .into_iter()
             .map(|(k, t)| (k.replace(".default.weight", ".weight"), t))
             .collect();
-        // The rank in the config must be the rank of the tensors before any adapter is allocated.
-        for (k, t) in &saved {
-            let rank = match (k.contains("lora_A"), k.contains("lora_B"), t.dims()) {
-                (true, _, [r, _]) => Some(*r),
-                (_, true, [_, r]) => Some(*r),
-                _ => None,
-            };
-            if rank.is_some_and(|x| x != cfg.r) {
-                return Err(Error::Weights(format!(
-                    "{}: tensor `{k}` has shape {:?}, but {ctx} says r = {}",
-                    file.display(),
-                    t.dims(),
-                    cfg.r
-                )));
-            }
-        }
-        self.add_lora(cfg, 0)?;
+        // Every tensor is checked against the modules the config targets before anything is
+        // attached: the adapter is built from the file's tensors, never allocated from `r`.
         let mut problems = vec![];
-        let mut used = 0;
-        for lin in self.linears_mut() {
-            let name = lin.name.clone();
-            let Some(l) = lin.lora.as_mut() else { continue };
-            for (which, slot) in [("lora_A", &mut l.a), ("lora_B", &mut l.b)] {
-                let key = peft_name(&name, which);
+        for (name, in_f, out_f) in &targets {
+            for (which, want) in [("lora_A", [r, *in_f]), ("lora_B", [*out_f, r])] {
+                let key = peft_name(name, which);
                 match saved.get(&key) {
                     None => problems.push(format!("missing tensor `{key}`")),
-                    Some(t) if t.dims() != slot.dims() => problems.push(format!(
-                        "tensor `{key}` has shape {:?}, expected {:?}",
+                    Some(t) if t.dims() != want => problems.push(format!(
+                        "tensor `{key}` has shape {:?}, expected {want:?} ({ctx} says r = {r})",
                         t.dims(),
-                        slot.dims()
                     )),
-                    Some(t) => {
-                        *slot = t.to_dtype(candle_core::DType::F32)?;
-                        used += 1;
-                    }
+                    Some(_) => {}
                 }
             }
         }
-        if used < saved.len() && problems.is_empty() {
+        let used: usize = 2 * targets.len();
+        if problems.is_empty() && used < saved.len() {
             let known: Vec<String> = self
                 .named_parameters()
                 .into_iter()
@@ -459,7 +484,6 @@ impl Decoder {
             }
         }
         if !problems.is_empty() {
-            self.remove_adapter();
             return Err(Error::Weights(format!(
                 "{}: {} problem(s):\n  {}",
                 file.display(),
@@ -467,7 +491,13 @@ impl Decoder {
                 problems.join("\n  ")
             )));
         }
-        Ok(used / 2)
+        let f32 = candle_core::DType::F32;
+        self.attach(cfg, &targets, |name, _, _| {
+            Ok((
+                saved[&peft_name(name, "lora_A")].to_dtype(f32)?,
+                saved[&peft_name(name, "lora_B")].to_dtype(f32)?,
+            ))
+        })
     }
 }
 

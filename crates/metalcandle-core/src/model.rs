@@ -44,6 +44,9 @@ pub struct Decoder {
     pub dtype: DType,
     /// The fused training path's buffers, kept between steps.
     pub(crate) engine: crate::engine::Slot,
+    /// The variables training updates, whose storage the model's tensors share (see
+    /// `make_trainable`); empty until the first step.
+    pub(crate) trainable: Vec<(String, candle_core::Var)>,
 }
 
 /// The keys and values of every layer, and how many tokens they hold.
@@ -204,6 +207,7 @@ impl Decoder {
             device: device.clone(),
             dtype,
             engine: Default::default(),
+            trainable: vec![],
         })
     }
 

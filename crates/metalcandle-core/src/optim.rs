@@ -94,6 +94,25 @@ struct Moments {
     v: Option<Tensor>,
     host: Option<HostMoments>,
     step: u64,
+    /// The file the moments were read from, to name it if they do not fit their parameter.
+    source: Option<String>,
+}
+
+impl Moments {
+    /// Moments read from a file must have the shape of the parameter they are named for.
+    fn check_fits(&self, name: &str, var: &Var) -> Result<()> {
+        for (which, t) in [("exp_avg", &self.m), ("exp_avg_sq", &self.v)] {
+            if let Some(t) = t.as_ref().filter(|t| t.dims() != var.dims()) {
+                return Err(Error::Weights(format!(
+                    "{}: tensor `{name}.{which}` has shape {:?}, but parameter `{name}` has shape {:?}",
+                    self.source.as_deref().unwrap_or("optimizer state"),
+                    t.dims(),
+                    var.dims()
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 struct HostMoments {
@@ -188,13 +207,20 @@ impl Optimizer {
                 v: None,
                 host: None,
                 step: 0,
+                source: None,
             });
+            st.check_fits(name, var)?;
             st.step += 1;
             if c.algorithm == Algorithm::AdamW && crate::ops::adamw::applies(var.as_tensor()) {
                 match g {
                     Grad::Slice(g) => adamw_in_place(&c, wd, st, var, g)?,
                     Grad::Tensor(g) => {
-                        let g = g.to_dtype(candle_core::DType::F32)?.contiguous()?;
+                        let mut g = g.to_dtype(candle_core::DType::F32)?.contiguous()?;
+                        // The update writes the parameter while it reads the gradient: one
+                        // storage for both would wait on its own lock.
+                        if crate::ops::shares_storage(&g, var.as_tensor()) {
+                            g = g.copy()?;
+                        }
                         let (s, l) = g.storage_and_layout();
                         let candle_core::Storage::Cpu(s) = &*s else {
                             return Err(Error::Msg(format!("{name}: gradient not on the CPU")));
@@ -271,8 +297,25 @@ impl Optimizer {
             .map_err(|e| Error::Weights(format!("{}: {e}", file.display())))?;
         let mut state = BTreeMap::new();
         for (name, step) in steps {
+            // Bias correction raises beta to the step count as an i32.
+            if step > i32::MAX as u64 {
+                return Err(Error::config(
+                    &ctx,
+                    format!("steps.{name}"),
+                    format!("{step} is more than {} steps", i32::MAX),
+                ));
+            }
             let m = tensors.remove(&format!("{name}.exp_avg"));
             let v = tensors.remove(&format!("{name}.exp_avg_sq"));
+            for (which, t) in [("exp_avg", &m), ("exp_avg_sq", &v)] {
+                if let Some(t) = t.as_ref().filter(|t| !t.dtype().is_float()) {
+                    return Err(Error::Weights(format!(
+                        "{}: tensor `{name}.{which}` is {:?}, expected a float dtype",
+                        file.display(),
+                        t.dtype()
+                    )));
+                }
+            }
             let needs_v = config.algorithm == Algorithm::AdamW;
             let needs_m =
                 !matches!(config.algorithm, Algorithm::Sgd { momentum, .. } if momentum == 0.0);
@@ -294,6 +337,7 @@ impl Optimizer {
                     v,
                     host: None,
                     step,
+                    source: Some(file.display().to_string()),
                 },
             );
         }
@@ -430,6 +474,7 @@ fn lion(c: &OptimizerConfig, wd: f64, st: &mut Moments, p: &Tensor, g: &Tensor) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
     #[test]
     fn first_steps_follow_the_closed_form() {
@@ -670,6 +715,7 @@ mod tests {
             v: None,
             host: None,
             step: 0,
+            source: None,
         };
         for _ in 0..3 {
             let g = Tensor::randn(0f32, 1.0, 70_000, &dev).unwrap();
@@ -689,20 +735,86 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mc-optim-load-{}", std::process::id()));
         let opt = Optimizer::new(OptimizerConfig::default()).unwrap();
         opt.save(&dir).unwrap();
-        let path = dir.join("optimizer.json");
-        let mut meta: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        meta["config"]["eps"] = serde_json::json!(0.0);
-        std::fs::write(&path, meta.to_string()).unwrap();
-        let e = Optimizer::new(OptimizerConfig::default())
-            .unwrap()
-            .load(&dir, &Device::Cpu)
-            .unwrap_err()
-            .to_string();
+        edit_meta(&dir, |meta| meta["config"]["eps"] = serde_json::json!(0.0));
+        let e = load_error(&dir);
         assert!(
             e.contains("optimizer.json") && e.contains("config.eps"),
             "{e}"
         );
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    fn load_error(dir: &Path) -> String {
+        let mut opt = Optimizer::new(OptimizerConfig::default()).unwrap();
+        opt.load(dir, &Device::Cpu).unwrap_err().to_string()
+    }
+
+    fn edit_meta(dir: &Path, edit: impl Fn(&mut serde_json::Value)) {
+        let path = dir.join("optimizer.json");
+        let mut meta = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(&mut meta);
+        std::fs::write(&path, meta.to_string()).unwrap();
+    }
+
+    /// An AdamW state saved after one step on `w` ([3]), its moments then rewritten by `edit`.
+    fn saved_state(tag: &str, edit: impl Fn(&mut HashMap<String, Tensor>)) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("mc-optim-{tag}-{}", std::process::id()));
+        let var = Var::from_tensor(&Tensor::ones(3, DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let grads: HashMap<String, Tensor> = [("w".to_string(), var.as_tensor().clone())].into();
+        let mut opt = Optimizer::new(OptimizerConfig::default()).unwrap();
+        opt.step(&[("w".into(), var)], &grads).unwrap();
+        opt.save(&dir).unwrap();
+        let file = dir.join("optimizer.safetensors");
+        let mut t = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+        edit(&mut t);
+        candle_core::safetensors::save(&t, &file).unwrap();
+        dir
+    }
+
+    #[test]
+    fn loaded_moments_must_fit_their_parameter() {
+        let dir = saved_state("shape", |t| {
+            t.insert(
+                "w.exp_avg".into(),
+                Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap(),
+            );
+        });
+        let mut opt = Optimizer::new(OptimizerConfig::default()).unwrap();
+        opt.load(&dir, &Device::Cpu).unwrap();
+        let var = Var::from_tensor(&Tensor::ones(3, DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let grads: HashMap<String, Tensor> = [("w".to_string(), var.as_tensor().clone())].into();
+        let e = opt
+            .step(&[("w".into(), var)], &grads)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("optimizer.safetensors") && e.contains("`w.exp_avg` has shape [5]"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(dir).ok();
+
+        let dir = saved_state("dtype", |t| {
+            t.insert(
+                "w.exp_avg_sq".into(),
+                Tensor::zeros(3, DType::U8, &Device::Cpu).unwrap(),
+            );
+        });
+        let e = load_error(&dir);
+        assert!(
+            e.contains("optimizer.safetensors") && e.contains("`w.exp_avg_sq` is U8"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn a_step_count_beyond_the_bias_correction_is_refused() {
+        let dir = saved_state("steps", |_| {});
+        edit_meta(&dir, |meta| {
+            meta["steps"]["w"] = serde_json::json!(1u64 << 40)
+        });
+        let e = load_error(&dir);
+        assert!(e.contains("optimizer.json") && e.contains("steps.w"), "{e}");
         std::fs::remove_dir_all(dir).ok();
     }
 }

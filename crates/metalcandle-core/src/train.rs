@@ -135,19 +135,9 @@ impl LossParts {
 }
 
 impl Decoder {
-    /// The parameters a step trains: the adapter matrices when an adapter is attached (the
-    /// base stays untracked, so no gradient is ever computed for it), else every parameter.
-    /// Turns them into variables in place, once; later calls return the same variables.
-    pub fn make_trainable(&mut self) -> Result<Vec<(String, Var)>> {
-        let mut vars = vec![];
-        let mut err = None;
-        let mut to_var = |name: &str, t: &mut Tensor| match Var::from_tensor(t) {
-            Ok(v) => {
-                *t = v.as_tensor().clone();
-                vars.push((name.to_string(), v));
-            }
-            Err(e) => err = Some(e),
-        };
+    /// What a training step updates, by name: the adapter matrices when an adapter is attached
+    /// (the base stays frozen), else every parameter. Reads the model; changes nothing.
+    pub fn trainable_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         if !self.has_adapter() && self.is_quantized() {
             return Err(Error::Input(
                 "a quantized model cannot be trained in full: attach a LoRA adapter (the base \
@@ -155,16 +145,64 @@ impl Decoder {
                     .into(),
             ));
         }
+        let mut out = vec![];
+        let mut this = self.clone();
+        let mut push = |name: &str, t: &mut Tensor| out.push((name.to_string(), t.clone()));
         if self.has_adapter() {
-            self.visit_mut(&mut |_, t| *t = t.detach());
-            self.visit_adapter_mut(&mut to_var);
+            this.visit_adapter_mut(&mut push);
         } else {
-            self.visit_mut(&mut to_var);
+            this.visit_mut(&mut push);
         }
-        match err {
-            Some(e) => Err(e.into()),
-            None => Ok(vars),
+        Ok(out)
+    }
+
+    /// The variables a step trains (see [`Decoder::trainable_tensors`]), made once and kept.
+    /// The model itself holds untracked views of their storage, so a forward outside a step
+    /// records no graph and needs no copy of the model, while the optimizer's in-place updates
+    /// are what the model reads. A tensor replaced since (a merge, a load, quantization) gets a
+    /// fresh variable with its current value.
+    pub fn make_trainable(&mut self) -> Result<Vec<(String, Var)>> {
+        let wanted = self.trainable_tensors()?;
+        let current = wanted.len() == self.trainable.len()
+            && wanted
+                .iter()
+                .zip(&self.trainable)
+                .all(|((n, t), (m, v))| n == m && ops::shares_storage(t, v.as_tensor()));
+        if !current {
+            self.trainable = wanted
+                .iter()
+                .map(|(n, t)| Ok((n.clone(), Var::from_tensor(&t.detach())?)))
+                .collect::<candle_core::Result<_>>()?;
+            let views: HashMap<String, Tensor> = self
+                .trainable
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+                .collect();
+            self.replace_tensors(&views);
         }
+        Ok(self.trainable.clone())
+    }
+
+    /// The model with `vars` in place of the tensors they are named for: the view the composed
+    /// step differentiates (it shares every weight with the model).
+    pub fn tracked(&self, vars: &[(String, Var)]) -> Decoder {
+        let mut view = self.clone();
+        let vars: HashMap<String, Tensor> = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        view.replace_tensors(&vars);
+        view
+    }
+
+    fn replace_tensors(&mut self, by_name: &HashMap<String, Tensor>) {
+        let mut put = |name: &str, t: &mut Tensor| {
+            if let Some(new) = by_name.get(name) {
+                *t = new.clone();
+            }
+        };
+        self.visit_mut(&mut put);
+        self.visit_adapter_mut(&mut put);
     }
 
     /// A view of the model that records no autograd graph (shares every weight).
@@ -263,23 +301,28 @@ impl Decoder {
     /// Token-weighted mean loss over batches, without gradients.
     /// Under QAT, the loss of the rounded weights: what the quantized model will score.
     pub fn eval_loss(&self, batches: &[Batch]) -> Result<f64> {
-        self.detached()
-            .with_fake_quant(|model| model.mean_loss(batches))
-    }
-
-    fn mean_loss(&self, batches: &[Batch]) -> Result<f64> {
-        let (mut sum, mut count) = (0.0, 0usize);
-        for b in batches {
-            let (loss, n) = self.loss(b)?;
-            sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * n as f64;
-            count += n;
-        }
+        let (sum, count) = self.eval_loss_sum(batches)?;
         if count == 0 {
             return Err(Error::Input(
                 "no label tokens to evaluate (all labels are -100)".into(),
             ));
         }
         Ok(sum / count as f64)
+    }
+
+    /// The summed loss over every label token of `batches`, and how many there were: what
+    /// data-parallel workers add up before they divide.
+    pub fn eval_loss_sum(&self, batches: &[Batch]) -> Result<(f64, usize)> {
+        // A view, since rounding the weights for QAT replaces them for the call's duration.
+        self.detached().with_fake_quant(|model| {
+            let (mut sum, mut count) = (0.0, 0usize);
+            for b in batches {
+                let (loss, n) = model.loss(b)?;
+                sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * n as f64;
+                count += n;
+            }
+            Ok((sum, count))
+        })
     }
 }
 
@@ -365,10 +408,10 @@ pub fn train_step_with(
             path,
         });
     }
-    model.set_training(true);
-    let result = model.with_fake_quant(|m| accumulate(m, &vars, micro_batches, total, masks));
-    model.set_training(false);
-    let (mut loss, mut aux, mut grads) = result?;
+    let mut tracked = model.tracked(&vars);
+    tracked.set_training(true);
+    let (mut loss, mut aux, mut grads) =
+        tracked.with_fake_quant(|m| accumulate(m, &vars, micro_batches, total, masks))?;
     if let Some(r) = opts.reducer {
         (loss, aux) = sum_over_workers(r, model, &vars, loss, aux, &mut grads)?;
     }

@@ -1,4 +1,4 @@
-//! numpy <-> candle, and core errors -> Python exceptions.
+//! numpy <-> candle, serde values -> Python objects, and core errors -> Python exceptions.
 
 use candle_core::{Device, Tensor};
 use metalcandle_core::Error;
@@ -19,6 +19,43 @@ pub fn to_py_err(e: Error) -> PyErr {
 
 pub fn candle_err(e: candle_core::Error) -> PyErr {
     to_py_err(Error::Candle(e))
+}
+
+/// A serde value as the Python object `json.loads` gives for its JSON: dicts, lists, str, int,
+/// float, bool and None, so Python gets data, not text to parse.
+pub fn to_py<T: serde::Serialize>(py: Python<'_>, value: &T) -> PyResult<Py<PyAny>> {
+    let v = serde_json::to_value(value).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    json_to_py(py, &v)
+}
+
+fn json_to_py(py: Python<'_>, v: &serde_json::Value) -> PyResult<Py<PyAny>> {
+    use pyo3::types::{PyDict, PyList};
+    use pyo3::IntoPyObjectExt;
+    use serde_json::Value;
+    match v {
+        Value::Null => Ok(py.None()),
+        Value::Bool(b) => b.into_py_any(py),
+        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => i.into_py_any(py),
+            (None, Some(u)) => u.into_py_any(py),
+            _ => n.as_f64().unwrap_or(f64::NAN).into_py_any(py),
+        },
+        Value::String(s) => s.into_py_any(py),
+        Value::Array(a) => {
+            let items = a
+                .iter()
+                .map(|x| json_to_py(py, x))
+                .collect::<PyResult<Vec<_>>>()?;
+            PyList::new(py, items)?.into_py_any(py)
+        }
+        Value::Object(m) => {
+            let d = PyDict::new(py);
+            for (k, x) in m {
+                d.set_item(k, json_to_py(py, x)?)?;
+            }
+            d.into_py_any(py)
+        }
+    }
 }
 
 /// A 2-D int64 array as (row-major values, (rows, cols)).

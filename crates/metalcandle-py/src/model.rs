@@ -1,6 +1,6 @@
 //! `_core.Model` and `_core.KvCache`.
 
-use crate::convert::{candle_err, ids_tensor, read_i64_2d, to_numpy, to_py_err};
+use crate::convert::{candle_err, ids_tensor, read_i64_2d, to_numpy, to_py, to_py_err};
 use crate::hooks;
 use crate::quant;
 use candle_core::{Device, Tensor};
@@ -139,14 +139,14 @@ impl PyModel {
         self.inner.spec.max_position_embeddings
     }
 
-    /// The model's config.json as text.
-    fn config_json(&self) -> String {
-        self.inner.config.to_string()
+    /// The model's config.json.
+    fn config(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        to_py(py, &self.inner.config)
     }
 
-    /// The resolved ModelSpec as JSON text.
-    fn spec_json(&self) -> String {
-        serde_json::to_string(&self.inner.spec).unwrap_or_default()
+    /// The resolved ModelSpec.
+    fn spec(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        to_py(py, &self.inner.spec)
     }
 
     fn num_parameters(&self) -> usize {
@@ -216,7 +216,8 @@ impl PyModel {
         output_hidden_states: bool,
     ) -> PyResult<(Array<'py>, Option<Array<'py>>)> {
         let inp = self.inputs(input_ids, attention_mask, position_ids)?;
-        let model = self.inner.detached();
+        // The model holds no variables (training keeps them apart), so it records no graph.
+        let model = &self.inner;
         let (logits, hidden) = hooks::detach_running_hooks(py, || {
             let opts = ForwardOptions {
                 attention_mask: inp.mask.as_deref(),
@@ -247,7 +248,7 @@ impl PyModel {
         position_ids: Option<PyReadonlyArray2<'py, i64>>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let inp = self.inputs(input_ids, attention_mask, position_ids)?;
-        let (model, cache) = (self.inner.detached(), &mut cache.inner);
+        let (model, cache) = (&self.inner, &mut cache.inner);
         let logits = hooks::detach_running_hooks(py, || {
             let opts = ForwardOptions {
                 attention_mask: inp.mask.as_deref(),
@@ -309,22 +310,20 @@ impl PyModel {
         self.inner.has_adapter()
     }
 
-    /// The LoRA config as JSON text, or None.
-    fn lora_config_json(&self) -> Option<String> {
-        self.inner
-            .lora_config
-            .as_ref()
-            .and_then(|c| serde_json::to_string(c).ok())
+    /// The LoRA config, or None.
+    fn lora_config(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        to_py(py, &self.inner.lora_config)
     }
 
     /// Names and arrays of what a training step updates (adapter matrices, or every parameter).
     fn trainable_parameters<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
     ) -> PyResult<Vec<(String, Bound<'py, PyArrayDyn<f32>>)>> {
-        let vars = self.inner.make_trainable().map_err(to_py_err)?;
-        vars.iter()
-            .map(|(n, v)| Ok((n.clone(), to_numpy(py, v.as_tensor())?)))
+        let tensors = self.inner.trainable_tensors().map_err(to_py_err)?;
+        tensors
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), to_numpy(py, t)?)))
             .collect()
     }
 
@@ -371,7 +370,7 @@ impl PyModel {
 
     /// Quantizes matrices in place: `default` for every one, `overrides` (module name or glob
     /// -> format, or "f32" to keep float) before it, `skip` globs kept float. Returns the
-    /// report as JSON text.
+    /// report.
     #[pyo3(signature = (default, overrides, skip))]
     fn quantize(
         &mut self,
@@ -379,11 +378,11 @@ impl PyModel {
         default: Option<String>,
         overrides: HashMap<String, String>,
         skip: Vec<String>,
-    ) -> PyResult<String> {
+    ) -> PyResult<Py<PyAny>> {
         let choose = quant::chooser(default.as_deref(), &overrides, &skip).map_err(to_py_err)?;
         let model = &mut self.inner;
         let report = py.detach(|| model.quantize(&*choose)).map_err(to_py_err)?;
-        json_text(&report)
+        to_py(py, &report)
     }
 
     /// Turns quantization-aware training on, choosing formats as `quantize` does; returns
@@ -425,19 +424,19 @@ impl PyModel {
         self.inner.is_quantized()
     }
 
-    fn quantization_info(&self) -> PyResult<String> {
-        json_text(&self.inner.quantization_info())
+    fn quantization_info(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        to_py(py, &self.inner.quantization_info())
     }
 
     /// Records each matrix's inputs on `batches` and measures every candidate format's
-    /// output error on them; JSON text per module, with the chosen format.
+    /// output error on them; the errors per module, with the chosen format.
     fn calibrate(
         &mut self,
         py: Python<'_>,
         batches: Vec<PyReadonlyArray2<'_, i64>>,
         candidates: Vec<String>,
         tolerance: f64,
-    ) -> PyResult<String> {
+    ) -> PyResult<Py<PyAny>> {
         let ids = batches
             .iter()
             .map(|b| {
@@ -452,7 +451,7 @@ impl PyModel {
             .map_err(to_py_err)?;
         let model = &mut self.inner;
         let out = hooks::detach_running_hooks(py, || model.calibrate(&ids, &formats, tolerance))?;
-        json_text(&out)
+        to_py(py, &out)
     }
 
     /// Writes the model (float, quantized or mixed) as one GGUF file, with the tokenizer.
@@ -573,8 +572,4 @@ impl PyModel {
 fn parse_params(text: &str) -> PyResult<serde_json::Value> {
     serde_json::from_str(text)
         .map_err(|e| PyValueError::new_err(format!("hook parameters: invalid JSON: {e}")))
-}
-
-fn json_text<T: serde::Serialize>(value: &T) -> PyResult<String> {
-    serde_json::to_string(value).map_err(|e| PyValueError::new_err(e.to_string()))
 }

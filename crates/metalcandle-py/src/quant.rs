@@ -1,6 +1,6 @@
 //! Quantization choices from Python arguments, and GGUF inspection functions.
 
-use crate::convert::to_py_err;
+use crate::convert::{to_py, to_py_err};
 use candle_core::quantized::GgmlDType;
 use metalcandle_core::quant::{gguf, glob_match, parse_format};
 use pyo3::prelude::*;
@@ -54,11 +54,11 @@ pub fn gguf_tokenizer_json(py: Python<'_>, path: PathBuf) -> PyResult<Option<Str
         .map_err(to_py_err)
 }
 
-/// A GGUF file's metadata as JSON text (arrays summarised by their length).
+/// A GGUF file's metadata (arrays summarised by their length).
 #[pyfunction]
-pub fn gguf_metadata(py: Python<'_>, path: PathBuf) -> PyResult<String> {
+pub fn gguf_metadata(py: Python<'_>, path: PathBuf) -> PyResult<Py<PyAny>> {
     let md = py
         .detach(|| gguf::gguf_metadata(&path))
         .map_err(to_py_err)?;
-    Ok(md.to_string())
+    to_py(py, &md)
 }

@@ -1,6 +1,6 @@
 //! `_core.Optimizer`, `_core.train_step` and `_core.eval_loss`.
 
-use crate::convert::{ids_tensor, read_i64_2d, to_py_err};
+use crate::convert::{ids_tensor, read_i64_2d, to_py, to_py_err};
 use crate::hooks;
 use crate::model::PyModel;
 use metalcandle_core::optim::{Algorithm, Optimizer, OptimizerConfig};
@@ -75,8 +75,8 @@ impl PyOptimizer {
         Ok(())
     }
 
-    fn config_json(&self) -> String {
-        serde_json::to_string(&self.inner.config).unwrap_or_default()
+    fn config(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        to_py(py, &self.inner.config)
     }
 
     /// Per-parameter step counts.
@@ -238,7 +238,7 @@ pub fn train_step(
     ))
 }
 
-/// Token-weighted mean loss without gradients.
+/// The summed loss over every label token, and the number of those tokens, without gradients.
 #[pyfunction]
 #[pyo3(signature = (model, input_ids, labels, attention_mask = None, pre_shifted = false))]
 pub fn eval_loss(
@@ -248,8 +248,8 @@ pub fn eval_loss(
     labels: Vec<Arr<'_>>,
     attention_mask: Option<Vec<Arr<'_>>>,
     pre_shifted: bool,
-) -> PyResult<f64> {
+) -> PyResult<(f64, usize)> {
     let b = batches(&model, input_ids, labels, attention_mask, pre_shifted)?;
     let m = &model.inner;
-    hooks::detach_running_hooks(py, || m.eval_loss(&b))
+    hooks::detach_running_hooks(py, || m.eval_loss_sum(&b))
 }

@@ -76,7 +76,8 @@ fn composed(m: &mut Decoder, batches: &[Batch]) -> Grads {
     let vars = m.make_trainable().unwrap();
     let total = total_tokens(batches);
     let masks = step_masks(m, 2);
-    let (loss, _, g) = crate::train::accumulate(m, &vars, batches, total, masks).unwrap();
+    let view = m.tracked(&vars);
+    let (loss, _, g) = crate::train::accumulate(&view, &vars, batches, total, masks).unwrap();
     (loss, g)
 }
 
@@ -293,7 +294,10 @@ fn trajectories_match_the_composed_path() {
 }
 
 /// A LoRA adapter on every linear of `config` (B made nonzero, so A gets a gradient too):
-/// each adapter gradient within 1e-5 of the composed path's scale, the base frozen.
+/// each adapter gradient within 2e-5 of the composed path's scale, the base frozen. An A
+/// gradient is two matmuls deep in the adapter (B's transpose, then the inputs summed over the
+/// batch's tokens), each summed in a different order by the two paths: 1.3e-5 was measured on
+/// AVX2, where gemm's kernels block the sums differently than with AVX-512.
 fn check_lora(config: Value, batches: &[Batch]) {
     let mut m = model(config, 3);
     let adapted = m
@@ -328,7 +332,7 @@ fn check_lora(config: Value, batches: &[Batch]) {
         let (scale, diff) = (max_abs(c), max_abs(&(f - c).unwrap()));
         assert!(scale > 0.0, "{name}: zero gradient on the composed path");
         assert!(
-            diff <= 1e-5 * scale,
+            diff <= 2e-5 * scale,
             "{name}: |fused - composed| {diff} vs scale {scale}"
         );
     }

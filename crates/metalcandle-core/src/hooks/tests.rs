@@ -90,7 +90,7 @@ fn stop_gradient_zeroes_exactly_the_gradients_upstream_of_its_point() {
     m.hooks
         .add_backward("layers.0.residual", BackwardAction::StopGradient);
     let vars = m.make_trainable().unwrap();
-    let (loss, _) = m.loss(&batch()).unwrap();
+    let (loss, _) = m.tracked(&vars).loss(&batch()).unwrap();
     let grads = loss.backward().unwrap();
     for (name, v) in &vars {
         let upstream = name.starts_with("model.embed_tokens") || name.contains("layers.0.");
@@ -108,7 +108,7 @@ fn stop_gradient_zeroes_exactly_the_gradients_upstream_of_its_point() {
 fn backward_scale_multiplies_every_upstream_gradient() {
     let grads_of = |m: &mut Decoder| {
         let vars = m.make_trainable().unwrap();
-        let (loss, _) = m.loss(&batch()).unwrap();
+        let (loss, _) = m.tracked(&vars).loss(&batch()).unwrap();
         let store = loss.backward().unwrap();
         vars.iter()
             .map(|(_, v)| store.get(v).unwrap().clone())

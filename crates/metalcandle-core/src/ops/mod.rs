@@ -28,6 +28,14 @@ pub mod swiglu;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+/// Whether two tensors are views of one storage (a variable and the model's view of it).
+pub fn shares_storage(a: &Tensor, b: &Tensor) -> bool {
+    // Each guard is dropped before the next is taken: no lock is held twice.
+    let pa: *const candle_core::Storage = &*a.storage_and_layout().0;
+    let pb: *const candle_core::Storage = &*b.storage_and_layout().0;
+    std::ptr::eq(pa, pb) && a.layout() == b.layout()
+}
+
 #[cfg(test)]
 pub(crate) mod gradcheck;
 
