@@ -8,6 +8,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 use metalcandle_core::nn::Weight;
 use metalcandle_core::ops;
+use metalcandle_core::rng::Rng;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,15 +24,11 @@ fn median_ms(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(t[runs / 2])
 }
 
-fn randn(shape: &[usize], seed: u64) -> Result<Tensor> {
-    // Distinct but fixed values per input.
+/// Seeded values, uniform in [-1, 1).
+fn uniform(shape: &[usize], seed: u64) -> Result<Tensor> {
+    let mut rng = Rng::new(seed);
     let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|i| {
-            (((i as u64).wrapping_mul(2654435761).wrapping_add(seed * 97) % 1000) as f32 / 500.0)
-                - 1.0
-        })
-        .collect();
+    let v: Vec<f32> = (0..n).map(|_| 2.0 * rng.uniform() as f32 - 1.0).collect();
     Tensor::from_vec(v, shape, &Device::Cpu)
 }
 
@@ -51,7 +48,7 @@ fn case(
         .map(|t| Var::from_tensor(t).map(|v| v.as_tensor().clone()))
         .collect::<Result<_>>()?;
     let y = ours(inputs)?;
-    let w = randn(y.dims(), 9)?;
+    let w = uniform(y.dims(), 9)?;
     let fwd = |f: &dyn Fn(&[Tensor]) -> Result<Tensor>| median_ms(runs, || f(inputs).map(|_| ()));
     let both = |f: &dyn Fn(&[Tensor]) -> Result<Tensor>| {
         median_ms(runs, || (f(&vars)? * &w)?.sum_all()?.backward().map(|_| ()))
@@ -73,8 +70,8 @@ fn case(
 /// One decoding step's product `x @ W^T`, x [1, in], for a quantized W: ours against
 /// candle's quantized matmul, forward only (a decoding step has no backward).
 fn decode_case(format: GgmlDType, n: usize, k: usize) -> Result<()> {
-    let w = Arc::new(QTensor::quantize(&(randn(&[n, k], 15)? * 0.02)?, format)?);
-    let x = randn(&[1, k], 16)?;
+    let w = Arc::new(QTensor::quantize(&(uniform(&[n, k], 15)? * 0.02)?, format)?);
+    let x = uniform(&[1, k], 16)?;
     let candle = QMatMul::from_arc(w.clone())?;
     let ours = median_ms(51, || ops::quantized_linear(&x, &w).map(|_| ()))?;
     let theirs = median_ms(51, || candle.forward(&x).map(|_| ()))?;
@@ -89,9 +86,9 @@ fn decode_case(format: GgmlDType, n: usize, k: usize) -> Result<()> {
 /// A prefill product `x @ W^T`, x [256, in], for a quantized W: ours against candle's
 /// quantized matmul and against the float32 matmul of the same weight.
 fn prefill_case(format: GgmlDType, m: usize, n: usize, k: usize) -> Result<()> {
-    let wf = (randn(&[n, k], 17)? * 0.02)?;
+    let wf = (uniform(&[n, k], 17)? * 0.02)?;
     let w = Arc::new(QTensor::quantize(&wf, format)?);
-    let x = randn(&[m, k], 18)?;
+    let x = uniform(&[m, k], 18)?;
     let candle = QMatMul::from_arc(w.clone())?;
     let ours = median_ms(7, || ops::quantized_linear(&x, &w).map(|_| ()))?;
     let theirs = median_ms(7, || candle.forward(&x).map(|_| ()))?;
@@ -116,9 +113,9 @@ fn main() -> Result<()> {
         return Ok(());
     }
     println!("kernel (ours vs composed candle), medians of 7, f32 on the CPU");
-    let x = randn(&[1, t, h], 1)?;
-    let g = randn(&[h], 2)?;
-    let b = randn(&[h], 3)?;
+    let x = uniform(&[1, t, h], 1)?;
+    let g = uniform(&[h], 2)?;
+    let b = uniform(&[h], 3)?;
     case(
         "rms_norm [256, 896]",
         &[x.clone(), g.clone()],
@@ -131,9 +128,9 @@ fn main() -> Result<()> {
         &|a| ops::layer_norm(&a[0], &a[1], &a[2], 1e-5),
         &|a| ops::layer_norm::layer_norm_composed(&a[0], &a[1], &a[2], 1e-5),
     )?;
-    let q = randn(&[1, t, heads, hd], 4)?;
-    let cos = randn(&[1, t, hd / 2], 5)?;
-    let sin = randn(&[1, t, hd / 2], 6)?;
+    let q = uniform(&[1, t, heads, hd], 4)?;
+    let cos = uniform(&[1, t, hd / 2], 5)?;
+    let sin = uniform(&[1, t, hd / 2], 6)?;
     let (c2, s2) = (cos.clone(), sin.clone());
     case(
         "rope [256, 14, 64]",
@@ -141,7 +138,7 @@ fn main() -> Result<()> {
         &|a| ops::rope(&a[0], &cos, &sin),
         &|a| ops::rope::rope_composed(&a[0], &c2, &s2),
     )?;
-    let scores = randn(&[1, heads, t, t], 7)?;
+    let scores = uniform(&[1, heads, t, t], 7)?;
     case(
         "softmax [14, 256, 256]",
         std::slice::from_ref(&scores),
@@ -151,7 +148,10 @@ fn main() -> Result<()> {
     let mask =
         metalcandle_core::nn::mask::attention_mask(1, t, 0, None, None, DType::F32, &Device::Cpu)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    let (q, k) = (randn(&[1, 2, 7 * t, hd], 17)?, randn(&[1, 2, t, hd], 18)?);
+    let (q, k) = (
+        uniform(&[1, 2, 7 * t, hd], 17)?,
+        uniform(&[1, 2, t, hd], 18)?,
+    );
     case(
         "attention probs 14 heads / 2 kv",
         &[q, k],
@@ -162,15 +162,15 @@ fn main() -> Result<()> {
             candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((1, 2, 7 * t, t))
         },
     )?;
-    let gate = randn(&[1, t, ff], 8)?;
-    let up = randn(&[1, t, ff], 9)?;
+    let gate = uniform(&[1, t, ff], 8)?;
+    let up = uniform(&[1, t, ff], 9)?;
     case(
         "swiglu [256, 4864]",
         &[gate, up],
         &|a| ops::swiglu(&a[0], &a[1]),
         &|a| a[0].silu()? * &a[1],
     )?;
-    let w = (randn(&[ff, h], 10)? * 0.02)?;
+    let w = (uniform(&[ff, h], 10)? * 0.02)?;
     let w2 = w.clone();
     case(
         "frozen linear 896 -> 4864",
@@ -179,10 +179,10 @@ fn main() -> Result<()> {
         &|a| a[0].broadcast_matmul(&w2.t()?),
     )?;
     let (la, lb) = (
-        (randn(&[8, h], 11)? * 0.01)?,
-        (randn(&[ff, 8], 12)? * 0.01)?,
+        (uniform(&[8, h], 11)? * 0.01)?,
+        (uniform(&[ff, 8], 12)? * 0.01)?,
     );
-    let wf = Weight::Float((randn(&[ff, h], 10)? * 0.02)?);
+    let wf = Weight::Float((uniform(&[ff, h], 10)? * 0.02)?);
     let w3 = wf.to_float()?;
     case(
         "lora linear 896 -> 4864, r=8",
@@ -196,8 +196,8 @@ fn main() -> Result<()> {
                     * 2.0)?
         },
     )?;
-    let hidden = randn(&[t, h], 13)?;
-    let head = (randn(&[vocab, h], 14)? * 0.02)?;
+    let hidden = uniform(&[t, h], 13)?;
+    let head = (uniform(&[vocab, h], 14)? * 0.02)?;
     let labels: Vec<i64> = (0..t as i64).map(|i| (i * 7919) % vocab as i64).collect();
     let (head2, l2) = (head.clone(), labels.clone());
     case(

@@ -6,46 +6,18 @@
 use crate::model::{Decoder, ForwardOptions};
 use crate::ops::device_path;
 use crate::optim::{Optimizer, OptimizerConfig};
-use crate::spec::ModelSpec;
+use crate::testing::{lm_batch, tiny_gpt2, tiny_llama};
 use crate::train::{train_step, Batch};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
-use serde_json::json;
 use std::collections::HashMap;
 
-fn model(config: serde_json::Value) -> Decoder {
-    let spec = ModelSpec::from_hf_config(&config, "config").unwrap();
-    Decoder::random(spec, config, 5, &Device::Cpu).unwrap()
-}
-
-/// RMSNorm, RoPE, SwiGLU, grouped-query attention, untied head.
-fn llama() -> Decoder {
-    model(json!({
-        "model_type": "llama", "vocab_size": 48, "hidden_size": 32,
-        "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": false
-    }))
-}
-
-/// LayerNorm, GELU, learned positions, biases, fused QKV, tied head.
-fn gpt2() -> Decoder {
-    model(json!({
-        "model_type": "gpt2", "vocab_size": 48, "n_embd": 32, "n_head": 4, "n_layer": 2,
-        "n_positions": 64
-    }))
-}
-
+/// One ignored label and one padded key.
 fn batch() -> Batch {
-    let ids: Vec<u32> = vec![3, 9, 27, 1, 44, 8, 15, 2, 30, 7, 19, 5];
-    let mut labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
-    labels[4] = -100;
-    Batch {
-        ids: Tensor::from_vec(ids, (2, 6), &Device::Cpu).unwrap(),
-        labels,
-        attention_mask: Some(vec![1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1]),
-        pre_shifted: false,
-    }
+    let mut b = lm_batch(vec![3, 9, 27, 1, 44, 8, 15, 2, 30, 7, 19, 5], 2);
+    b.labels[4] = -100;
+    b.attention_mask = Some(vec![1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1]);
+    b
 }
 
 fn lora(m: &mut Decoder) {
@@ -116,13 +88,13 @@ fn assert_same_gradients(mut m: Decoder) {
 
 #[test]
 fn full_fine_tune_gradients_match_the_kernels() {
-    assert_same_gradients(llama());
-    assert_same_gradients(gpt2());
+    assert_same_gradients(tiny_llama(5));
+    assert_same_gradients(tiny_gpt2(5));
 }
 
 #[test]
 fn lora_gradients_match_the_kernels_and_leave_the_base_alone() {
-    for mut m in [llama(), gpt2()] {
+    for mut m in [tiny_llama(5), tiny_gpt2(5)] {
         lora(&mut m);
         step(&mut m);
         assert_same_gradients(m);
@@ -131,7 +103,7 @@ fn lora_gradients_match_the_kernels_and_leave_the_base_alone() {
 
 #[test]
 fn qlora_gradients_match_the_kernels() {
-    let mut m = llama();
+    let mut m = tiny_llama(5);
     m.quantize(&|_| Some(GgmlDType::Q8_0)).unwrap();
     lora(&mut m);
     step(&mut m);
@@ -157,8 +129,8 @@ fn training_steps_follow_the_kernels() {
             .collect();
         (losses, weights)
     };
-    let (want_loss, want_w) = run(&mut llama());
-    let (got_loss, got_w) = device_path::run(|| run(&mut llama()));
+    let (want_loss, want_w) = run(&mut tiny_llama(5));
+    let (got_loss, got_w) = device_path::run(|| run(&mut tiny_llama(5)));
     for (a, b) in want_loss.iter().zip(&got_loss) {
         assert!((a - b).abs() < 1e-5, "loss {a} vs {b}");
     }
@@ -173,7 +145,7 @@ fn training_steps_follow_the_kernels() {
 /// logits for the whole sequence on the kernels.
 #[test]
 fn cached_decoding_matches_the_full_forward() {
-    let m = llama();
+    let m = tiny_llama(5);
     let prompt = [3u32, 9, 27, 1];
     let steps = 6;
     let (tokens, cached) = device_path::run(|| {
@@ -214,7 +186,7 @@ fn cached_decoding_matches_the_full_forward() {
 /// Half precision runs on the composed path everywhere; its loss stays near f32's.
 #[test]
 fn bf16_loss_is_near_f32() {
-    let m = llama();
+    let m = tiny_llama(5);
     let (want, _) = m.detached().loss(&batch()).unwrap();
     let mut half = m.clone();
     half.visit_mut(&mut |_, t| *t = t.to_dtype(DType::BF16).unwrap());

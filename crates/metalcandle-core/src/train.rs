@@ -588,16 +588,7 @@ pub(crate) fn accumulate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::ModelSpec;
     use candle_core::Device;
-
-    fn tiny() -> Decoder {
-        let config = serde_json::json!({"model_type": "llama", "vocab_size": 50, "hidden_size": 16,
-            "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "max_position_embeddings": 16});
-        let spec = ModelSpec::from_hf_config(&config, "config").unwrap();
-        Decoder::random(spec, config, 3, &Device::Cpu).unwrap()
-    }
 
     fn batch(ids: &[u32], labels: Vec<i64>, pre_shifted: bool) -> Batch {
         Batch {
@@ -610,7 +601,7 @@ mod tests {
 
     #[test]
     fn pre_shifted_targets_are_the_shifted_labels_plus_the_last_position() {
-        let m = tiny();
+        let m = crate::testing::tiny_llama(3);
         let w: Vec<u32> = vec![4, 9, 17, 2, 33, 8, 21];
         let (x, y) = (&w[..6], &w[1..]);
         let as_labels = |v: &[u32]| v.iter().map(|&i| i as i64).collect::<Vec<_>>();

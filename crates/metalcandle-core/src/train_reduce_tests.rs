@@ -2,12 +2,9 @@
 
 use super::*;
 use crate::optim::{Algorithm, OptimizerConfig};
+use crate::testing::tiny_llama;
 use candle_core::Device;
 use std::sync::{Arc, Barrier, Mutex};
-
-fn tiny() -> Decoder {
-    crate::testing::llama(48, 32, 64, false, 5)
-}
 
 /// Rows `rows` of a fixed [4, 6] batch whose labels are masked unevenly (row 3 entirely), so
 /// the workers hold different numbers of label tokens and one holds none in a micro-batch.
@@ -106,7 +103,7 @@ const STEPS: usize = 3;
 #[test]
 fn two_workers_take_the_single_process_step() {
     // One process: two micro-batches of the whole 4-row batch per step.
-    let mut single = tiny();
+    let mut single = tiny_llama(5);
     let mut opt = optimizer();
     let mut expected = vec![];
     for s in 0..STEPS {
@@ -124,7 +121,7 @@ fn two_workers_take_the_single_process_step() {
         .map(|rank| {
             let shared = shared.clone();
             std::thread::spawn(move || {
-                let mut m = tiny();
+                let mut m = tiny_llama(5);
                 let mut opt = optimizer();
                 let mut r = ThreadReducer {
                     rank,

@@ -3,15 +3,16 @@
 
 use crate::model::Decoder;
 use crate::optim::{Optimizer, OptimizerConfig};
-use crate::spec::ModelSpec;
+use crate::testing::{
+    gpt2_config, llama_config, lm_batch, qwen2_config, rand_tensor, random_model, token_ids, with,
+};
 use crate::train::{train_step_with, Batch, Masks, StepOptions, StepPath};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 
 fn model(config: Value, seed: u64) -> Decoder {
-    let spec = ModelSpec::from_hf_config(&config, "config").unwrap();
-    let mut m = Decoder::random(spec, config, seed, &Device::Cpu).unwrap();
+    let mut m = random_model(config, seed);
     // Larger than the 0.02 init, so every path through the block carries a visible gradient.
     m.visit_mut(&mut |name, t| {
         if !name.contains("norm") && !name.contains("ln_") {
@@ -29,33 +30,28 @@ fn tiny_custom() -> Value {
     })
 }
 
-fn batch(seed: u64, b: usize, t: usize, vocab: u32, mask: bool) -> Batch {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let ids: Vec<u32> = (0..b * t)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
-            ((s >> 33) % vocab as u64) as u32
-        })
-        .collect();
-    let mut labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
-    labels[2] = -100;
+/// A LayerNorm custom model with an untied head, three heads of 8.
+fn custom_layernorm(mlp: &str, positions: &str) -> Value {
+    json!({
+        "model_type": "custom-transformer", "vocab_size": 30, "d_model": 24,
+        "n_layers": 2, "n_heads": 3, "d_ff": 40, "max_seq_len": 16, "norm": "layernorm",
+        "mlp": mlp, "positions": positions, "tie_embeddings": false
+    })
+}
+
+fn batch(seed: u64, b: usize, t: usize, vocab: usize, mask: bool) -> Batch {
+    let mut batch = lm_batch(token_ids(b * t, vocab, seed), b);
+    batch.labels[2] = -100;
     // Left padding on the last row: its first two tokens are masked keys and ignored labels.
-    let attention_mask = mask.then(|| {
+    batch.attention_mask = mask.then(|| {
         let mut m = vec![1i64; b * t];
         for j in 0..2 {
             m[(b - 1) * t + j] = 0;
-            labels[(b - 1) * t + j] = -100;
+            batch.labels[(b - 1) * t + j] = -100;
         }
         m
     });
-    Batch {
-        ids: Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap(),
-        labels,
-        attention_mask,
-        pre_shifted: false,
-    }
+    batch
 }
 
 type Grads = (f64, HashMap<String, Tensor>);
@@ -182,37 +178,25 @@ fn tiny_config_gradients_match_the_composed_path() {
 
 #[test]
 fn llama_gqa_untied_gradients_match() {
-    let config = json!({
-        "model_type": "llama", "vocab_size": 48, "hidden_size": 32,
-        "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": false
-    });
     check(
-        config,
+        llama_config(48, 32, 40, false),
         &[batch(2, 2, 7, 48, false), batch(3, 2, 7, 48, false)],
     );
 }
 
 #[test]
 fn qwen2_biases_gqa_sliding_window_and_padding_match() {
-    let config = json!({
-        "model_type": "qwen2", "vocab_size": 48, "hidden_size": 32,
-        "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 1, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": true, "use_sliding_window": true, "sliding_window": 3,
-        "max_window_layers": 1
-    });
+    let config = with(
+        qwen2_config(48, 32, 40),
+        json!({"num_key_value_heads": 1, "use_sliding_window": true, "sliding_window": 3,
+            "max_window_layers": 1}),
+    );
     check(config, &[batch(4, 3, 8, 48, true)]);
 }
 
 #[test]
 fn gpt2_gradients_match() {
-    let config = json!({
-        "model_type": "gpt2", "vocab_size": 50, "n_embd": 32, "n_layer": 2, "n_head": 4,
-        "n_positions": 32, "layer_norm_epsilon": 1e-5
-    });
-    check(config, &[batch(5, 2, 10, 50, true)]);
+    check(gpt2_config(48, 32), &[batch(5, 2, 10, 48, true)]);
 }
 
 #[test]
@@ -222,12 +206,10 @@ fn layernorm_gelu_and_sinusoidal_relu_customs_match() {
         ("relu", "sinusoidal"),
         ("gelu_tanh", "rope"),
     ] {
-        let config = json!({
-            "model_type": "custom-transformer", "vocab_size": 30, "d_model": 24,
-            "n_layers": 2, "n_heads": 3, "d_ff": 40, "max_seq_len": 16, "norm": "layernorm",
-            "mlp": mlp, "positions": positions, "tie_embeddings": false
-        });
-        check(config, &[batch(6, 2, 9, 30, false)]);
+        check(
+            custom_layernorm(mlp, positions),
+            &[batch(6, 2, 9, 30, false)],
+        );
     }
 }
 
@@ -305,16 +287,9 @@ fn check_lora(config: Value, batches: &[Batch]) {
         .unwrap();
     m.visit_adapter_mut(&mut |name, t| {
         if name.contains("lora_B") {
-            let n = t.elem_count() as u32;
-            let v = Tensor::arange(0u32, n, &Device::Cpu)
-                .unwrap()
+            *t = rand_tensor(t.dims(), 17)
                 .to_dtype(candle_core::DType::F32)
-                .unwrap()
-                .affine(0.37, 0.1)
-                .unwrap()
-                .sin()
                 .unwrap();
-            *t = v.reshape(t.shape()).unwrap();
         }
     });
     let (lc, gc) = composed(&mut m, batches);
@@ -341,14 +316,8 @@ fn check_lora(config: Value, batches: &[Batch]) {
 #[test]
 fn lora_on_every_linear_matches_the_composed_path() {
     check_lora(tiny_custom(), &[batch(1, 3, 9, 40, false)]);
-    let qwen2 = json!({
-        "model_type": "qwen2", "vocab_size": 48, "hidden_size": 32,
-        "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": true
-    });
     check_lora(
-        qwen2,
+        qwen2_config(48, 32, 40),
         &[batch(4, 3, 8, 48, true), batch(5, 3, 8, 48, false)],
     );
 }
@@ -356,16 +325,11 @@ fn lora_on_every_linear_matches_the_composed_path() {
 /// GPT-2's fused c_attn: q, k and v are row ranges of one adapted linear.
 #[test]
 fn lora_on_gpt2_fused_qkv_matches() {
-    let config = json!({
-        "model_type": "gpt2", "vocab_size": 50, "n_embd": 32, "n_layer": 2, "n_head": 4,
-        "n_positions": 32, "layer_norm_epsilon": 1e-5
-    });
-    check_lora(config, &[batch(5, 2, 10, 50, true)]);
+    check_lora(gpt2_config(48, 32), &[batch(5, 2, 10, 48, true)]);
 }
 
-fn with_dropout(mut config: Value, p: f64) -> Value {
-    config["dropout"] = json!(p);
-    config
+fn with_dropout(config: Value, p: f64) -> Value {
+    with(config, json!({ "dropout": p }))
 }
 
 #[test]
@@ -375,12 +339,10 @@ fn dropout_gradients_match_the_composed_path() {
         with_dropout(tiny_custom(), 0.25),
         &[batch(1, 3, 9, 40, true), batch(2, 3, 9, 40, false)],
     );
-    let layernorm = json!({
-        "model_type": "custom-transformer", "vocab_size": 30, "d_model": 24,
-        "n_layers": 2, "n_heads": 3, "d_ff": 40, "max_seq_len": 16, "norm": "layernorm",
-        "mlp": "gelu", "positions": "learned", "tie_embeddings": false
-    });
-    check(with_dropout(layernorm, 0.4), &[batch(6, 2, 9, 30, false)]);
+    check(
+        with_dropout(custom_layernorm("gelu", "learned"), 0.4),
+        &[batch(6, 2, 9, 30, false)],
+    );
 }
 
 #[test]

@@ -4,21 +4,12 @@ use super::*;
 use crate::model::{Decoder, ForwardOptions};
 use crate::ops::gradcheck::max_abs_diff;
 use crate::optim::{Optimizer, OptimizerConfig};
+use crate::testing::{lm_batch, tiny_llama};
 use crate::train::{train_step, train_step_with, Batch, StepOptions};
 use candle_core::Device;
 
-fn tiny() -> Decoder {
-    crate::testing::llama(48, 32, 64, false, 11)
-}
-
 fn batch() -> Batch {
-    let ids: Vec<u32> = vec![3, 9, 27, 1, 44, 8, 15, 2, 30, 7, 19, 5];
-    Batch {
-        ids: Tensor::from_vec(ids.clone(), (2, 6), &Device::Cpu).unwrap(),
-        labels: ids.iter().map(|&x| x as i64).collect(),
-        attention_mask: None,
-        pre_shifted: false,
-    }
+    lm_batch(vec![3, 9, 27, 1, 44, 8, 15, 2, 30, 7, 19, 5], 2)
 }
 
 fn ids() -> Tensor {
@@ -61,8 +52,8 @@ fn trajectory(m: &mut Decoder, steps: usize) -> (Vec<f64>, Vec<Vec<f32>>) {
 
 #[test]
 fn identity_hooks_and_zero_weight_aux_leave_the_trajectory_bit_identical() {
-    let want = trajectory(&mut tiny(), 3);
-    let mut m = tiny();
+    let want = trajectory(&mut tiny_llama(11), 3);
+    let mut m = tiny_llama(11);
     m.hooks.add_forward("*", ForwardAction::Scale(1.0));
     m.hooks
         .add_forward("*", ForwardAction::Capture { full: false });
@@ -86,7 +77,7 @@ fn identity_hooks_and_zero_weight_aux_leave_the_trajectory_bit_identical() {
 
 #[test]
 fn stop_gradient_zeroes_exactly_the_gradients_upstream_of_its_point() {
-    let mut m = tiny();
+    let mut m = tiny_llama(11);
     m.hooks
         .add_backward("layers.0.residual", BackwardAction::StopGradient);
     let vars = m.make_trainable().unwrap();
@@ -114,8 +105,8 @@ fn backward_scale_multiplies_every_upstream_gradient() {
             .map(|(_, v)| store.get(v).unwrap().clone())
             .collect::<Vec<_>>()
     };
-    let base = grads_of(&mut tiny());
-    let mut m = tiny();
+    let base = grads_of(&mut tiny_llama(11));
+    let mut m = tiny_llama(11);
     m.hooks.add_backward("logits", BackwardAction::Scale(2.0));
     for (a, b) in base.iter().zip(grads_of(&mut m)) {
         let want = a.affine(2.0, 0.0).unwrap();
@@ -130,7 +121,7 @@ fn backward_scale_multiplies_every_upstream_gradient() {
 fn zeroed_branches_leave_embedding_final_norm_and_head() {
     // With every attention and MLP output scaled by 0 the residual stream is the embedding,
     // so the logits are head(final_norm(embed(ids))), computed here by hand.
-    let mut m = tiny();
+    let mut m = tiny_llama(11);
     m.hooks
         .add_forward("layers.*.attn_out", ForwardAction::Scale(0.0));
     m.hooks
@@ -148,24 +139,24 @@ fn zeroed_branches_leave_embedding_final_norm_and_head() {
 #[test]
 fn ablating_every_head_equals_zeroing_the_attention_output() {
     // llama's o_proj has no bias: no heads in, nothing out.
-    let mut a = tiny();
+    let mut a = tiny_llama(11);
     a.hooks.add_forward(
         "layers.1.attn_probs",
         ForwardAction::AblateHeads(vec![0, 1, 2, 3]),
     );
-    let mut b = tiny();
+    let mut b = tiny_llama(11);
     b.hooks
         .add_forward("layers.1.attn_out", ForwardAction::Scale(0.0));
     assert!(max_abs_diff(&logits(&a), &logits(&b)) < 1e-6);
-    let mut c = tiny();
+    let mut c = tiny_llama(11);
     c.hooks
         .add_forward("layers.1.attn_probs", ForwardAction::AblateHeads(vec![1]));
-    assert!(max_abs_diff(&logits(&c), &logits(&tiny())) > 1e-4);
+    assert!(max_abs_diff(&logits(&c), &logits(&tiny_llama(11))) > 1e-4);
 }
 
 #[test]
 fn capture_matches_hidden_states_and_removal_detaches() {
-    let mut m = tiny();
+    let mut m = tiny_llama(11);
     let id = m
         .hooks
         .add_forward("layers.0.residual", ForwardAction::Capture { full: true });
@@ -188,7 +179,7 @@ fn capture_matches_hidden_states_and_removal_detaches() {
 fn patching_an_activation_reproduces_the_run_it_came_from() {
     // Patch run A's residual after block 0 into run B (other ids): B's last block then sees
     // A's stream, so B's logits become A's.
-    let mut src = tiny();
+    let mut src = tiny_llama(11);
     let id = src
         .hooks
         .add_forward("layers.0.residual", ForwardAction::Capture { full: true });
@@ -201,7 +192,7 @@ fn patching_an_activation_reproduces_the_run_it_came_from() {
     else {
         panic!()
     };
-    let mut m = tiny();
+    let mut m = tiny_llama(11);
     m.hooks
         .add_forward("layers.0.residual", ForwardAction::Patch(stored));
     let other = Tensor::from_vec(vec![1u32; 12], (2, 6), &Device::Cpu).unwrap();
@@ -211,7 +202,7 @@ fn patching_an_activation_reproduces_the_run_it_came_from() {
 
 #[test]
 fn aux_losses_have_their_closed_forms_and_are_reported_apart() {
-    let mut m = tiny();
+    let mut m = tiny_llama(11);
     let id = m
         .hooks
         .add_forward("layers.0.mlp_out", ForwardAction::Capture { full: true });
@@ -240,7 +231,7 @@ fn aux_losses_have_their_closed_forms_and_are_reported_apart() {
 
 #[test]
 fn update_hooks_freeze_and_transform_named_gradients() {
-    let mut m = tiny();
+    let mut m = tiny_llama(11);
     let before = m.named_parameters();
     m.hooks
         .add_update("model.layers.0.*", GradTransform::Freeze);
@@ -268,7 +259,7 @@ fn update_hooks_freeze_and_transform_named_gradients() {
 #[test]
 fn noise_is_reproducible_from_seed_and_step() {
     let run = || {
-        let mut m = tiny();
+        let mut m = tiny_llama(11);
         m.hooks.add_forward(
             "layers.*.mlp_out",
             ForwardAction::Noise { std: 0.1, seed: 5 },
@@ -279,7 +270,7 @@ fn noise_is_reproducible_from_seed_and_step() {
     };
     let (a, b) = (run(), run());
     assert_eq!(a, b);
-    assert_ne!(a.0, trajectory(&mut tiny(), 2).0);
+    assert_ne!(a.0, trajectory(&mut tiny_llama(11), 2).0);
 }
 
 #[test]
@@ -293,7 +284,7 @@ fn bad_points_are_named() {
 
 #[test]
 fn aux_inputs_are_kept_only_while_a_loss_is_computed() {
-    let mut m = tiny();
+    let mut m = tiny_llama(11);
     m.hooks.add_aux(AuxLoss::ActivationL2 {
         point: "*".into(),
         weight: 1.0,
@@ -310,7 +301,7 @@ fn aux_inputs_are_kept_only_while_a_loss_is_computed() {
 fn a_hook_error_inside_an_op_keeps_its_kind() {
     // attn_probs runs inside the attention op: the error crosses candle and must come back
     // as the input error it is, message intact, not as candle text.
-    let mut m = tiny();
+    let mut m = tiny_llama(11);
     let wrong = candle_core::Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap();
     m.hooks
         .add_forward("layers.0.attn_probs", ForwardAction::Patch(wrong));

@@ -151,7 +151,8 @@ impl Attention {
 mod tests {
     use super::*;
     use crate::nn::mask::attention_mask;
-    use crate::ops::gradcheck::{max_abs_diff, rand_tensor};
+    use crate::ops::gradcheck::max_abs_diff;
+    use crate::testing::rand_tensor;
     use candle_core::{DType, Device};
 
     fn lin(name: &str, out: usize, inp: usize, seed: u64) -> Linear {

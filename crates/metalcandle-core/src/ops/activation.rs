@@ -94,7 +94,8 @@ pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::gradcheck::{check_grads, max_abs_diff, rand_tensor};
+    use crate::ops::gradcheck::{check_grads, max_abs_diff};
+    use crate::testing::rand_tensor;
 
     #[test]
     fn matches_closed_forms() {

@@ -147,7 +147,8 @@ pub fn attention_probs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::gradcheck::{max_abs_diff, rand_tensor};
+    use crate::ops::gradcheck::max_abs_diff;
+    use crate::testing::rand_tensor;
     use candle_core::Var;
 
     /// Against the composed expression with k repeated for every query head, and its

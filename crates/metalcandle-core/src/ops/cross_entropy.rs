@@ -128,7 +128,8 @@ pub fn cross_entropy(logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::gradcheck::{check_grads, rand_tensor};
+    use crate::ops::gradcheck::check_grads;
+    use crate::testing::rand_tensor;
 
     #[test]
     fn matches_composed_expression_and_ignores_labels() {

@@ -692,7 +692,8 @@ pub fn composed(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::gradcheck::{check_grads, max_abs_diff, rand_tensor};
+    use crate::ops::gradcheck::{check_grads, max_abs_diff};
+    use crate::testing::rand_tensor;
     use candle_core::{DType, Device, Var, D};
 
     /// softmax(q k^T * scale + mask) v per query head with k, v repeated, through candle's

@@ -106,8 +106,10 @@ mod tests {
     use super::*;
 
     fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut rng = crate::rng::Rng::new(seed);
-        (0..len).map(|_| rng.normal() as f32).collect()
+        crate::testing::uniform(len, seed)
+            .into_iter()
+            .map(|v| v as f32)
+            .collect()
     }
 
     /// Against the sum in f64: every row count up to the limit, an input size that is not a

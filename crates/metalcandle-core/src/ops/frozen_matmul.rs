@@ -131,7 +131,8 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::gradcheck::{check_grads, max_abs_diff, rand_tensor};
+    use crate::ops::gradcheck::{check_grads, max_abs_diff};
+    use crate::testing::rand_tensor;
     use candle_core::Var;
 
     #[test]

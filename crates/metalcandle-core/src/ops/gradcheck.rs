@@ -1,24 +1,7 @@
 //! Finite-difference gradient checks for the custom ops (float64).
 
+use crate::testing::rand_tensor;
 use candle_core::{Device, Result, Tensor, Var};
-
-/// Deterministic values in [-1, 1) from a seed (xorshift), so failures reproduce.
-pub fn rand_vals(n: usize, seed: u64) -> Vec<f64> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        })
-        .collect()
-}
-
-pub fn rand_tensor(shape: &[usize], seed: u64) -> Tensor {
-    let n = shape.iter().product();
-    Tensor::from_vec(rand_vals(n, seed), shape, &Device::Cpu).unwrap()
-}
 
 /// Checks the autograd gradient of `sum(f(inputs) * r)` for a fixed random `r` against
 /// central differences, for every element of every input.

@@ -330,7 +330,8 @@ pub fn lm_head_cross_entropy(h: &Tensor, w: &Tensor, labels: &[i64]) -> Result<T
 mod tests {
     use super::*;
     use crate::ops::cross_entropy::cross_entropy;
-    use crate::ops::gradcheck::{max_abs_diff, rand_tensor};
+    use crate::ops::gradcheck::max_abs_diff;
+    use crate::testing::rand_tensor;
     use candle_core::Var;
 
     #[test]

@@ -128,7 +128,8 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::gradcheck::{check_grads, max_abs_diff, rand_tensor};
+    use crate::ops::gradcheck::{check_grads, max_abs_diff};
+    use crate::testing::rand_tensor;
 
     #[test]
     fn matches_composed_expression() {

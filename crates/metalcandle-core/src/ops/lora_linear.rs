@@ -131,7 +131,8 @@ pub fn lora_linear(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::gradcheck::{max_abs_diff, rand_tensor};
+    use crate::ops::gradcheck::max_abs_diff;
+    use crate::testing::rand_tensor;
     use candle_core::Var;
 
     /// The adapter branch as tensor ops: `scale * (x A^T) B^T`.

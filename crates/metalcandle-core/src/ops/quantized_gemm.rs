@@ -334,7 +334,7 @@ mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::gradcheck::rand_tensor;
+    use crate::testing::rand_tensor;
     use candle_core::quantized::GgmlDType;
     use candle_core::{DType, Device, Tensor};
 

@@ -311,7 +311,7 @@ mod simd {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::ops::gradcheck::rand_tensor;
+    use crate::testing::rand_tensor;
     use candle_core::DType;
 
     /// Against candle's own quantized matmul: the same integer products, so only the order of
@@ -344,7 +344,7 @@ pub(super) mod tests {
         ks: &[usize],
         ms: &[usize],
     ) {
-        use crate::ops::gradcheck::rand_tensor;
+        use crate::testing::rand_tensor;
         use candle_core::quantized::QMatMul;
         use candle_core::{DType, Device, Module, Tensor};
 

@@ -86,7 +86,7 @@ pub fn quantized_linear(x: &Tensor, w: &Arc<QTensor>) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::gradcheck::rand_tensor;
+    use crate::testing::rand_tensor;
     use candle_core::quantized::GgmlDType;
     use candle_core::{DType, Var};
 

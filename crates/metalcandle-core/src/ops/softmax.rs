@@ -79,7 +79,8 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::gradcheck::{check_grads, max_abs_diff, rand_tensor};
+    use crate::ops::gradcheck::{check_grads, max_abs_diff};
+    use crate::testing::rand_tensor;
 
     #[test]
     fn matches_composed_expression() {

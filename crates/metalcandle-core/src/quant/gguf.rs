@@ -604,20 +604,10 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Decoder> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tiny_llama() -> Decoder {
-        let config = json!({
-            "model_type": "llama", "vocab_size": 96, "hidden_size": 64,
-            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
-            "rope_theta": 10000.0, "tie_word_embeddings": false
-        });
-        let spec = ModelSpec::from_hf_config(&config, "config").unwrap();
-        Decoder::random(spec, config, 3, &Device::Cpu).unwrap()
-    }
+    use crate::testing::quantizable_llama;
 
     fn logits(m: &Decoder) -> Vec<f32> {
-        let ids = Tensor::new(&[[3u32, 17, 42, 8, 91]], &Device::Cpu).unwrap();
+        let ids = Tensor::new(&[[3u32, 17, 42, 8, 61]], &Device::Cpu).unwrap();
         let (l, _) = m.forward(&ids, &Default::default(), None).unwrap();
         l.flatten_all().unwrap().to_vec1().unwrap()
     }
@@ -630,7 +620,7 @@ mod tests {
 
     #[test]
     fn float_and_quantized_models_round_trip_exactly() {
-        let mut m = tiny_llama();
+        let mut m = quantizable_llama(false, 3);
         let path = tmp("rt");
         save_gguf(&m, &path, &GgufTokenizer::default()).unwrap();
         assert_eq!(logits(&load_gguf(&path, &Device::Cpu).unwrap()), logits(&m));
@@ -653,7 +643,7 @@ mod tests {
     #[test]
     fn files_without_our_config_are_rebuilt_from_llama_cpp_keys() {
         // As another tool would write it: the same tensors and llama.cpp keys, no HF config.
-        let m = tiny_llama();
+        let m = quantizable_llama(false, 3);
         let path = tmp("foreign");
         save_gguf(&m, &path, &GgufTokenizer::default()).unwrap();
         let (c, mut f) = read_content(&path).unwrap();
@@ -686,10 +676,10 @@ mod tests {
     /// the file's bytes as the GGUF layout defines them, and the file still loads.
     #[test]
     fn empty_merges_are_written_as_a_string_array() {
-        let m = tiny_llama();
+        let m = quantizable_llama(false, 3);
         let path = tmp("merges");
         let vocab: serde_json::Map<String, serde_json::Value> =
-            (0..96).map(|i| (format!("t{i}"), json!(i))).collect();
+            (0..64).map(|i| (format!("t{i}"), json!(i))).collect();
         let tok = json!({"model": {"type": "BPE", "vocab": vocab, "merges": []}});
         let tokenizer = GgufTokenizer {
             json: Some(tok.to_string()),

@@ -254,11 +254,8 @@ impl Decoder {
 mod tests {
     use super::*;
     use crate::ops::gradcheck::max_abs_diff;
+    use crate::testing::quantizable_llama;
     use candle_core::{Device, Tensor};
-
-    fn tiny(hidden: usize) -> Decoder {
-        crate::testing::llama(64, hidden, 96, true, 0)
-    }
 
     #[test]
     fn bits() {
@@ -270,7 +267,7 @@ mod tests {
     fn quantize_reports_unsupported_shapes_and_round_trips_to_float() {
         // down_proj's input is the intermediate size 96: q8_0 (block 32) takes it, q4_k
         // (block 256) takes nothing here.
-        let mut m = tiny(64);
+        let mut m = quantizable_llama(true, 0);
         let ids = Tensor::new(&[[1u32, 5, 9, 2]], &Device::Cpu).unwrap();
         let before = m.forward(&ids, &Default::default(), None).unwrap().0;
         let r = m.quantize(&|_| Some(GgmlDType::Q4K)).unwrap();
@@ -309,7 +306,7 @@ mod tests {
 
     #[test]
     fn quantized_models_refuse_full_training_merges_and_safetensors() {
-        let mut m = tiny(64);
+        let mut m = quantizable_llama(true, 0);
         // Trained in full, then quantized: the next full step must be refused.
         m.make_trainable().unwrap();
         m.quantize(&|_| Some(GgmlDType::Q8_0)).unwrap();

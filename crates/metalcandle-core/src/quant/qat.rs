@@ -147,22 +147,11 @@ impl Decoder {
 mod tests {
     use super::*;
     use crate::optim::{Algorithm, Optimizer, OptimizerConfig};
+    use crate::testing::{lm_batch, quantizable_llama};
     use crate::train::{train_step_with, Batch, StepOptions, StepPath};
-    use candle_core::Device;
-
-    fn tiny() -> Decoder {
-        // Every matrix's input size (64, or 96 for down_proj) is a multiple of q4_0's block.
-        crate::testing::llama(64, 64, 96, false, 0)
-    }
 
     fn batch() -> Batch {
-        let ids: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 64).collect();
-        Batch {
-            ids: Tensor::from_vec(ids.clone(), (2, 12), &Device::Cpu).unwrap(),
-            labels: ids.iter().map(|&i| i as i64).collect(),
-            pre_shifted: false,
-            attention_mask: None,
-        }
+        lm_batch((0..24).map(|i| (i * 37 + 5) % 64).collect(), 2)
     }
 
     fn sgd(lr: f64) -> Optimizer {
@@ -212,7 +201,7 @@ mod tests {
     fn a_qat_step_is_the_rounded_models_gradient_applied_to_the_float_weights() {
         let lr = 0.1;
         for fused in [true, false] {
-            let mut m = tiny();
+            let mut m = quantizable_llama(false, 0);
             let report = m.set_qat(&q4_0).unwrap();
             assert_eq!(report.quantized.len(), 1 + 2 * 7 + 1);
             let before = weights(&m);
@@ -244,7 +233,7 @@ mod tests {
 
     #[test]
     fn qat_evaluates_the_rounded_weights_and_quantizing_ends_it() {
-        let mut m = tiny();
+        let mut m = quantizable_llama(false, 0);
         let float = m.eval_loss(&[batch()]).unwrap();
         m.set_qat(&q4_0).unwrap();
         let qat = m.eval_loss(&[batch()]).unwrap();
@@ -265,7 +254,7 @@ mod tests {
     #[test]
     fn qat_with_lora_rounds_the_merged_weight_and_keeps_the_base() {
         for fused in [true, false] {
-            let mut m = tiny();
+            let mut m = quantizable_llama(false, 0);
             m.add_lora(crate::testing::all_linear_lora(4, 8.0), 1)
                 .unwrap();
             // B starts at zero: give the adapters an update for the merge to carry.
