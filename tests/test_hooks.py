@@ -1,6 +1,9 @@
 """Experiment hooks from Python and from a run config: each changes what it should and nothing
 else, and a model with hooks that change nothing trains bit for bit as one without."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -9,7 +12,7 @@ from conftest import SCRATCH_TOML, run_cli, split_metrics, weights, write_config
 from metalcandle import train as T
 from metalcandle.config import load_config
 from metalcandle.errors import UserError
-from metalcandle.hooks import point_names
+from metalcandle.hooks import describe_kinds, point_names
 from metalcandle.loading import load_folder_tokenizer
 
 IDS = np.array([[3, 9, 27, 1, 44, 8, 15, 2], [30, 7, 19, 5, 11, 12, 13, 14]], dtype=np.int64)
@@ -220,6 +223,41 @@ def test_bad_points_kinds_and_parameters_are_named(model_dir, add, needle):
     with pytest.raises(ValueError) as e:
         add(model)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_readme_lists_the_kinds_the_model_accepts(model_dir):
+    listed = describe_kinds()
+    assert listed in (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    # Every built-in kind listed attaches through the public API with the parameters listed for it
+    # (the optional ones left out), and one not listed does not.
+    value = {"factor": 2.0, "std": 0.1, "max": 1.0, "heads": [0], "weight": 0.1, "min?": -1.0}
+    model = mc.load_model(model_dir)
+    point = "layers.0.attn_probs"
+    attach = {
+        "forward": lambda kind, kw: model.add_forward_hook(point, kind, **kw),
+        "backward": lambda kind, kw: model.add_backward_hook(point, kind, **kw),
+        "update": lambda kind, kw: model.add_update_hook("*", kind, **kw),
+        "aux_loss": lambda kind, kw: model.add_aux_loss(kind, **{"weight": 0.1, **kw}),
+    }
+    seen = {}
+    for line in listed.splitlines():
+        section, items = re.fullmatch(r"- (\w+): (.*)", line).groups()
+        kinds = re.findall(r'"(\w+)"(?: \(([^)]*)\))?', items)
+        seen[section] = [k for k, _ in kinds]
+        for kind, params in kinds:
+            kw = {}
+            for p in filter(None, params.split("; ")[0].split(", ")):
+                if p == "array=":
+                    kw["array"] = np.zeros((2, 4, 8, 8), np.float32)
+                elif p == "point":
+                    kw["point"] = point
+                elif p in value:
+                    kw[p.rstrip("?")] = value[p]
+            attach[section](kind, kw)
+        with pytest.raises(ValueError, match="unknown"):
+            attach[section]("not_" + seen[section][0], {})
+    assert list(seen) == ["forward", "backward", "update", "aux_loss"]
+    model.forward(IDS)
 
 
 def test_errors_inside_hook_functions_name_the_point(model_dir):

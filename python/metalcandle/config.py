@@ -166,9 +166,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "num_beams": Key("int", 1, min=1),
         "seed": Key("int", 0, min=0),
     },
-    # Experiment hooks, as arrays of tables ([[hooks.forward]] ...), each checked against the kinds
-    # and parameters in `metalcandle.hooks` (whether a point exists depends on the model, so that is
-    # checked when the hooks are attached). They are part of the resolved config, so of its hash:
+    # Experiment hooks, as arrays of tables ([[hooks.forward]] ...): the sections, and the kinds and
+    # parameters each entry is checked against, are the core's hook vocabulary (`metalcandle.hooks`
+    # reads it; whether a point exists depends on the model, so that is checked when the hooks are
+    # attached). They are part of the resolved config, so of its hash:
     # two runs with different hooks never look alike.
     "hooks": {section: Key("hooks", []) for section in HOOK_SECTIONS},
 }

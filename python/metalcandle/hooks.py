@@ -10,18 +10,16 @@ Points (`*` in a pattern matches any run of characters, dots included):
 - `layers.N.residual`: the residual stream after block N
 - `final_norm`: the LM head's input; `logits`: [B, T, V]
 
-Four kinds of hook:
+Four sections of hooks, each with built-in kinds (`describe_kinds()` lists them with their
+parameters, from the core's vocabulary):
 
-- forward (`Model.add_forward_hook`): at a point, in the order added. Built-in kinds "capture",
-  "scale", "noise", "clamp", "ablate_heads", "patch", or a Python function
-  `fn(point_name, array) -> array | None` (None keeps the value).
+- forward (`Model.add_forward_hook`): at a point, in the order added; a built-in kind or a Python
+  function `fn(point_name, array) -> array | None` (None keeps the value).
 - backward (`Model.add_backward_hook`): rewrite the gradient arriving at a point before it flows
-  upstream: "scale", "clip_value", "clip_norm", "stop_gradient", "straight_through", "noise", or
-  `fn(point_name, grad) -> grad`.
+  upstream; a built-in kind or `fn(point_name, grad) -> grad`.
 - update (`Model.add_update_hook`): transform each trainable parameter's gradient between the
   backward pass and the optimizer (before global-norm clipping), for the parameters whose names a
-  pattern matches: "clip_value", "clip_norm", "noise", "sign", "normalize", "centralize",
-  "freeze", or `fn(name, param, grad) -> grad`.
+  pattern matches; a built-in kind or `fn(name, param, grad) -> grad`.
 - auxiliary losses (`Model.add_aux_loss`): "activation_l2" (mean square at a point), "z_loss"
   (mean squared logsumexp of the logits at the label positions), "attention_entropy" (mean
   entropy of attention rows). The training objective is the main loss plus each weighted
@@ -55,8 +53,12 @@ import numpy as np
 from metalcandle import _core
 from metalcandle.errors import UserError, did_you_mean
 
-SECTIONS = ("forward", "backward", "update", "aux_loss")
-_POINTS_IN_A_LAYER = tuple(_core.POINTS_IN_A_LAYER)
+# The vocabulary is the core's (`metalcandle_core::hooks::vocab`): the points, and per section its
+# kinds, where each applies, and its parameters with their types, defaults and bounds. Everything
+# below reads it; nothing here decides by the name of a kind.
+VOCABULARY: dict = json.loads(_core.hook_vocabulary())
+SECTIONS = tuple(s["key"] for s in VOCABULARY["sections"])
+_POINTS = VOCABULARY["points"]
 _NO_DEFAULT = object()
 
 
@@ -69,63 +71,71 @@ class _Param:
     min: float | None = None
     min_exclusive: bool = False
 
+    @classmethod
+    def of(cls, p: dict) -> _Param:
+        default = _NO_DEFAULT if p["required"] else p["default"]
+        return cls(p["type"], default, p["min"], p["min_exclusive"])
 
-_STD = _Param("number", min=0.0)
-_SEED = _Param("int", 0, min=0)
-_MAX = _Param("number", min=0.0, min_exclusive=True)
 
-# Kind -> its parameters, per section. "python" (a function) and "patch" (an array) cannot be
-# written in a config, so they are only in PYTHON_ONLY; "capture" is in both, since nothing reads
-# what a config's hook would capture (it would only hold memory at every step).
-KINDS: dict[str, dict[str, dict[str, _Param]]] = {
-    "forward": {
-        "capture": {"full": _Param("bool", True)},
-        "scale": {"factor": _Param("number")},
-        "noise": {"std": _STD, "seed": _SEED},
-        "clamp": {"min": _Param("number", None), "max": _Param("number", None)},
-        "ablate_heads": {"heads": _Param("ints")},
-    },
-    "backward": {
-        "scale": {"factor": _Param("number")},
-        "clip_value": {"max": _MAX},
-        "clip_norm": {"max": _MAX},
-        "stop_gradient": {},
-        "straight_through": {},
-        "noise": {"std": _STD, "seed": _SEED},
-    },
-    "update": {
-        "clip_value": {"max": _MAX},
-        "clip_norm": {"max": _MAX},
-        "noise": {"std": _STD, "seed": _SEED},
-        "sign": {},
-        "normalize": {},
-        "centralize": {},
-        "freeze": {},
-    },
-    "aux_loss": {
-        "activation_l2": {"weight": _Param("number")},
-        "z_loss": {"weight": _Param("number")},
-        "attention_entropy": {"weight": _Param("number")},
-    },
+@dataclass(frozen=True)
+class _Kind:
+    """A built-in kind of one section, as the vocabulary describes it."""
+
+    name: str
+    target: str | None  # "point", "pattern", or None (z_loss reads the logits)
+    target_default: str | None  # None: the point or pattern must be given
+    takes: str  # "params", "function" (a Python callable) or "array" (patch)
+    params: dict[str, _Param]
+    range: tuple[str, str] | None  # at least one given, the first <= the second
+    at: tuple[str, ...]  # the points (last part) it can sit at; empty: any
+    python_only: str | None  # why a run config cannot name it
+
+    @classmethod
+    def of(cls, k: dict) -> _Kind:
+        params = {p["name"]: _Param.of(p) for p in k["params"]}
+        rng = tuple(k["range"]) if k["range"] else None
+        return cls(k["name"], k["target"], k["target_default"], k["takes"], params, rng, tuple(k["at"]),
+                   k["python_only"])  # fmt: skip
+
+
+# Section -> kind name -> its description, in the vocabulary's order.
+KINDS: dict[str, dict[str, _Kind]] = {
+    s["key"]: {k["name"]: _Kind.of(k) for k in s["kinds"]} for s in VOCABULARY["sections"]
 }
-PYTHON_ONLY = {
-    "forward": ("capture", "patch", "python"),
-    "backward": ("python",),
-    "update": ("python",),
-}
-# Why each kind of PYTHON_ONLY cannot be in a config, and what to use instead.
-_PYTHON_ONLY_WHY = {
-    "python": "it runs a Python function; see Model.add_{section}_hook",
-    "patch": "it needs the activation array to patch in; see Model.add_forward_hook",
-    "capture": "a training run never reads what it captures; use model.capture(...) from Python",
-}
-_AUX_DEFAULT_POINT = {"attention_entropy": "layers.*.attn_probs"}
-_LABEL = {
-    "forward": "forward hook",
-    "backward": "backward hook",
-    "update": "update hook",
-    "aux_loss": "aux loss",
-}
+_LABEL = {s["key"]: s["label"] for s in VOCABULARY["sections"]}
+
+
+def _function_kind(section: str) -> str | None:
+    """The name of the kind that runs a Python function in `section`, if it has one."""
+    return next((n for n, k in KINDS[section].items() if k.takes == "function"), None)
+
+
+def describe_kinds() -> str:
+    """The built-in kinds of each section with their parameters, and which a run config cannot
+    name ("Python only"), as the README lists them."""
+    lines = []
+    for section, kinds in KINDS.items():
+        # Where a kind applies is shown only in a section whose kinds differ in it.
+        uniform = len({(k.target, k.target_default) for k in kinds.values()}) == 1
+        items = ["a function"] if _function_kind(section) else []
+        for name, k in kinds.items():
+            if k.takes == "function":
+                continue
+            params = ["array="] if k.takes == "array" else []
+            for pname, p in k.params.items():
+                if p.default is _NO_DEFAULT:
+                    params.append(pname)
+                elif p.default is None:
+                    params.append(f"{pname}?")
+                else:
+                    params.append(f"{pname}={json.dumps(p.default)}")
+            if not uniform and k.target is not None:
+                default = "" if k.target_default is None else f"={json.dumps(k.target_default)}"
+                params.append(f"{k.target}{default}")
+            notes = ", ".join(params) + ("; Python only" if k.python_only else "")
+            items.append(f'"{name}"' + (f" ({notes.lstrip('; ')})" if notes else ""))
+        lines.append(f"- {section}: {', '.join(items)}")
+    return "\n".join(lines)
 
 
 def _quoted(names) -> str:
@@ -138,12 +148,11 @@ def check_entry(section: str, entry: dict, at: str | None = None) -> dict:
     without it the messages speak of keyword arguments. Raises ValueError with a one-line message."""
     kinds = KINDS[section]
     kind = entry.get("kind")
-    python_only = PYTHON_ONLY.get(section, ())
     if at is not None:
-        if isinstance(kind, str) and kind in python_only:
-            why = _PYTHON_ONLY_WHY[kind].format(section=section)
+        if isinstance(kind, str) and kind in kinds and kinds[kind].python_only:
+            why = kinds[kind].python_only.format(section=section)
             raise ValueError(f'{at}.kind = "{kind}" is only available from Python ({why})')
-        in_config = [k for k in kinds if k not in python_only]
+        in_config = [n for n, k in kinds.items() if not k.python_only]
         if kind is None:
             raise ValueError(f'{at} needs kind = "..." (one of {_quoted(in_config)})')
         if not isinstance(kind, str) or kind not in in_config:
@@ -151,18 +160,25 @@ def check_entry(section: str, entry: dict, at: str | None = None) -> dict:
                 f"{at}.kind must be one of {_quoted(in_config)}, got {kind!r}"
                 f"{did_you_mean(str(kind), in_config)}"
             )
-    if not isinstance(kind, str) or kind not in kinds:
-        known = list(kinds) + [k for k in python_only if k not in kinds and k != "python"]
+    function = _function_kind(section)
+    if not isinstance(kind, str) or kind not in kinds or kind == function:
+        known = [n for n in kinds if n != function]
         raise ValueError(
             f"unknown {_LABEL[section]} kind {kind!r}{did_you_mean(str(kind), known)} "
-            f"(kinds: {', '.join(known)}{'; or pass a function' if python_only else ''})"
+            f"(kinds: {', '.join(known)}{'; or pass a function' if function else ''})"
         )
+    k = kinds[kind]
     label = f'{_LABEL[section]} "{kind}": '
-    name = (lambda k: f"{at}.{k}") if at is not None else (lambda k: f"{label}{k}")
+    name = (lambda key: f"{at}.{key}") if at is not None else (lambda key: f"{label}{key}")
     out = {"kind": kind}
 
     # Where the hook applies.
-    if section in ("forward", "backward") or (section == "aux_loss" and kind == "activation_l2"):
+    if k.target is None:
+        if entry.get("point") is not None:
+            raise ValueError(
+                f"{at + '.point: ' if at else ''}{kind} takes no point (it is computed on the logits)"
+            )
+    elif k.target == "point" and k.target_default is None:
         point = entry.get("point")
         if not isinstance(point, str) or not point:
             where = f"{at} needs point = " if at is not None else f"{label}needs point="
@@ -171,25 +187,20 @@ def check_entry(section: str, entry: dict, at: str | None = None) -> dict:
                 f'"layers.*.mlp_out"), got {point!r}'
             )
         out["point"] = point
-    elif kind == "z_loss":
-        if entry.get("point") is not None:
-            raise ValueError(
-                f"{at + '.point: ' if at else ''}z_loss takes no point (it is computed on the logits)"
-            )
-    elif section == "aux_loss":
-        point = entry.get("point", _AUX_DEFAULT_POINT[kind])
+    elif k.target == "point":
+        point = entry.get("point", k.target_default)
         if not isinstance(point, str) or not point:
             raise ValueError(f"{name('point')} must be a point name or glob, got {point!r}")
         out["point"] = point
     else:
-        pattern = entry.get("pattern", "*")
+        pattern = entry.get("pattern", k.target_default)
         if not isinstance(pattern, str) or not pattern:
             raise ValueError(
                 f'{name("pattern")} must be a parameter name or glob like "model.layers.0.*", got {pattern!r}'
             )
         out["pattern"] = pattern
 
-    params = kinds[kind]
+    params = k.params
     for key in entry:
         if key in out or key in params:
             continue
@@ -206,12 +217,13 @@ def check_entry(section: str, entry: dict, at: str | None = None) -> dict:
             )
         elif p.default is not None:
             out[key] = p.default
-    if kind == "clamp":
-        lo, hi = out.get("min"), out.get("max")
+    if k.range:
+        lo_key, hi_key = k.range
+        lo, hi = out.get(lo_key), out.get(hi_key)
         if lo is None and hi is None:
-            raise ValueError(f"{at + ' ' if at else label}clamp needs min, max or both")
+            raise ValueError(f"{at + ' ' if at else label}{kind} needs {lo_key}, {hi_key} or both")
         if lo is not None and hi is not None and lo > hi:
-            raise ValueError(f"{name('min')} ({lo}) must be <= max ({hi})")
+            raise ValueError(f"{name(lo_key)} ({lo}) must be <= {hi_key} ({hi})")
     return out
 
 
@@ -260,16 +272,19 @@ def matching_points(model, pattern: str) -> list[str]:
     if not found:
         raise ValueError(
             f'hook point "{pattern}" matches no point of this model{did_you_mean(pattern, names)} '
-            f"(points: embed, layers.N.{{{','.join(_POINTS_IN_A_LAYER)}}} for N < {model.num_layers}, "
-            "final_norm, logits)"
+            f"(points: {', '.join(_POINTS['before'])}, layers.N.{{{','.join(_POINTS['in_a_layer'])}}} "
+            f"for N < {model.num_layers}, {', '.join(_POINTS['after'])})"
         )
     return found
 
 
-def _check_attention_points(model, kind: str, pattern: str, points: list[str], heads=None) -> None:
-    # The core finds these out only in the middle of a forward; here they fail when attached.
-    # `points`: what `pattern` matches (`matching_points`).
-    wanted = ("attn_probs",) if kind == "attention_entropy" else ("attn_scores", "attn_probs")
+def _check_points_fit(model, k: _Kind, pattern: str, points: list[str], heads=None) -> None:
+    """Refuses a kind at points it cannot sit at (`k.at`), and heads (an "ablate_heads" list) past a
+    layer's count. The core finds these out only in the middle of a forward; here they fail when
+    attached. `points`: what `pattern` matches (`matching_points`)."""
+    kind, wanted = k.name, k.at
+    if not wanted:
+        return
     other = [p for p in points if p.rsplit(".", 1)[-1] not in wanted]
     if other:
         raise ValueError(
@@ -281,9 +296,7 @@ def _check_attention_points(model, kind: str, pattern: str, points: list[str], h
         for p in points:
             n = layers[int(p.split(".")[1])]["attention"]["num_heads"]
             if max(heads) >= n:
-                raise ValueError(
-                    f'ablate_heads at "{p}": head {max(heads)} out of range (the layer has {n} heads)'
-                )
+                raise ValueError(f'{kind} at "{p}": head {max(heads)} out of range (the layer has {n} heads)')
 
 
 def _trainable_names(model) -> list[str]:
@@ -360,20 +373,22 @@ def _params_json(spec: dict) -> str:
 def add_forward_hook(model, point: str, fn_or_kind, array=None, **params) -> HookHandle:
     """See `Model.add_forward_hook`."""
     points = matching_points(model, point)
-    if not callable(fn_or_kind) and fn_or_kind == "patch":
+    takes_array = [n for n, k in KINDS["forward"].items() if k.takes == "array"]
+    if not callable(fn_or_kind) and fn_or_kind in takes_array:
+        kind = fn_or_kind
         if params:
-            raise ValueError(f'forward hook "patch" takes only array=, got {", ".join(params)}')
+            raise ValueError(f'forward hook "{kind}" takes only array=, got {", ".join(params)}')
         if array is None:
             raise ValueError(
-                'forward hook "patch" needs array= (the activation to patch in, of the point\'s shape)'
+                f'forward hook "{kind}" needs array= (the activation to patch in, of the point\'s shape)'
             )
         patch = np.ascontiguousarray(array, dtype=np.float32)
-        hook_id = model._core.add_forward_hook(point, "patch", "{}", None, patch)
-        return HookHandle(model, hook_id, f'forward "patch" at "{point}"')
+        hook_id = model._core.add_forward_hook(point, kind, "{}", None, patch)
+        return HookHandle(model, hook_id, f'forward "{kind}" at "{point}"')
     if array is not None:
         if callable(fn_or_kind):
             raise ValueError("a forward hook function takes no parameters; close over them instead")
-        raise ValueError(f'array= is for the "patch" kind, not {fn_or_kind!r}')
+        raise ValueError(f"array= is for the {_quoted(takes_array)} kind, not {fn_or_kind!r}")
     return _add_hook(model, "forward", point, points, fn_or_kind, params, _point_fn)
 
 
@@ -425,9 +440,10 @@ def _add_hook(
             raise ValueError(
                 f"{article} {_LABEL[section]} function takes no parameters; close over them instead"
             )
-        hook_id = getattr(model._core, f"add_{section}_hook")(where, "python", "{}", wrap(fn_or_kind))
+        function = _function_kind(section)
+        hook_id = getattr(model._core, f"add_{section}_hook")(where, function, "{}", wrap(fn_or_kind))
         return HookHandle(model, hook_id, f"{section} {_name_of(fn_or_kind)} {place}")
-    if fn_or_kind == "python":
+    if fn_or_kind == _function_kind(section):
         raise ValueError(f"pass the function itself: model.add_{section}_hook({key}, fn)")
     return _attach(model, section, check_entry(section, {"kind": fn_or_kind, key: where, **params}), points)
 
@@ -441,8 +457,8 @@ def _attach(model, section: str, spec: dict, points: list[str] | None) -> HookHa
         where, place = spec["pattern"], f"on {spec['pattern']!r}"
     else:
         where, place = spec["point"], f'at "{spec["point"]}"'
-    if kind == "ablate_heads":
-        _check_attention_points(model, kind, where, points, spec["heads"])
+    if points is not None:
+        _check_points_fit(model, KINDS[section][kind], where, points, spec.get("heads"))
     hook_id = getattr(model._core, f"add_{section}_hook")(where, kind, _params_json(spec))
     return HookHandle(model, hook_id, f'{section} "{kind}" {place}')
 
@@ -460,8 +476,7 @@ def _attach_aux_loss(model, spec: dict) -> HookHandle:
     kind, point = spec["kind"], spec.get("point")
     if point is not None:
         points = matching_points(model, point)
-        if kind == "attention_entropy":
-            _check_attention_points(model, kind, point, points)
+        _check_points_fit(model, KINDS["aux_loss"][kind], point, points)
     hook_id = model._core.add_aux_loss(kind, float(spec["weight"]), point)
     where = f' at "{point}"' if point is not None else ""
     return HookHandle(model, hook_id, f'aux loss "{kind}"{where}, weight {spec["weight"]}')
@@ -591,4 +606,4 @@ def attach_hooks(model, hooks_cfg: dict | None, source: str | Path | None = None
     return handles
 
 
-__all__ = ["Capture", "HookHandle", "attach_hooks", "point_names"]
+__all__ = ["Capture", "HookHandle", "attach_hooks", "describe_kinds", "point_names"]

@@ -9,7 +9,8 @@
 
 use crate::convert::{to_numpy, to_py_err};
 use candle_core::{Device, Tensor};
-use metalcandle_core::hooks::{AuxLoss, BackwardAction, ForwardAction, ForwardFn, GradTransform};
+use metalcandle_core::hooks::vocab::{self, Section, Takes};
+use metalcandle_core::hooks::{BackwardAction, ForwardAction, ForwardFn, GradTransform};
 use metalcandle_core::{Error, Result};
 use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -90,24 +91,6 @@ fn call_or_keep(
     Ok(r)
 }
 
-fn num(params: &Value, kind: &str, key: &str) -> Result<f64> {
-    params
-        .get(key)
-        .and_then(Value::as_f64)
-        .ok_or_else(|| Error::Input(format!("hook kind \"{kind}\" needs a number `{key}`")))
-}
-
-fn seed(params: &Value) -> u64 {
-    params.get("seed").and_then(Value::as_u64).unwrap_or(0)
-}
-
-fn unknown(what: &str, kind: &str, known: &[&str]) -> Error {
-    Error::Input(format!(
-        "unknown {what} hook kind \"{kind}\" (expected one of: {})",
-        known.join(", ")
-    ))
-}
-
 fn callable(f: Option<Py<PyAny>>, kind: &str) -> Result<Py<PyAny>> {
     f.ok_or_else(|| Error::Input(format!("hook kind \"{kind}\" needs a Python callable")))
 }
@@ -132,181 +115,67 @@ fn py_err(context: &str, e: PyErr) -> Error {
     Error::Msg(msg)
 }
 
+/// Whether `kind` of `section` is the one that runs a Python function (any other, even an
+/// unknown one, is left to the core's built-ins and their errors).
+fn runs_a_function(section: Section, kind: &str) -> bool {
+    vocab::find(section, kind).is_ok_and(|k| k.takes == Takes::Function)
+}
+
 pub fn forward_action(
     kind: &str,
     params: &Value,
     f: Option<Py<PyAny>>,
     array: Option<Tensor>,
 ) -> Result<ForwardAction> {
-    Ok(match kind {
-        "capture" => ForwardAction::Capture {
-            full: params.get("full").and_then(Value::as_bool).unwrap_or(true),
-        },
-        "scale" => ForwardAction::Scale(num(params, kind, "factor")?),
-        "noise" => ForwardAction::Noise {
-            std: num(params, kind, "std")?,
-            seed: seed(params),
-        },
-        "clamp" => ForwardAction::Clamp {
-            min: params
-                .get("min")
-                .and_then(Value::as_f64)
-                .unwrap_or(f64::MIN),
-            max: params
-                .get("max")
-                .and_then(Value::as_f64)
-                .unwrap_or(f64::MAX),
-        },
-        "ablate_heads" => ForwardAction::AblateHeads(
-            params
-                .get("heads")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|h| h.as_u64().map(|h| h as usize))
-                        .collect()
-                })
-                .ok_or_else(|| {
-                    Error::Input("hook kind \"ablate_heads\" needs a list `heads`".into())
-                })?,
-        ),
-        "patch" => ForwardAction::Patch(array.ok_or_else(|| {
-            Error::Input("hook kind \"patch\" needs the activation array to patch in".into())
-        })?),
-        "python" => {
-            let f = callable(f, kind)?;
-            let run: ForwardFn = Arc::new(move |point, x| {
-                let out = Python::attach(|py| -> PyResult<Option<Tensor>> {
-                    let out = f.call1(py, (point, to_numpy(py, x)?))?;
-                    if out.is_none(py) {
-                        return Ok(None);
-                    }
-                    Ok(Some(from_numpy(out.bind(py), x.device())?))
-                })
-                .map_err(|e| py_err(&format!("forward hook at \"{point}\""), e))?;
-                if let Some(r) = &out {
-                    check_shape(&format!("hook at \"{point}\""), r, x)?;
-                }
-                Ok(out)
-            });
-            ForwardAction::Custom(run)
+    if !runs_a_function(Section::Forward, kind) {
+        return ForwardAction::built_in(kind, params, array);
+    }
+    let f = callable(f, kind)?;
+    let run: ForwardFn = Arc::new(move |point, x| {
+        let out = Python::attach(|py| -> PyResult<Option<Tensor>> {
+            let out = f.call1(py, (point, to_numpy(py, x)?))?;
+            if out.is_none(py) {
+                return Ok(None);
+            }
+            Ok(Some(from_numpy(out.bind(py), x.device())?))
+        })
+        .map_err(|e| py_err(&format!("forward hook at \"{point}\""), e))?;
+        if let Some(r) = &out {
+            check_shape(&format!("hook at \"{point}\""), r, x)?;
         }
-        other => {
-            return Err(unknown(
-                "forward",
-                other,
-                &[
-                    "capture",
-                    "scale",
-                    "noise",
-                    "clamp",
-                    "ablate_heads",
-                    "patch",
-                    "python",
-                ],
-            ))
-        }
-    })
+        Ok(out)
+    });
+    Ok(ForwardAction::Custom(run))
 }
 
 pub fn backward_action(kind: &str, params: &Value, f: Option<Py<PyAny>>) -> Result<BackwardAction> {
-    Ok(match kind {
-        "scale" => BackwardAction::Scale(num(params, kind, "factor")?),
-        "clip_value" => BackwardAction::ClipValue(num(params, kind, "max")?),
-        "clip_norm" => BackwardAction::ClipNorm(num(params, kind, "max")?),
-        "stop_gradient" => BackwardAction::StopGradient,
-        "straight_through" => BackwardAction::StraightThrough,
-        "noise" => BackwardAction::Noise {
-            std: num(params, kind, "std")?,
-            seed: seed(params),
-        },
-        "python" => {
-            let f = callable(f, kind)?;
-            BackwardAction::Custom(Arc::new(move |point, g| {
-                call_or_keep(g, &format!("backward hook at \"{point}\""), |py| {
-                    f.call1(py, (point, to_numpy(py, g)?))
-                })
-            }))
-        }
-        other => {
-            return Err(unknown(
-                "backward",
-                other,
-                &[
-                    "scale",
-                    "clip_value",
-                    "clip_norm",
-                    "stop_gradient",
-                    "straight_through",
-                    "noise",
-                    "python",
-                ],
-            ))
-        }
-    })
+    if !runs_a_function(Section::Backward, kind) {
+        return BackwardAction::built_in(kind, params);
+    }
+    let f = callable(f, kind)?;
+    Ok(BackwardAction::Custom(Arc::new(move |point, g| {
+        call_or_keep(g, &format!("backward hook at \"{point}\""), |py| {
+            f.call1(py, (point, to_numpy(py, g)?))
+        })
+    })))
 }
 
 pub fn update_transform(kind: &str, params: &Value, f: Option<Py<PyAny>>) -> Result<GradTransform> {
-    Ok(match kind {
-        "clip_value" => GradTransform::ClipValue(num(params, kind, "max")?),
-        "clip_norm" => GradTransform::ClipNorm(num(params, kind, "max")?),
-        "noise" => GradTransform::Noise {
-            std: num(params, kind, "std")?,
-            seed: seed(params),
-        },
-        "sign" => GradTransform::Sign,
-        "normalize" => GradTransform::Normalize,
-        "centralize" => GradTransform::Centralize,
-        "freeze" => GradTransform::Freeze,
-        "python" => {
-            let f = callable(f, kind)?;
-            GradTransform::Custom(Arc::new(move |name, p, g| {
-                call_or_keep(g, &format!("update hook on `{name}`"), |py| {
-                    f.call1(py, (name, to_numpy(py, p)?, to_numpy(py, g)?))
-                })
-            }))
-        }
-        other => {
-            return Err(unknown(
-                "update",
-                other,
-                &[
-                    "clip_value",
-                    "clip_norm",
-                    "noise",
-                    "sign",
-                    "normalize",
-                    "centralize",
-                    "freeze",
-                    "python",
-                ],
-            ))
-        }
-    })
+    if !runs_a_function(Section::Update, kind) {
+        return GradTransform::built_in(kind, params);
+    }
+    let f = callable(f, kind)?;
+    Ok(GradTransform::Custom(Arc::new(move |name, p, g| {
+        call_or_keep(g, &format!("update hook on `{name}`"), |py| {
+            f.call1(py, (name, to_numpy(py, p)?, to_numpy(py, g)?))
+        })
+    })))
 }
 
-pub fn aux_loss(kind: &str, weight: f64, point: Option<String>) -> Result<AuxLoss> {
-    let point_for = |default: &str| point.clone().unwrap_or_else(|| default.to_string());
-    Ok(match kind {
-        "activation_l2" => AuxLoss::ActivationL2 {
-            point: point
-                .clone()
-                .ok_or_else(|| Error::Input("aux loss \"activation_l2\" needs a `point`".into()))?,
-            weight,
-        },
-        "z_loss" => AuxLoss::ZLoss { weight },
-        "attention_entropy" => AuxLoss::AttentionEntropy {
-            point: point_for("layers.*.attn_probs"),
-            weight,
-        },
-        other => {
-            return Err(unknown(
-                "aux-loss",
-                other,
-                &["activation_l2", "z_loss", "attention_entropy"],
-            ))
-        }
-    })
+/// The hook vocabulary (`metalcandle_core::hooks::vocabulary`) as JSON text.
+#[pyfunction]
+pub fn hook_vocabulary() -> String {
+    metalcandle_core::hooks::vocabulary().to_string()
 }
 
 /// A patch array from Python as a tensor on the model's device.

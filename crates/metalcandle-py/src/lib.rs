@@ -28,12 +28,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quant::quant_formats, m)?)?;
     m.add_function(wrap_pyfunction!(hooks::hook_points, m)?)?;
     m.add_function(wrap_pyfunction!(hooks::glob_match, m)?)?;
+    m.add_function(wrap_pyfunction!(hooks::hook_vocabulary, m)?)?;
     m.add_function(wrap_pyfunction!(env::build_info, m)?)?;
     m.add_function(wrap_pyfunction!(env::default_threads, m)?)?;
-    m.add(
-        "POINTS_IN_A_LAYER",
-        metalcandle_core::hooks::POINTS_IN_A_LAYER.to_vec(),
-    )?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

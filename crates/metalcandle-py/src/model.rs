@@ -4,7 +4,7 @@ use crate::convert::{candle_err, ids_tensor, read_i64_2d, to_numpy, to_py, to_py
 use crate::hooks;
 use crate::quant;
 use candle_core::{Device, Tensor};
-use metalcandle_core::hooks::{Captured, Hooks};
+use metalcandle_core::hooks::{AuxLoss, Captured, Hooks};
 use metalcandle_core::lora::LoraConfig;
 use metalcandle_core::model::ForwardOptions;
 use metalcandle_core::quant::gguf::{load_gguf, save_gguf, GgufTokenizer};
@@ -533,7 +533,7 @@ impl PyModel {
         if let Some(p) = &point {
             Hooks::check_point(p, self.inner.blocks.len()).map_err(to_py_err)?;
         }
-        let loss = hooks::aux_loss(kind, weight, point).map_err(to_py_err)?;
+        let loss = AuxLoss::built_in(kind, weight, point).map_err(to_py_err)?;
         Ok(self.inner.hooks.add_aux(loss))
     }
 

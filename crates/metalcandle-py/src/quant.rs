@@ -41,13 +41,13 @@ pub fn chooser(
     }))
 }
 
-/// The `tokenizer.json` text a GGUF file carries, or None.
 /// (name, storage bits per weight) of every block format.
 #[pyfunction]
 pub fn quant_formats() -> Vec<(&'static str, f64)> {
     metalcandle_core::quant::formats().collect()
 }
 
+/// The `tokenizer.json` text a GGUF file carries, or None.
 #[pyfunction]
 pub fn gguf_tokenizer_json(py: Python<'_>, path: PathBuf) -> PyResult<Option<String>> {
     py.detach(|| gguf::gguf_tokenizer_json(&path))

@@ -3,6 +3,7 @@
 //! Points: `embed`, `layers.N.attn_in`, `layers.N.attn_scores` and `layers.N.attn_probs`
 //! ([B, heads, T, keys]; scores after the mask), `layers.N.attn_out`, `layers.N.mlp_out`,
 //! `layers.N.residual` (the stream after block N), `final_norm`, `logits`. Patterns may use `*`.
+//! The names of the points and of the built-in kinds with their parameters are in `vocab`.
 //!
 //! At a point, the forward actions run in the order they were added; then the backward
 //! actions wrap the result, so they see the gradient arriving at the point's output first.
@@ -11,6 +12,7 @@
 pub mod aux;
 pub mod grad;
 pub mod update;
+pub mod vocab;
 
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -23,6 +25,7 @@ use std::sync::{Arc, Mutex};
 pub use aux::AuxLoss;
 pub use grad::BackwardAction;
 pub use update::GradTransform;
+pub use vocab::{vocabulary, POINTS_AFTER, POINTS_BEFORE, POINTS_IN_A_LAYER};
 
 /// A user function on a point's value: Some(replacement) or None to keep it.
 pub type ForwardFn = Arc<dyn Fn(&str, &Tensor) -> Result<Option<Tensor>> + Send + Sync>;
@@ -122,25 +125,15 @@ impl std::fmt::Debug for Hooks {
     }
 }
 
-/// The points inside each block `layers.N`, in the order a forward reaches them.
-pub const POINTS_IN_A_LAYER: [&str; 6] = [
-    "attn_in",
-    "attn_scores",
-    "attn_probs",
-    "attn_out",
-    "mlp_out",
-    "residual",
-];
-
 /// Every point name of a model with `layers` blocks, in the order a forward reaches them.
 pub fn point_names(layers: usize) -> Vec<String> {
-    let mut out = vec!["embed".to_string()];
+    let mut out: Vec<String> = POINTS_BEFORE.iter().map(|p| p.to_string()).collect();
     for i in 0..layers {
         for p in POINTS_IN_A_LAYER {
             out.push(format!("layers.{i}.{p}"));
         }
     }
-    out.extend(["final_norm".to_string(), "logits".to_string()]);
+    out.extend(POINTS_AFTER.iter().map(|p| p.to_string()));
     out
 }
 
@@ -189,9 +182,11 @@ impl Hooks {
             return Ok(());
         }
         Err(Error::Input(format!(
-            "hook point \"{pattern}\" matches no point of this model (points: embed, \
-             layers.N.{{attn_in,attn_scores,attn_probs,attn_out,mlp_out,residual}} for N < {layers}, \
-             final_norm, logits)"
+            "hook point \"{pattern}\" matches no point of this model (points: {}, layers.N.{{{}}} \
+             for N < {layers}, {})",
+            POINTS_BEFORE.join(", "),
+            POINTS_IN_A_LAYER.join(","),
+            POINTS_AFTER.join(", ")
         )))
     }
 
