@@ -45,8 +45,9 @@ macro_rules! walks {
         $Module:ident, $Param:ident $(, $mut:tt)?
     ) => {
         impl<'a> $Module<'a> {
-            /// The module's parameters by checkpoint name: the weight, then the bias if any.
-            pub fn params(self) -> Vec<(String, $Param<'a>)> {
+            /// Calls `f` with each parameter of the module by checkpoint name: the weight, then
+            /// the bias if any. (A callback, not a list: `visit_mut` runs on every decode step.)
+            pub fn each_param(self, mut f: impl FnMut(String, $Param<'a>)) {
                 let (name, weight, bias): (_, _, Option<&'a $($mut)? Tensor>) = match self {
                     Module::Embedding(e) => (&e.name, Param::Matrix(&$($mut)? e.weight), None),
                     Module::Norm(n) => (
@@ -60,9 +61,10 @@ macro_rules! walks {
                         Option::from(&$($mut)? l.bias),
                     ),
                 };
-                let mut out = vec![(param_name(name, "weight"), weight)];
-                out.extend(bias.map(|b| (param_name(name, "bias"), Param::Tensor(b))));
-                out
+                f(param_name(name, "weight"), weight);
+                if let Some(b) = bias {
+                    f(param_name(name, "bias"), Param::Tensor(b));
+                }
             }
 
             /// The module's name and matrix; None for a norm.
@@ -129,10 +131,11 @@ macro_rules! walks {
             /// Every parameter tensor, float or quantized, with its module's place and its
             /// checkpoint name.
             pub fn $params(& $($mut)? self) -> Vec<(Place, String, $Param<'_>)> {
-                self.$modules()
-                    .into_iter()
-                    .flat_map(|(place, m)| m.params().into_iter().map(move |(n, p)| (place, n, p)))
-                    .collect()
+                let mut out = vec![];
+                for (place, m) in self.$modules() {
+                    m.each_param(|name, p| out.push((place, name, p)));
+                }
+                out
             }
 
             /// The linear layers of the blocks (the LM head is not one): what adapters,
@@ -190,10 +193,12 @@ impl Decoder {
 
     /// Visits every float parameter tensor mutably (to make it trainable, or to replace it).
     pub fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
-        for (_, name, p) in self.params_mut() {
-            if let Some(t) = p.float() {
-                f(&name, t);
-            }
+        for (_, m) in self.modules_mut() {
+            m.each_param(|name, p| {
+                if let Some(t) = p.float() {
+                    f(&name, t);
+                }
+            });
         }
     }
 
