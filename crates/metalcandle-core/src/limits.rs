@@ -61,7 +61,7 @@ pub fn check_model_size(spec: &ModelSpec, context: &str) -> Result<()> {
     let mut layers = Some(0u64);
     for p in param_specs(spec) {
         let n = elem_count(&p.shape).map(|n| n as u64);
-        let slot = if p.name.contains("layers.") || p.name.contains(".h.") {
+        let slot = if p.place.layer().is_some() {
             &mut layers
         } else {
             &mut embed

@@ -122,7 +122,10 @@ fn float_base<'a>(module: &str, w: &'a mut Weight) -> Result<&'a mut Tensor> {
 }
 
 pub fn peft_name(module: &str, which: &str) -> String {
-    format!("base_model.model.{module}.{which}.weight")
+    format!(
+        "base_model.model.{}",
+        crate::model::adapter_name(module, which)
+    )
 }
 
 impl Decoder {
@@ -132,13 +135,9 @@ impl Decoder {
 
     /// An adapter is attached and not folded into the base weights.
     pub fn has_unmerged_adapter(&self) -> bool {
-        self.blocks.iter().any(|b| {
-            b.attn
-                .linears()
-                .into_iter()
-                .chain(b.mlp.linears())
-                .any(|l| l.lora.as_ref().is_some_and(|a| !a.merged))
-        })
+        self.linears()
+            .iter()
+            .any(|l| l.lora.as_ref().is_some_and(|a| !a.merged))
     }
 
     /// Attaches fresh adapters (PEFT init) to every targeted linear.
@@ -284,9 +283,8 @@ impl Decoder {
             .ok_or_else(|| Error::Input("no adapter is attached".into()))?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut tensors = HashMap::new();
-        let mut this = self.clone();
         let mut modules = vec![];
-        for lin in this.linears_mut() {
+        for lin in self.linears() {
             if let Some(l) = &lin.lora {
                 tensors.insert(
                     peft_name(&lin.name, "lora_A"),

@@ -1,15 +1,19 @@
 //! The decoder: embeddings -> blocks (pre-norm attention and MLP, residual) -> final norm -> LM head.
 //! One implementation for every architecture; the spec says what differs.
 
+mod build;
+mod walk;
+
+pub use walk::{Module, ModuleMut, ModuleRef, Param, ParamMut, ParamRef};
+
 use crate::error::{Error, Result};
-use crate::nn::attention::{AttnMask, QkvProj};
+use crate::nn::attention::AttnMask;
 use crate::nn::embedding::sinusoidal;
 use crate::nn::mask::attention_mask;
 use crate::nn::rope::RotaryTables;
-use crate::nn::{Attention, Embedding, LayerCache, Linear, Mlp, Norm, Weight};
+use crate::nn::{Attention, Embedding, LayerCache, Linear, Mlp, Norm};
 use crate::ops::dropout::{Dropout, Site};
-use crate::spec::{MlpKind, ModelSpec, NormKind, Positions};
-use crate::weights::names::{self, ParamKind};
+use crate::spec::{ModelSpec, Positions};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 
@@ -95,198 +99,6 @@ pub struct ForwardOutput {
 }
 
 impl Decoder {
-    /// Builds a model from tensors named as in the checkpoint (see `weights::names`), already
-    /// in the model's layout ([out, in] linears).
-    pub fn from_tensors(
-        spec: ModelSpec,
-        config: serde_json::Value,
-        mut t: HashMap<String, Tensor>,
-        device: &Device,
-    ) -> Result<Self> {
-        let dtype = t.values().next().map(|x| x.dtype()).unwrap_or(DType::F32);
-        let mut take = |name: &str| -> Result<Tensor> {
-            t.remove(name)
-                .ok_or_else(|| Error::Weights(format!("missing tensor `{name}`")))
-        };
-        let n = names::Naming::of(&spec);
-        let linear = |take: &mut dyn FnMut(&str) -> Result<Tensor>,
-                      module: String,
-                      bias: bool|
-         -> Result<Linear> {
-            let weight = Weight::Float(take(&format!("{module}.weight"))?);
-            let bias = if bias {
-                Some(take(&format!("{module}.bias"))?)
-            } else {
-                None
-            };
-            Ok(Linear::new(module, weight, bias))
-        };
-        let norm = |take: &mut dyn FnMut(&str) -> Result<Tensor>,
-                    module: String,
-                    spec: crate::spec::NormSpec|
-         -> Result<Norm> {
-            Ok(Norm {
-                weight: take(&format!("{module}.weight"))?,
-                bias: if spec.kind == NormKind::LayerNorm {
-                    Some(take(&format!("{module}.bias"))?)
-                } else {
-                    None
-                },
-                name: module,
-                spec,
-            })
-        };
-        let embed = Embedding {
-            name: n.embed(),
-            weight: Weight::Float(take(&format!("{}.weight", n.embed()))?),
-        };
-        let pos_embed = match spec.positions {
-            Positions::Learned => Some(Embedding {
-                name: n.pos_embed(),
-                weight: Weight::Float(take(&format!("{}.weight", n.pos_embed()))?),
-            }),
-            _ => None,
-        };
-        let mut blocks = Vec::with_capacity(spec.layers.len());
-        for (i, ls) in spec.layers.iter().enumerate() {
-            let a = &ls.attention;
-            let qkv = if a.fused_qkv {
-                QkvProj::Fused(linear(&mut take, n.linear(i, ParamKind::Qkv), a.qkv_bias)?)
-            } else {
-                QkvProj::Separate {
-                    q: linear(&mut take, n.linear(i, ParamKind::Q), a.qkv_bias)?,
-                    k: linear(&mut take, n.linear(i, ParamKind::K), a.qkv_bias)?,
-                    v: linear(&mut take, n.linear(i, ParamKind::V), a.qkv_bias)?,
-                }
-            };
-            let o = linear(&mut take, n.linear(i, ParamKind::O), a.o_bias)?;
-            let m = &ls.mlp;
-            let gate = match m.kind {
-                MlpKind::Gated => Some(linear(&mut take, n.linear(i, ParamKind::Gate), m.bias)?),
-                MlpKind::Plain => None,
-            };
-            blocks.push(Block {
-                attn_norm: norm(&mut take, n.attn_norm(i), ls.norm)?,
-                attn: Attention { spec: *a, qkv, o },
-                mlp_norm: norm(&mut take, n.mlp_norm(i), ls.norm)?,
-                mlp: Mlp {
-                    spec: *m,
-                    gate,
-                    up: linear(&mut take, n.linear(i, ParamKind::Up), m.bias)?,
-                    down: linear(&mut take, n.linear(i, ParamKind::Down), m.bias)?,
-                },
-            });
-        }
-        let final_norm = norm(&mut take, n.final_norm(), spec.final_norm)?;
-        let lm_head = if spec.tie_word_embeddings {
-            None
-        } else {
-            Some(linear(&mut take, "lm_head".into(), false)?)
-        };
-        let rope = match &spec.positions {
-            Positions::Rope { theta, scaling } => Some(
-                spec.layers
-                    .iter()
-                    .map(|l| RotaryTables::new(l.attention.head_dim, *theta, scaling))
-                    .collect(),
-            ),
-            _ => None,
-        };
-        Ok(Self {
-            spec,
-            config,
-            embed,
-            pos_embed,
-            blocks,
-            final_norm,
-            lm_head,
-            rope,
-            lora_config: None,
-            hooks: Default::default(),
-            qat: None,
-            device: device.clone(),
-            dtype,
-            engine: Default::default(),
-            trainable: vec![],
-        })
-    }
-
-    /// A randomly initialised model of the given spec (`config` is what `save` will write).
-    pub fn random(
-        spec: ModelSpec,
-        config: serde_json::Value,
-        seed: u64,
-        device: &Device,
-    ) -> Result<Self> {
-        let tensors = crate::weights::init_tensors(&spec, seed, 0.02, device)?;
-        Self::from_tensors(spec, config, tensors, device)
-    }
-
-    /// Every parameter with its checkpoint name, in a stable order.
-    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![];
-        self.visit(&mut |name, t| out.push((name.to_string(), t.clone())));
-        out
-    }
-
-    fn visit(&self, f: &mut dyn FnMut(&str, &Tensor)) {
-        let mut this = self.clone();
-        this.visit_mut(&mut |name, t| f(name, t));
-    }
-
-    /// Visits every float parameter tensor mutably (to make it trainable, or to replace it).
-    /// Quantized weights are not parameters in this sense: nothing trains or replaces them.
-    pub fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
-        visit_weight(&self.embed.name, &mut self.embed.weight, f);
-        if let Some(p) = &mut self.pos_embed {
-            visit_weight(&p.name, &mut p.weight, f);
-        }
-        let norm = |n: &mut Norm, f: &mut dyn FnMut(&str, &mut Tensor)| {
-            f(&format!("{}.weight", n.name), &mut n.weight);
-            if let Some(b) = &mut n.bias {
-                f(&format!("{}.bias", n.name), b);
-            }
-        };
-        for b in self.blocks.iter_mut() {
-            norm(&mut b.attn_norm, f);
-            for l in b.attn.linears_mut() {
-                visit_linear(l, f);
-            }
-            norm(&mut b.mlp_norm, f);
-            for l in b.mlp.linears_mut() {
-                visit_linear(l, f);
-            }
-        }
-        norm(&mut self.final_norm, f);
-        if let Some(l) = &mut self.lm_head {
-            visit_linear(l, f);
-        }
-    }
-
-    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        let mut out: Vec<&mut Linear> = vec![];
-        for b in self.blocks.iter_mut() {
-            out.extend(b.attn.linears_mut());
-            out.extend(b.mlp.linears_mut());
-        }
-        out
-    }
-
-    /// Every weight and bias, float or quantized.
-    pub fn num_parameters(&self) -> usize {
-        let float: usize = self
-            .named_parameters()
-            .iter()
-            .map(|(_, t)| t.elem_count())
-            .sum();
-        let quantized: usize = self
-            .quantized_weights()
-            .iter()
-            .map(|(_, w)| w.elem_count())
-            .sum();
-        float + quantized
-    }
-
     pub fn new_cache(&self) -> KvCache {
         KvCache {
             layers: vec![LayerCache::default(); self.blocks.len()],
@@ -507,29 +319,34 @@ impl Decoder {
     }
 }
 
-fn visit_weight(module: &str, w: &mut Weight, f: &mut dyn FnMut(&str, &mut Tensor)) {
-    if let Some(t) = w.float_mut() {
-        f(&format!("{module}.weight"), t);
-    }
-}
-
-fn visit_linear(l: &mut Linear, f: &mut dyn FnMut(&str, &mut Tensor)) {
-    visit_weight(&l.name, &mut l.weight, f);
-    if let Some(b) = &mut l.bias {
-        f(&format!("{}.bias", l.name), b);
-    }
+/// `{module}.lora_A.weight` / `{module}.lora_B.weight`: the adapter's matrices in PEFT's naming,
+/// less its `base_model.model.` prefix.
+pub fn adapter_name(module: &str, which: &str) -> String {
+    format!("{module}.{which}.weight")
 }
 
 impl Decoder {
-    /// Visits the LoRA matrices, named `{module}.lora_A.weight` / `{module}.lora_B.weight`.
+    /// Visits the LoRA matrices, named as [`adapter_name`] says.
     pub fn visit_adapter_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
         for l in self.linears_mut() {
             let name = l.name.clone();
             if let Some(lora) = &mut l.lora {
-                f(&format!("{name}.lora_A.weight"), &mut lora.a);
-                f(&format!("{name}.lora_B.weight"), &mut lora.b);
+                f(&adapter_name(&name, "lora_A"), &mut lora.a);
+                f(&adapter_name(&name, "lora_B"), &mut lora.b);
             }
         }
+    }
+
+    /// The LoRA matrices by name, in the order of `visit_adapter_mut`.
+    pub fn adapter_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![];
+        for l in self.linears() {
+            if let Some(lora) = &l.lora {
+                out.push((adapter_name(&l.name, "lora_A"), lora.a.clone()));
+                out.push((adapter_name(&l.name, "lora_B"), lora.b.clone()));
+            }
+        }
+        out
     }
 
     /// LoRA dropout (and any other train-only behaviour) on or off.

@@ -145,15 +145,11 @@ impl Decoder {
                     .into(),
             ));
         }
-        let mut out = vec![];
-        let mut this = self.clone();
-        let mut push = |name: &str, t: &mut Tensor| out.push((name.to_string(), t.clone()));
-        if self.has_adapter() {
-            this.visit_adapter_mut(&mut push);
+        Ok(if self.has_adapter() {
+            self.adapter_tensors()
         } else {
-            this.visit_mut(&mut push);
-        }
-        Ok(out)
+            self.named_parameters()
+        })
     }
 
     /// The variables a step trains (see [`Decoder::trainable_tensors`]), made once and kept.

@@ -155,7 +155,7 @@ impl PyModel {
 
     fn parameter_names(&self) -> Vec<String> {
         self.inner
-            .named_parameters()
+            .parameters()
             .into_iter()
             .map(|(n, _)| n)
             .collect()
@@ -169,10 +169,10 @@ impl PyModel {
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let t = self
             .inner
-            .named_parameters()
+            .parameters()
             .into_iter()
             .find(|(n, _)| n == name)
-            .map(|(_, t)| t)
+            .map(|(_, t)| t.clone())
             .ok_or_else(|| {
                 let quantized = self
                     .inner

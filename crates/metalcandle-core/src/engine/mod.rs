@@ -76,9 +76,8 @@ pub fn ineligible(model: &Decoder) -> Option<String> {
         return Some("the model has quantized weights".into());
     }
     let adapted: Vec<_> = model
-        .blocks
-        .iter()
-        .flat_map(|b| b.attn.linears().into_iter().chain(b.mlp.linears()))
+        .linears()
+        .into_iter()
         .filter_map(|l| l.lora.as_ref())
         .collect();
     if adapted.iter().any(|l| l.merged) {
@@ -105,7 +104,7 @@ pub fn ineligible(model: &Decoder) -> Option<String> {
         return Some("the LM head has a bias".into());
     }
     let mut bad = None;
-    for (name, t) in model.named_parameters() {
+    for (name, t) in model.parameters() {
         if !t.is_contiguous() && bad.is_none() {
             bad = Some(format!("parameter `{name}` is not contiguous"));
         }
@@ -238,6 +237,8 @@ fn norm(ix: &HashMap<String, usize>, n: &Norm) -> Result<NormPlan> {
 }
 
 impl Plan {
+    // Walks the blocks itself rather than `Decoder::modules`: a plan is per block, with q, k
+    // and v as row ranges (of one fused projection in GPT-2), not a flat list of modules.
     fn new(model: &Decoder, ix: &HashMap<String, usize>) -> Result<Self> {
         let mut dims = Dims {
             hidden: model.spec.hidden_size,

@@ -47,20 +47,6 @@ pub struct LayerCache {
 }
 
 impl Attention {
-    pub fn linears(&self) -> Vec<&Linear> {
-        match &self.qkv {
-            QkvProj::Separate { q, k, v } => vec![q, k, v, &self.o],
-            QkvProj::Fused(qkv) => vec![qkv, &self.o],
-        }
-    }
-
-    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        match &mut self.qkv {
-            QkvProj::Separate { q, k, v } => vec![q, k, v, &mut self.o],
-            QkvProj::Fused(qkv) => vec![qkv, &mut self.o],
-        }
-    }
-
     /// `x` [B, T, hidden]; `rope` the cos/sin tables [B or 1, T, head_dim/2]; `mask` [B, 1, T, K].
     pub fn forward(
         &self,

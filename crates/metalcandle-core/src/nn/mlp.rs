@@ -29,17 +29,6 @@ impl Mlp {
         };
         self.down.forward(&h)
     }
-
-    pub fn linears(&self) -> Vec<&Linear> {
-        self.gate.iter().chain([&self.up, &self.down]).collect()
-    }
-
-    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        self.gate
-            .iter_mut()
-            .chain([&mut self.up, &mut self.down])
-            .collect()
-    }
 }
 
 #[cfg(test)]

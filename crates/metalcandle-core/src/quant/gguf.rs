@@ -6,10 +6,10 @@
 //! other tools) get a config rebuilt from the llama.cpp keys.
 
 use crate::error::{Error, Result};
-use crate::model::Decoder;
+use crate::model::{Decoder, Param};
 use crate::nn::Weight;
 use crate::spec::{Architecture, ModelSpec, Positions, RopeScaling};
-use crate::weights::names::{param_specs, Naming, ParamKind};
+use crate::weights::names::{gguf_module, param_specs, Part, Place};
 use crate::weights::write_atomic;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
@@ -32,51 +32,10 @@ fn gguf_arch(a: Architecture) -> &'static str {
     }
 }
 
-/// HF module name -> GGUF tensor prefix, for every module of the spec.
-fn module_names(spec: &ModelSpec) -> HashMap<String, String> {
-    let n = Naming::of(spec);
-    let mut m = HashMap::from([
-        (n.embed(), "token_embd".to_string()),
-        (n.pos_embed(), "position_embd".to_string()),
-        (n.final_norm(), "output_norm".to_string()),
-        ("lm_head".to_string(), "output".to_string()),
-    ]);
-    for (i, l) in spec.layers.iter().enumerate() {
-        m.insert(n.attn_norm(i), format!("blk.{i}.attn_norm"));
-        m.insert(n.mlp_norm(i), format!("blk.{i}.ffn_norm"));
-        let mut kinds = vec![
-            (ParamKind::O, "attn_output"),
-            (ParamKind::Up, "ffn_up"),
-            (ParamKind::Down, "ffn_down"),
-        ];
-        if l.attention.fused_qkv {
-            kinds.push((ParamKind::Qkv, "attn_qkv"));
-        } else {
-            kinds.extend([
-                (ParamKind::Q, "attn_q"),
-                (ParamKind::K, "attn_k"),
-                (ParamKind::V, "attn_v"),
-            ]);
-        }
-        if l.mlp.kind == crate::spec::MlpKind::Gated {
-            kinds.push((ParamKind::Gate, "ffn_gate"));
-        }
-        for (kind, g) in kinds {
-            m.insert(n.linear(i, kind), format!("blk.{i}.{g}"));
-        }
-    }
-    m
-}
-
-/// `model.layers.0.self_attn.q_proj.weight` -> `blk.0.attn_q.weight`.
-fn gguf_name(modules: &HashMap<String, String>, hf: &str) -> Result<String> {
-    let (module, suffix) = hf
-        .rsplit_once('.')
-        .ok_or_else(|| Error::Weights(format!("unexpected tensor name `{hf}`")))?;
-    let prefix = modules
-        .get(module)
-        .ok_or_else(|| Error::Weights(format!("no GGUF name for tensor `{hf}`")))?;
-    Ok(format!("{prefix}.{suffix}"))
+/// `model.layers.0.self_attn.q_proj.weight` (at `Layer(0, Q)`) -> `blk.0.attn_q.weight`.
+fn gguf_name(place: Place, hf: &str) -> String {
+    let which = hf.rsplit('.').next().unwrap_or(hf);
+    format!("{}.{which}", gguf_module(place))
 }
 
 /// The row order llama.cpp's llama architecture expects for q or k: within each head, the
@@ -112,24 +71,19 @@ fn permute_rows(q: &QTensor, perm: &[usize]) -> Result<QTensor> {
     Ok(QTensor::new(storage, dims)?)
 }
 
-/// The number of heads whose rows `hf` holds, when llama.cpp permutes it.
-fn permuted_heads(spec: &ModelSpec, hf: &str) -> Option<usize> {
+/// The number of heads whose rows the matrix at `place` holds, when llama.cpp permutes it.
+fn permuted_heads(spec: &ModelSpec, place: Place) -> Option<usize> {
     if gguf_arch(spec.architecture) != "llama" {
         return None;
     }
-    let layer: usize = hf
-        .strip_prefix("model.layers.")?
-        .split('.')
-        .next()?
-        .parse()
-        .ok()?;
+    let Place::Layer(layer, part) = place else {
+        return None;
+    };
     let a = spec.layers.get(layer)?.attention;
-    if hf.contains(".self_attn.q_proj.") {
-        Some(a.num_heads)
-    } else if hf.contains(".self_attn.k_proj.") {
-        Some(a.num_kv_heads)
-    } else {
-        None
+    match part {
+        Part::Q => Some(a.num_heads),
+        Part::K => Some(a.num_kv_heads),
+        _ => None,
     }
 }
 
@@ -296,23 +250,13 @@ pub fn save_gguf(model: &Decoder, path: &Path, tokenizer: &GgufTokenizer) -> Res
         )));
     }
     let spec = &model.spec;
-    let modules = module_names(spec);
-    let weights: HashMap<String, Weight> = model
-        .matrices()
-        .into_iter()
-        .map(|(n, w)| (format!("{n}.weight"), w))
-        .collect();
-    let floats: HashMap<String, Tensor> = model.named_parameters().into_iter().collect();
     // Quantized matrices on the CPU are written from the model's own storage; the rest is
     // converted (float to an F32 block tensor, other devices copied to the CPU).
     let mut tensors: Vec<(String, Arc<QTensor>)> = vec![];
     let mut counts: HashMap<GgmlDType, usize> = HashMap::new();
-    for p in param_specs(spec) {
-        if p.name == "lm_head.weight" && spec.tie_word_embeddings {
-            continue;
-        }
-        let q = match weights.get(&p.name) {
-            Some(Weight::Quantized(q)) => {
+    for (place, name, p) in model.params() {
+        let q = match p {
+            Param::Matrix(Weight::Quantized(q)) => {
                 *counts.entry(q.dtype()).or_default() += 1;
                 if q.device().is_cpu() {
                     q.clone()
@@ -323,22 +267,19 @@ pub fn save_gguf(model: &Decoder, path: &Path, tokenizer: &GgufTokenizer) -> Res
                     )?)
                 }
             }
-            _ => {
-                let t = floats.get(&p.name).ok_or_else(|| {
-                    Error::Weights(format!("tensor `{}` is missing from the model", p.name))
-                })?;
+            Param::Matrix(Weight::Float(t)) | Param::Tensor(t) => {
                 let t = t.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
                 Arc::new(QTensor::quantize(&t.contiguous()?, GgmlDType::F32)?)
             }
         };
-        let q = match permuted_heads(spec, &p.name) {
+        let q = match permuted_heads(spec, place) {
             Some(heads) => Arc::new(permute_rows(
                 &q,
-                &rope_permutation(p.shape[0], heads, false),
+                &rope_permutation(q.shape().dims()[0], heads, false),
             )?),
             None => q,
         };
-        tensors.push((gguf_name(&modules, &p.name)?, q));
+        tensors.push((gguf_name(place, &name), q));
     }
     let main = counts.into_iter().max_by_key(|(_, c)| *c).map(|(d, _)| d);
     let mut md = model_metadata(spec, file_type(main));
@@ -544,15 +485,11 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Decoder> {
         config["tie_word_embeddings"] = json!(!content.tensor_infos.contains_key("output.weight"));
     }
     let spec = ModelSpec::from_hf_config(&config, &path.display().to_string())?;
-    let modules = module_names(&spec);
     let mut floats: HashMap<String, Tensor> = HashMap::new();
     let mut quantized: HashMap<String, Arc<QTensor>> = HashMap::new();
     let mut problems = vec![];
     for p in param_specs(&spec) {
-        if p.name == "lm_head.weight" && spec.tie_word_embeddings {
-            continue;
-        }
-        let name = gguf_name(&modules, &p.name)?;
+        let name = gguf_name(p.place, &p.name);
         if !content.tensor_infos.contains_key(&name) {
             problems.push(format!("missing tensor `{name}` (for `{}`)", p.name));
             continue;
@@ -568,7 +505,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Decoder> {
             ));
             continue;
         }
-        let q = match permuted_heads(&spec, &p.name) {
+        let q = match permuted_heads(&spec, p.place) {
             Some(heads) => permute_rows(&q, &rope_permutation(p.shape[0], heads, true))?,
             None => q,
         };
@@ -719,5 +656,58 @@ mod tests {
             rope_permutation(16, 2, false)[8..],
             [8, 12, 9, 13, 10, 14, 11, 15]
         );
+    }
+
+    #[test]
+    fn tensors_take_llama_cpps_names() {
+        // llama.cpp's names (its convert script's tensor map) for GPT-2, untied so the head
+        // is written, and for a Llama block.
+        let config = json!({
+            "model_type": "gpt2", "vocab_size": 50, "n_embd": 32, "n_layer": 1, "n_head": 4,
+            "n_positions": 16, "layer_norm_epsilon": 1e-5, "tie_word_embeddings": false
+        });
+        let spec = ModelSpec::from_hf_config(&config, "config").unwrap();
+        let names: Vec<String> = param_specs(&spec)
+            .iter()
+            .map(|p| gguf_name(p.place, &p.name))
+            .collect();
+        let want = [
+            "token_embd.weight",
+            "position_embd.weight",
+            "blk.0.attn_norm.weight",
+            "blk.0.attn_norm.bias",
+            "blk.0.attn_qkv.weight",
+            "blk.0.attn_qkv.bias",
+            "blk.0.attn_output.weight",
+            "blk.0.attn_output.bias",
+            "blk.0.ffn_norm.weight",
+            "blk.0.ffn_norm.bias",
+            "blk.0.ffn_up.weight",
+            "blk.0.ffn_up.bias",
+            "blk.0.ffn_down.weight",
+            "blk.0.ffn_down.bias",
+            "output_norm.weight",
+            "output_norm.bias",
+            "output.weight",
+        ];
+        assert_eq!(names, want);
+        let names: Vec<String> = param_specs(&quantizable_llama(false, 0).spec)
+            .iter()
+            .filter(|p| p.place.layer() == Some(1))
+            .map(|p| gguf_name(p.place, &p.name))
+            .collect();
+        let want = [
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ]
+        .map(|n| format!("blk.1.{n}.weight"));
+        assert_eq!(names, want);
     }
 }

@@ -139,38 +139,7 @@ pub struct QuantInfo {
 }
 
 impl Decoder {
-    /// The matrices quantization applies to, by module name: the token embedding, every
-    /// linear layer and the LM head (absent when tied to the embedding).
-    pub fn quantizable_mut(&mut self) -> Vec<(String, &mut Weight)> {
-        let mut out: Vec<(String, &mut Weight)> =
-            vec![(self.embed.name.clone(), &mut self.embed.weight)];
-        for b in self.blocks.iter_mut() {
-            for l in b.attn.linears_mut().into_iter().chain(b.mlp.linears_mut()) {
-                out.push((l.name.clone(), &mut l.weight));
-            }
-        }
-        if let Some(h) = &mut self.lm_head {
-            out.push((h.name.clone(), &mut h.weight));
-        }
-        out
-    }
-
-    /// The quantizable matrices (handles that share storage with the model), in the order of
-    /// `quantizable_mut`.
-    pub fn matrices(&self) -> Vec<(String, Weight)> {
-        let mut out = vec![(self.embed.name.clone(), self.embed.weight.clone())];
-        for b in &self.blocks {
-            for l in b.attn.linears().into_iter().chain(b.mlp.linears()) {
-                out.push((l.name.clone(), l.weight.clone()));
-            }
-        }
-        if let Some(h) = &self.lm_head {
-            out.push((h.name.clone(), h.weight.clone()));
-        }
-        out
-    }
-
-    pub fn quantized_weights(&self) -> Vec<(String, Weight)> {
+    pub fn quantized_weights(&self) -> Vec<(String, &Weight)> {
         self.matrices()
             .into_iter()
             .filter(|(_, w)| w.quant_format().is_some())
@@ -225,7 +194,7 @@ impl Decoder {
             float_bytes: 0,
         };
         for (name, w) in self.matrices() {
-            match &w {
+            match w {
                 Weight::Quantized(q) => {
                     let bytes = q.storage_size_in_bytes();
                     info.quantized_bytes += bytes;

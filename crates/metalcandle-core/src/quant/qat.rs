@@ -85,7 +85,7 @@ impl Decoder {
             }
             Ok(())
         };
-        for l in self.linears_mut() {
+        for l in self.linears() {
             add_delta(l)?;
         }
         if let Some(head) = &self.lm_head {

@@ -256,7 +256,7 @@ pub fn save_hf_folder(model: &Decoder, dir: &Path) -> Result<()> {
         .map(|p| (p.name, p.conv1d))
         .collect();
     let mut out: HashMap<String, Tensor> = HashMap::new();
-    for (name, t) in model.named_parameters() {
+    for (name, t) in model.parameters() {
         let t = t.detach().to_device(&Device::Cpu)?;
         let t = if specs.get(&name).copied().unwrap_or(false) {
             t.t()?.contiguous()?

@@ -1,18 +1,74 @@
-//! Tensor names and shapes per architecture: the single description of which parameters a
-//! spec implies, used to load, check, initialise and save.
+//! Module and tensor names and shapes per architecture: the single description of which
+//! modules (and so which parameters) a spec implies.
 
-use crate::spec::{Architecture, MlpKind, ModelSpec, NormKind, Positions};
+use crate::spec::{Architecture, MlpKind, ModelSpec, NormKind, NormSpec, Positions};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ParamKind {
+/// Where a module sits in the decoder, whatever a checkpoint calls it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Place {
+    Embed,
+    /// Learned positions only.
+    PosEmbed,
+    Layer(usize, Part),
+    FinalNorm,
+    /// Absent when tied to the token embedding.
+    LmHead,
+}
+
+/// A module of one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Part {
+    AttnNorm,
     Q,
     K,
     V,
+    /// GPT-2's q | k | v in one projection.
     Qkv,
     O,
+    MlpNorm,
     Gate,
     Up,
     Down,
+}
+
+impl Place {
+    /// The block index of a module inside a block.
+    pub fn layer(self) -> Option<usize> {
+        match self {
+            Place::Layer(i, _) => Some(i),
+            _ => None,
+        }
+    }
+}
+
+/// What a module holds, sized by the spec.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ModuleKind {
+    Embedding {
+        rows: usize,
+        dim: usize,
+    },
+    /// A LayerNorm has a bias, an RMSNorm does not.
+    Norm {
+        dim: usize,
+        spec: NormSpec,
+    },
+    /// `conv1d`: stored transposed ([in, out]) in the checkpoint (GPT-2's Conv1D).
+    Linear {
+        out: usize,
+        inp: usize,
+        bias: bool,
+        conv1d: bool,
+    },
+}
+
+/// One module the spec implies.
+#[derive(Debug, Clone)]
+pub struct ModuleSpec {
+    pub place: Place,
+    /// Module path as in the checkpoint, e.g. `model.layers.0.self_attn.q_proj`.
+    pub name: String,
+    pub kind: ModuleKind,
 }
 
 /// What a parameter is, which decides its initialisation.
@@ -25,9 +81,18 @@ pub enum Role {
     NormBias,
 }
 
+impl Role {
+    pub fn is_bias(self) -> bool {
+        matches!(self, Role::Bias | Role::NormBias)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ParamSpec {
+    /// `{module}.weight` or `{module}.bias`.
     pub name: String,
+    /// The place of the module it belongs to.
+    pub place: Place,
     /// Shape in the model's layout ([out, in] for linears).
     pub shape: Vec<usize>,
     /// Stored transposed ([in, out]) in the checkpoint (GPT-2's Conv1D).
@@ -35,6 +100,92 @@ pub struct ParamSpec {
     pub role: Role,
 }
 
+/// A parameter's checkpoint name: `which` is `weight` or `bias`.
+pub fn param_name(module: &str, which: &str) -> String {
+    format!("{module}.{which}")
+}
+
+impl ModuleSpec {
+    /// The module's parameters: the weight, then the bias if it has one.
+    pub fn params(&self) -> Vec<ParamSpec> {
+        let param = |which: &str, shape: Vec<usize>, conv1d: bool, role: Role| ParamSpec {
+            name: param_name(&self.name, which),
+            place: self.place,
+            shape,
+            conv1d,
+            role,
+        };
+        match self.kind {
+            ModuleKind::Embedding { rows, dim } => {
+                vec![param("weight", vec![rows, dim], false, Role::Embedding)]
+            }
+            ModuleKind::Norm { dim, spec } => {
+                let mut out = vec![param("weight", vec![dim], false, Role::NormWeight)];
+                if spec.kind == NormKind::LayerNorm {
+                    out.push(param("bias", vec![dim], false, Role::NormBias));
+                }
+                out
+            }
+            ModuleKind::Linear {
+                out,
+                inp,
+                bias,
+                conv1d,
+            } => {
+                let mut params = vec![param("weight", vec![out, inp], conv1d, Role::Weight)];
+                if bias {
+                    params.push(param("bias", vec![out], false, Role::Bias));
+                }
+                params
+            }
+        }
+    }
+}
+
+/// The names of the module at a place: in Hugging Face's Llama-family checkpoints, in GPT-2's
+/// (inside a block, relative to the block's prefix), and llama.cpp's in GGUF files. None where a
+/// convention has no such module: the spec parser gives GPT-2 a fused q|k|v and a plain MLP, and
+/// no other architecture a fused q|k|v, so those are never asked for.
+fn names(place: Place) -> (Option<&'static str>, Option<&'static str>, &'static str) {
+    use Part::*;
+    match place {
+        Place::Embed => (
+            Some("model.embed_tokens"),
+            Some("transformer.wte"),
+            "token_embd",
+        ),
+        Place::PosEmbed => (
+            Some("model.embed_positions"),
+            Some("transformer.wpe"),
+            "position_embd",
+        ),
+        Place::FinalNorm => (Some("model.norm"), Some("transformer.ln_f"), "output_norm"),
+        Place::LmHead => (Some("lm_head"), Some("lm_head"), "output"),
+        Place::Layer(_, part) => match part {
+            AttnNorm => (Some("input_layernorm"), Some("ln_1"), "attn_norm"),
+            Q => (Some("self_attn.q_proj"), None, "attn_q"),
+            K => (Some("self_attn.k_proj"), None, "attn_k"),
+            V => (Some("self_attn.v_proj"), None, "attn_v"),
+            Qkv => (None, Some("attn.c_attn"), "attn_qkv"),
+            O => (Some("self_attn.o_proj"), Some("attn.c_proj"), "attn_output"),
+            MlpNorm => (Some("post_attention_layernorm"), Some("ln_2"), "ffn_norm"),
+            Gate => (Some("mlp.gate_proj"), None, "ffn_gate"),
+            Up => (Some("mlp.up_proj"), Some("mlp.c_fc"), "ffn_up"),
+            Down => (Some("mlp.down_proj"), Some("mlp.c_proj"), "ffn_down"),
+        },
+    }
+}
+
+/// llama.cpp's name for the module at `place` (`blk.0.attn_q`).
+pub fn gguf_module(place: Place) -> String {
+    let (_, _, name) = names(place);
+    match place {
+        Place::Layer(i, _) => format!("blk.{i}.{name}"),
+        _ => name.into(),
+    }
+}
+
+/// A checkpoint's module names: Hugging Face's Llama family, or GPT-2's.
 pub struct Naming {
     gpt2: bool,
 }
@@ -45,176 +196,103 @@ impl Naming {
             gpt2: spec.architecture == Architecture::Gpt2,
         }
     }
+
+    /// Whether its linears are stored transposed (GPT-2's Conv1D).
     pub fn conv1d(&self) -> bool {
         self.gpt2
     }
-    pub fn embed(&self) -> String {
-        if self.gpt2 {
-            "transformer.wte"
+
+    /// The module path of the module at `place` (`model.layers.0.self_attn.q_proj`).
+    pub fn module(&self, place: Place) -> String {
+        let (llama, gpt2, _) = names(place);
+        let (name, blocks) = if self.gpt2 {
+            (gpt2, "transformer.h")
         } else {
-            "model.embed_tokens"
-        }
-        .into()
-    }
-    pub fn pos_embed(&self) -> String {
-        if self.gpt2 {
-            "transformer.wpe"
-        } else {
-            "model.embed_positions"
-        }
-        .into()
-    }
-    pub fn final_norm(&self) -> String {
-        if self.gpt2 {
-            "transformer.ln_f"
-        } else {
-            "model.norm"
-        }
-        .into()
-    }
-    pub fn attn_norm(&self, i: usize) -> String {
-        if self.gpt2 {
-            format!("transformer.h.{i}.ln_1")
-        } else {
-            format!("model.layers.{i}.input_layernorm")
-        }
-    }
-    pub fn mlp_norm(&self, i: usize) -> String {
-        if self.gpt2 {
-            format!("transformer.h.{i}.ln_2")
-        } else {
-            format!("model.layers.{i}.post_attention_layernorm")
-        }
-    }
-    pub fn linear(&self, i: usize, kind: ParamKind) -> String {
-        use ParamKind::*;
-        if self.gpt2 {
-            let m = match kind {
-                Qkv => "attn.c_attn",
-                O => "attn.c_proj",
-                Up => "mlp.c_fc",
-                Down => "mlp.c_proj",
-                Q | K | V | Gate => unreachable!("GPT-2 has no separate {kind:?} projection"),
-            };
-            return format!("transformer.h.{i}.{m}");
-        }
-        let m = match kind {
-            Q => "self_attn.q_proj",
-            K => "self_attn.k_proj",
-            V => "self_attn.v_proj",
-            O => "self_attn.o_proj",
-            Gate => "mlp.gate_proj",
-            Up => "mlp.up_proj",
-            Down => "mlp.down_proj",
-            Qkv => unreachable!("only GPT-2 fuses q|k|v"),
+            (llama, "model.layers")
         };
-        format!("model.layers.{i}.{m}")
+        let Some(name) = name else {
+            unreachable!("this checkpoint convention has no module at {place:?}")
+        };
+        match place {
+            Place::Layer(i, _) => format!("{blocks}.{i}.{name}"),
+            _ => name.into(),
+        }
     }
+}
+
+/// Every module the spec implies, in the order of the forward pass: the one list that builds,
+/// loads, checks, initialises and saves a model, and names its tensors in GGUF files.
+pub fn modules(spec: &ModelSpec) -> Vec<ModuleSpec> {
+    let n = Naming::of(spec);
+    let h = spec.hidden_size;
+    let mut out = vec![];
+    let mut add = |place: Place, kind: ModuleKind| {
+        out.push(ModuleSpec {
+            name: n.module(place),
+            place,
+            kind,
+        })
+    };
+    let linear = |out: usize, inp: usize, bias: bool| ModuleKind::Linear {
+        out,
+        inp,
+        bias,
+        conv1d: n.conv1d(),
+    };
+    let embedding = |rows: usize| ModuleKind::Embedding { rows, dim: h };
+    add(Place::Embed, embedding(spec.vocab_size));
+    if spec.positions == Positions::Learned {
+        add(Place::PosEmbed, embedding(spec.max_position_embeddings));
+    }
+    for (i, l) in spec.layers.iter().enumerate() {
+        let at = |part: Part| Place::Layer(i, part);
+        let norm = ModuleKind::Norm {
+            dim: h,
+            spec: l.norm,
+        };
+        let (a, m) = (&l.attention, &l.mlp);
+        let (q, kv) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
+        add(at(Part::AttnNorm), norm);
+        if a.fused_qkv {
+            add(at(Part::Qkv), linear(q + 2 * kv, h, a.qkv_bias));
+        } else {
+            add(at(Part::Q), linear(q, h, a.qkv_bias));
+            add(at(Part::K), linear(kv, h, a.qkv_bias));
+            add(at(Part::V), linear(kv, h, a.qkv_bias));
+        }
+        add(at(Part::O), linear(h, q, a.o_bias));
+        add(at(Part::MlpNorm), norm);
+        if m.kind == MlpKind::Gated {
+            add(at(Part::Gate), linear(m.intermediate_size, h, m.bias));
+        }
+        add(at(Part::Up), linear(m.intermediate_size, h, m.bias));
+        add(at(Part::Down), linear(h, m.intermediate_size, m.bias));
+    }
+    add(
+        Place::FinalNorm,
+        ModuleKind::Norm {
+            dim: h,
+            spec: spec.final_norm,
+        },
+    );
+    if !spec.tie_word_embeddings {
+        // The LM head is a plain linear even in GPT-2 checkpoints.
+        add(
+            Place::LmHead,
+            ModuleKind::Linear {
+                out: spec.vocab_size,
+                inp: h,
+                bias: false,
+                conv1d: false,
+            },
+        );
+    }
+    out
 }
 
 /// Every parameter the spec implies, in a stable order.
 pub fn param_specs(spec: &ModelSpec) -> Vec<ParamSpec> {
-    let n = Naming::of(spec);
-    let h = spec.hidden_size;
-    let mut out = vec![];
-    let mut push = |name: String, shape: Vec<usize>, conv1d: bool, role: Role| {
-        out.push(ParamSpec {
-            name,
-            shape,
-            conv1d,
-            role,
-        })
-    };
-    push(
-        format!("{}.weight", n.embed()),
-        vec![spec.vocab_size, h],
-        false,
-        Role::Embedding,
-    );
-    if spec.positions == Positions::Learned {
-        push(
-            format!("{}.weight", n.pos_embed()),
-            vec![spec.max_position_embeddings, h],
-            false,
-            Role::Embedding,
-        );
-    }
-    let linear = |push: &mut dyn FnMut(String, Vec<usize>, bool, Role),
-                  module: String,
-                  out_f: usize,
-                  in_f: usize,
-                  bias: bool| {
-        push(
-            format!("{module}.weight"),
-            vec![out_f, in_f],
-            n.conv1d(),
-            Role::Weight,
-        );
-        if bias {
-            push(format!("{module}.bias"), vec![out_f], false, Role::Bias);
-        }
-    };
-    let norm =
-        |push: &mut dyn FnMut(String, Vec<usize>, bool, Role), module: String, kind: NormKind| {
-            push(format!("{module}.weight"), vec![h], false, Role::NormWeight);
-            if kind == NormKind::LayerNorm {
-                push(format!("{module}.bias"), vec![h], false, Role::NormBias);
-            }
-        };
-    for (i, l) in spec.layers.iter().enumerate() {
-        let a = &l.attention;
-        let (q, kv) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
-        norm(&mut push, n.attn_norm(i), l.norm.kind);
-        if a.fused_qkv {
-            linear(
-                &mut push,
-                n.linear(i, ParamKind::Qkv),
-                q + 2 * kv,
-                h,
-                a.qkv_bias,
-            );
-        } else {
-            linear(&mut push, n.linear(i, ParamKind::Q), q, h, a.qkv_bias);
-            linear(&mut push, n.linear(i, ParamKind::K), kv, h, a.qkv_bias);
-            linear(&mut push, n.linear(i, ParamKind::V), kv, h, a.qkv_bias);
-        }
-        linear(&mut push, n.linear(i, ParamKind::O), h, q, a.o_bias);
-        norm(&mut push, n.mlp_norm(i), l.norm.kind);
-        let m = &l.mlp;
-        if m.kind == MlpKind::Gated {
-            linear(
-                &mut push,
-                n.linear(i, ParamKind::Gate),
-                m.intermediate_size,
-                h,
-                m.bias,
-            );
-        }
-        linear(
-            &mut push,
-            n.linear(i, ParamKind::Up),
-            m.intermediate_size,
-            h,
-            m.bias,
-        );
-        linear(
-            &mut push,
-            n.linear(i, ParamKind::Down),
-            h,
-            m.intermediate_size,
-            m.bias,
-        );
-    }
-    norm(&mut push, n.final_norm(), spec.final_norm.kind);
-    if !spec.tie_word_embeddings {
-        push(
-            "lm_head.weight".into(),
-            vec![spec.vocab_size, h],
-            false,
-            Role::Weight,
-        );
-    }
-    out
+    modules(spec).iter().flat_map(ModuleSpec::params).collect()
 }
 
 /// Tensors a checkpoint may hold that are not parameters (buffers older exports kept, or a
