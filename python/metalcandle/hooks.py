@@ -56,7 +56,7 @@ from metalcandle.errors import UserError, did_you_mean
 # The vocabulary is the core's (`metalcandle_core::hooks::vocab`): the points, and per section its
 # kinds, where each applies, and its parameters with their types, defaults and bounds. Everything
 # below reads it; nothing here decides by the name of a kind.
-VOCABULARY: dict = json.loads(_core.hook_vocabulary())
+VOCABULARY: dict = _core.hook_vocabulary()
 SECTIONS = tuple(s["key"] for s in VOCABULARY["sections"])
 _POINTS = VOCABULARY["points"]
 _NO_DEFAULT = object()
@@ -366,10 +366,6 @@ def _params(spec: dict) -> dict:
     return {k: v for k, v in spec.items() if k not in ("kind", "point", "pattern")}
 
 
-def _params_json(spec: dict) -> str:
-    return json.dumps(_params(spec))
-
-
 def add_forward_hook(model, point: str, fn_or_kind, array=None, **params) -> HookHandle:
     """See `Model.add_forward_hook`."""
     points = matching_points(model, point)
@@ -383,7 +379,7 @@ def add_forward_hook(model, point: str, fn_or_kind, array=None, **params) -> Hoo
                 f'forward hook "{kind}" needs array= (the activation to patch in, of the point\'s shape)'
             )
         patch = np.ascontiguousarray(array, dtype=np.float32)
-        hook_id = model._core.add_forward_hook(point, kind, "{}", None, patch)
+        hook_id = model._core.add_forward_hook(point, kind, {}, None, patch)
         return HookHandle(model, hook_id, f'forward "{kind}" at "{point}"')
     if array is not None:
         if callable(fn_or_kind):
@@ -441,7 +437,7 @@ def _add_hook(
                 f"{article} {_LABEL[section]} function takes no parameters; close over them instead"
             )
         function = _function_kind(section)
-        hook_id = getattr(model._core, f"add_{section}_hook")(where, function, "{}", wrap(fn_or_kind))
+        hook_id = getattr(model._core, f"add_{section}_hook")(where, function, {}, wrap(fn_or_kind))
         return HookHandle(model, hook_id, f"{section} {_name_of(fn_or_kind)} {place}")
     if fn_or_kind == _function_kind(section):
         raise ValueError(f"pass the function itself: model.add_{section}_hook({key}, fn)")
@@ -459,7 +455,7 @@ def _attach(model, section: str, spec: dict, points: list[str] | None) -> HookHa
         where, place = spec["point"], f'at "{spec["point"]}"'
     if points is not None:
         _check_points_fit(model, KINDS[section][kind], where, points, spec.get("heads"))
-    hook_id = getattr(model._core, f"add_{section}_hook")(where, kind, _params_json(spec))
+    hook_id = getattr(model._core, f"add_{section}_hook")(where, kind, _params(spec))
     return HookHandle(model, hook_id, f'{section} "{kind}" {place}')
 
 

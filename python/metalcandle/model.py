@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -50,7 +49,7 @@ class Model:
     @classmethod
     def from_config(cls, config: dict, seed: int = 0, device: str = "cpu") -> Model:
         """A randomly initialised model from a config.json-style dict."""
-        return cls(_core.Model.from_config(json.dumps(config), seed, device))
+        return cls(_core.Model.from_config(config, seed, device))
 
     @property
     def architecture(self) -> str:

@@ -1,4 +1,4 @@
-//! numpy <-> candle, serde values -> Python objects, and core errors -> Python exceptions.
+//! numpy <-> candle, JSON values <-> Python data, and core errors -> Python exceptions.
 
 use candle_core::{Device, Tensor};
 use metalcandle_core::Error;
@@ -56,6 +56,61 @@ fn json_to_py(py: Python<'_>, v: &serde_json::Value) -> PyResult<Py<PyAny>> {
             d.into_py_any(py)
         }
     }
+}
+
+/// Python data (dicts with str keys, lists, tuples, str, int, float, bool, None) as a JSON
+/// value; `what` names the argument in errors.
+pub fn from_py(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<serde_json::Value> {
+    use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+    use serde_json::Value;
+    let bad = |msg: String| PyValueError::new_err(format!("{what}: {msg}"));
+    if obj.is_none() {
+        return Ok(Value::Null);
+    }
+    // Before int: a Python bool is an int.
+    if obj.is_instance_of::<PyBool>() {
+        return Ok(Value::Bool(obj.extract()?));
+    }
+    if obj.is_instance_of::<PyInt>() {
+        return match (obj.extract::<i64>(), obj.extract::<u64>()) {
+            (Ok(i), _) => Ok(i.into()),
+            (_, Ok(u)) => Ok(u.into()),
+            _ => Err(bad(format!("the integer {obj} is out of range"))),
+        };
+    }
+    if obj.is_instance_of::<PyString>() {
+        return Ok(Value::String(obj.extract()?));
+    }
+    if obj.is_instance_of::<PyDict>() {
+        let mut m = serde_json::Map::new();
+        for item in obj.call_method0("items")?.try_iter()? {
+            let (k, v): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item?.extract()?;
+            let key: String = k
+                .extract()
+                .map_err(|_| bad(format!("the key {k} is not a string")))?;
+            let value = from_py(&v, &format!("{what}.{key}"))?;
+            m.insert(key, value);
+        }
+        return Ok(Value::Object(m));
+    }
+    if obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>() {
+        let items = obj
+            .try_iter()?
+            .map(|x| from_py(&x?, what))
+            .collect::<PyResult<Vec<_>>>()?;
+        return Ok(Value::Array(items));
+    }
+    // Floats, and numbers that convert to one (numpy scalars).
+    if obj.is_instance_of::<PyFloat>() || obj.hasattr("__float__")? {
+        let f: f64 = obj.extract()?;
+        return serde_json::Number::from_f64(f)
+            .map(Value::Number)
+            .ok_or_else(|| bad(format!("{f} is not a finite number")));
+    }
+    Err(bad(format!(
+        "a {} is not data (expected a dict, list, str, number, bool or None)",
+        obj.get_type().name()?
+    )))
 }
 
 /// A 2-D int64 array as (row-major values, (rows, cols)).

@@ -172,10 +172,10 @@ pub fn update_transform(kind: &str, params: &Value, f: Option<Py<PyAny>>) -> Res
     })))
 }
 
-/// The hook vocabulary (`metalcandle_core::hooks::vocabulary`) as JSON text.
+/// The hook vocabulary (`metalcandle_core::hooks::vocabulary`).
 #[pyfunction]
-pub fn hook_vocabulary() -> String {
-    metalcandle_core::hooks::vocabulary().to_string()
+pub fn hook_vocabulary(py: Python<'_>) -> PyResult<Py<PyAny>> {
+    crate::convert::to_py(py, &metalcandle_core::hooks::vocabulary())
 }
 
 /// A patch array from Python as a tensor on the model's device.

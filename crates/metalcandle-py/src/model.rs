@@ -1,6 +1,6 @@
 //! `_core.Model` and `_core.KvCache`.
 
-use crate::convert::{candle_err, ids_tensor, read_i64_2d, to_numpy, to_py, to_py_err};
+use crate::convert::{candle_err, from_py, ids_tensor, read_i64_2d, to_numpy, to_py, to_py_err};
 use crate::hooks;
 use crate::quant;
 use candle_core::{Device, Tensor};
@@ -107,13 +107,12 @@ impl PyModel {
         Ok(Self { inner })
     }
 
-    /// A randomly initialised model from a `config.json` text (any supported `model_type`).
+    /// A randomly initialised model from a `config.json`-style dict (any supported `model_type`).
     #[staticmethod]
-    #[pyo3(signature = (config_json, seed = 0, device = "cpu"))]
-    fn from_config(config_json: &str, seed: u64, device: &str) -> PyResult<Self> {
+    #[pyo3(signature = (config, seed = 0, device = "cpu"))]
+    fn from_config(config: &Bound<'_, PyAny>, seed: u64, device: &str) -> PyResult<Self> {
         let dev = self::device(device)?;
-        let config: serde_json::Value = serde_json::from_str(config_json)
-            .map_err(|e| PyValueError::new_err(format!("config: invalid JSON: {e}")))?;
+        let config = from_py(config, "config")?;
         let spec = ModelSpec::from_hf_config(&config, "config").map_err(to_py_err)?;
         let inner = Decoder::random(spec, config, seed, &dev).map_err(to_py_err)?;
         Ok(Self { inner })
@@ -484,46 +483,46 @@ impl PyModel {
 
     /// Attaches a forward hook (`kind` with JSON `params`; "python" takes `fn`, "patch` takes
     /// `array`) at the points `point` matches; returns its id.
-    #[pyo3(signature = (point, kind, params_json, r#fn = None, array = None))]
+    #[pyo3(signature = (point, kind, params, r#fn = None, array = None))]
     fn add_forward_hook(
         &mut self,
         point: &str,
         kind: &str,
-        params_json: &str,
+        params: &Bound<'_, PyAny>,
         r#fn: Option<Py<PyAny>>,
         array: Option<Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
         Hooks::check_point(point, self.inner.blocks.len()).map_err(to_py_err)?;
-        let params = parse_params(params_json)?;
+        let params = from_py(params, "hook parameters")?;
         let array = hooks::patch_array(array.as_ref(), &self.inner.device)?;
         let action = hooks::forward_action(kind, &params, r#fn, array).map_err(to_py_err)?;
         Ok(self.inner.hooks.add_forward(point, action))
     }
 
-    #[pyo3(signature = (point, kind, params_json, r#fn = None))]
+    #[pyo3(signature = (point, kind, params, r#fn = None))]
     fn add_backward_hook(
         &mut self,
         point: &str,
         kind: &str,
-        params_json: &str,
+        params: &Bound<'_, PyAny>,
         r#fn: Option<Py<PyAny>>,
     ) -> PyResult<u64> {
         Hooks::check_point(point, self.inner.blocks.len()).map_err(to_py_err)?;
-        let params = parse_params(params_json)?;
+        let params = from_py(params, "hook parameters")?;
         let action = hooks::backward_action(kind, &params, r#fn).map_err(to_py_err)?;
         Ok(self.inner.hooks.add_backward(point, action))
     }
 
     /// A gradient transform for the parameters whose names `pattern` matches.
-    #[pyo3(signature = (pattern, kind, params_json, r#fn = None))]
+    #[pyo3(signature = (pattern, kind, params, r#fn = None))]
     fn add_update_hook(
         &mut self,
         pattern: &str,
         kind: &str,
-        params_json: &str,
+        params: &Bound<'_, PyAny>,
         r#fn: Option<Py<PyAny>>,
     ) -> PyResult<u64> {
-        let params = parse_params(params_json)?;
+        let params = from_py(params, "hook parameters")?;
         let t = hooks::update_transform(kind, &params, r#fn).map_err(to_py_err)?;
         Ok(self.inner.hooks.add_update(pattern, t))
     }
@@ -567,9 +566,4 @@ impl PyModel {
         }
         Ok(out)
     }
-}
-
-fn parse_params(text: &str) -> PyResult<serde_json::Value> {
-    serde_json::from_str(text)
-        .map_err(|e| PyValueError::new_err(format!("hook parameters: invalid JSON: {e}")))
 }
