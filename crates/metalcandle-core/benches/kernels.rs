@@ -92,7 +92,7 @@ fn prefill_case(format: GgmlDType, m: usize, n: usize, k: usize) -> Result<()> {
     let candle = QMatMul::from_arc(w.clone())?;
     let ours = median_ms(7, || ops::quantized_linear(&x, &w).map(|_| ()))?;
     let theirs = median_ms(7, || candle.forward(&x).map(|_| ()))?;
-    let float = median_ms(7, || ops::frozen_linear(&x, &wf).map(|_| ()))?;
+    let float = median_ms(7, || ops::linear(&x, &wf).map(|_| ()))?;
     let gops = 2.0 * (m * n * k) as f64 / ours / 1e6;
     println!(
         "{:34} fwd {ours:8.2} ms vs {theirs:8.2} ms ({:4.2}x), f32 {float:8.2} ms ({:4.2}x), {gops:.0} GOP/s",
@@ -175,7 +175,7 @@ fn main() -> Result<()> {
     case(
         "frozen linear 896 -> 4864",
         std::slice::from_ref(&x),
-        &|a| ops::frozen_linear(&a[0], &w),
+        &|a| ops::linear(&a[0], &w),
         &|a| a[0].broadcast_matmul(&w2.t()?),
     )?;
     let (la, lb) = (
@@ -189,7 +189,7 @@ fn main() -> Result<()> {
         &[x, la, lb],
         &|a| ops::lora_linear(&a[0], &wf, None, &a[1], &a[2], 2.0),
         &|a| {
-            ops::frozen_linear(&a[0], &w3)?
+            ops::linear(&a[0], &w3)?
                 + (a[0]
                     .broadcast_matmul(&a[1].t()?)?
                     .broadcast_matmul(&a[2].t()?)?
@@ -204,7 +204,7 @@ fn main() -> Result<()> {
         "LM head + cross-entropy, 151936",
         &[hidden],
         &|a| ops::lm_head_cross_entropy(&a[0], &head, &labels),
-        &|a| ops::cross_entropy::cross_entropy_composed(&ops::frozen_linear(&a[0], &head2)?, &l2),
+        &|a| ops::cross_entropy::cross_entropy_composed(&ops::linear(&a[0], &head2)?, &l2),
     )?;
     for format in [GgmlDType::Q4_0, GgmlDType::Q8_0] {
         decode_case(format, ff, h)?;

@@ -1,6 +1,10 @@
 //! One optimisation step: forward, loss, backward over micro-batches (gradients summed,
 //! each micro-batch weighted by its share of the label tokens), global-norm clipping as torch
 //! does it, and the optimizer update.
+//!
+//! Four files carry the word, one layer each: this step; its PyO3 binding
+//! (`metalcandle-py/src/train.rs`); the Python `Trainer` that calls it (`trainer.py`); and the
+//! run behind `metalcandle train` (`train.py`), named after the command.
 
 use crate::error::{Error, Result};
 use crate::model::{Decoder, ForwardOptions};

@@ -1,5 +1,7 @@
 """Architecture adapters: one `BaseAdapter` interface over the decoders the core runs, selected by
-`architecture_type` (not LoRA adapters; those live on `Model.add_lora`)."""
+`architecture_type` (not LoRA adapters; those live on `Model.add_lora`). The package keeps the
+name the field gives these classes (`metalcandle.adapters.BaseAdapter` is public API); inside the
+core, "adapter" always means LoRA."""
 
 from metalcandle.adapters.architectures import (
     CustomTransformerAdapter,

@@ -48,7 +48,7 @@ impl Weight {
     /// `x @ W^T`; the backward yields the input gradient only (the weight is frozen).
     pub fn linear(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Weight::Float(w) => ops::frozen_linear(x, w),
+            Weight::Float(w) => ops::linear(x, w),
             Weight::Quantized(q) => ops::quantized_linear(x, q),
         }
     }

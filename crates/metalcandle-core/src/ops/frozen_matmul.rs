@@ -118,9 +118,10 @@ impl CustomOp1 for FrozenLinear {
     }
 }
 
-/// `x @ w^T` where `w` [out, in] is frozen (untracked) or trainable: a trainable weight takes
-/// candle's matmul, whose backward reaches both operands.
-pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// `x @ w^T`, for any weight `w` [out, in]: a frozen (untracked) one takes the op above, whose
+/// backward skips the weight's gradient; a trainable one takes candle's matmul, whose backward
+/// reaches both operands.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if w.track_op() {
         return x.broadcast_matmul(&w.t()?);
     }
@@ -140,7 +141,7 @@ mod tests {
         let x = rand_tensor(&[2, 3, 5], 1);
         let w = rand_tensor(&[4, 5], 2);
         let d = max_abs_diff(
-            &frozen_linear(&x, &w).unwrap(),
+            &linear(&x, &w).unwrap(),
             &x.broadcast_matmul(&w.t().unwrap()).unwrap(),
         );
         assert!(d < 1e-12, "{d}");
@@ -149,18 +150,14 @@ mod tests {
     #[test]
     fn input_gradient_matches_finite_differences() {
         let w = rand_tensor(&[4, 5], 2);
-        check_grads(
-            &[rand_tensor(&[2, 3, 5], 1)],
-            |a| frozen_linear(&a[0], &w),
-            1e-6,
-        );
+        check_grads(&[rand_tensor(&[2, 3, 5], 1)], |a| linear(&a[0], &w), 1e-6);
     }
 
     #[test]
     fn no_gradient_is_computed_for_the_frozen_weight() {
         let x = Var::from_tensor(&rand_tensor(&[2, 5], 1)).unwrap();
         let w = rand_tensor(&[3, 5], 2);
-        let grads = frozen_linear(&x, &w)
+        let grads = linear(&x, &w)
             .unwrap()
             .sum_all()
             .unwrap()

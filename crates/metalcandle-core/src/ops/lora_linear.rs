@@ -149,7 +149,7 @@ mod tests {
         let a = Var::from_tensor(&rand_tensor(&[2, 5], 4)).unwrap();
         let b = Var::from_tensor(&rand_tensor(&[4, 2], 5)).unwrap();
         let fused = lora_linear(&x, &Weight::Float(w.clone()), Some(&bias), &a, &b, 0.5).unwrap();
-        let base = crate::ops::frozen_linear(&x, &w)
+        let base = crate::ops::linear(&x, &w)
             .unwrap()
             .broadcast_add(&bias)
             .unwrap();

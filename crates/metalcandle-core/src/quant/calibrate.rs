@@ -100,7 +100,7 @@ fn relative_error(w: &Tensor, x: Option<&Tensor>, dtype: GgmlDType) -> Result<f6
     let q = Arc::new(quantize_matrix(w, dtype)?);
     match x {
         Some(x) => {
-            let want = ops::frozen_linear(x, w)?;
+            let want = ops::linear(x, w)?;
             let got = ops::quantized_linear(x, &q)?;
             Ok(frobenius(&(got - &want)?)? / frobenius(&want)?.max(f64::MIN_POSITIVE))
         }
