@@ -1,5 +1,6 @@
 """Experiment hooks: read, change or replace what flows through the decoder, its gradients, the
 parameter updates, and add auxiliary losses, from Python or from a run config's `[hooks]`.
+Registration goes through `Model._core` here only (`Model.add_*_hook` forward to this module).
 
 Points (`*` in a pattern matches any run of characters, dots included):
 

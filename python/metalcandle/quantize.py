@@ -1,6 +1,7 @@
 """Post-training quantization and quantization-aware training: every linear layer (attention, MLP,
 LM head) and the token embedding into llama.cpp's block formats (q8_0, q4_0, ...), computed by the
-Rust core with candle's kernels.
+Rust core. These functions are the Python face of the core's quantization, so they call
+`Model._core` directly; nothing outside this module does for quantization.
 
     model = mc.load_model("tiny-qwen2")
     mc.quantize_model(model, "q8_0")           # in place; returns the model

@@ -1,5 +1,8 @@
 """`Trainer`: one optimisation step at a time (forward, loss, backward, clipping and the
-AdamW update all run in Rust)."""
+AdamW update all run in Rust).
+
+This module is the binding of the core's step: it alone hands `Model._core` and
+`Optimizer._core` to `_core.train_step` / `_core.eval_loss`, so nothing else needs them."""
 
 from __future__ import annotations
 
