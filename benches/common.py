@@ -4,6 +4,7 @@ process can use it without loading metalcandle."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -113,6 +114,25 @@ def worker_env(threads: int) -> dict:
         }
     )
     return env
+
+
+def add_bench_args(ap: argparse.ArgumentParser, workers: dict) -> None:
+    """The options every side-by-side bench takes, and the hidden ones `run_worker` calls it back with."""
+    ap.add_argument("--no-torch", action="store_true", help="measure metalcandle alone")
+    ap.add_argument("--json", help="also write the full report here")
+    ap.add_argument("--worker", choices=sorted(workers), help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+
+
+def serve_worker(args, workers: dict, first=None) -> bool:
+    """In a process `run_worker` started: runs the named worker on its spec and prints the JSON
+    result (after `first(name)`'s fields, when given). False in the parent process."""
+    if not args.worker:
+        return False
+    result = dict(first(args.worker)) if first else {}
+    result.update(workers[args.worker](json.loads(args.spec)))
+    print(json.dumps(result))
+    return True
 
 
 def run_worker(script: str, name: str, spec: dict, threads: int, rss_cap_mib: float | None = None) -> dict:

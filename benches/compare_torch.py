@@ -44,11 +44,13 @@ import time
 
 from common import (  # noqa: E402
     QWEN25_05B,
+    add_bench_args,
     current_rss_mib,
     format_table,
     peak_rss_mib,
     ratio,
     run_worker,
+    serve_worker,
     timed,
 )
 
@@ -669,16 +671,9 @@ def main() -> None:
     ap.add_argument(
         "--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}"
     )
-    ap.add_argument("--no-torch", action="store_true", help="measure metalcandle alone")
-    ap.add_argument("--json", help="also write the full report here")
-    ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
-    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    add_bench_args(ap, WORKERS)
     args = ap.parse_args()
-
-    if args.worker:
-        result = {"rss_after_import_mib": import_framework(args.worker)}
-        result.update(WORKERS[args.worker](json.loads(args.spec)))
-        print(json.dumps(result))
+    if serve_worker(args, WORKERS, first=lambda name: {"rss_after_import_mib": import_framework(name)}):
         return
     if args.runs < 1:
         sys.exit("--runs must be >= 1")

@@ -37,6 +37,7 @@ import tempfile
 import time
 
 from common import (
+    add_bench_args,
     available_mib,
     current_rss_mib,
     format_table,
@@ -44,6 +45,7 @@ from common import (
     peak_rss_mib,
     ratio,
     run_worker,
+    serve_worker,
 )
 
 # transformers' GPT2Config() defaults.
@@ -212,14 +214,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"a subset of {','.join(VARIANTS)}")
     ap.add_argument("--cap-mib", type=float, help="stop a worker above this RSS (default: available - 1 GiB)")
-    ap.add_argument("--no-torch", action="store_true", help="measure metalcandle alone")
-    ap.add_argument("--json", help="also write the full report here")
-    ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
-    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    add_bench_args(ap, WORKERS)
     args = ap.parse_args()
-
-    if args.worker:
-        print(json.dumps(WORKERS[args.worker](json.loads(args.spec))))
+    if serve_worker(args, WORKERS):
         return
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in chosen if v not in VARIANTS]

@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import format_table, minor_faults, peak_rss_mib, ratio, run_worker
+from common import add_bench_args, format_table, minor_faults, peak_rss_mib, ratio, run_worker, serve_worker
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "examples" / "configs" / "tiny-from-scratch.toml"
@@ -327,15 +327,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="timed steps (default 40)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--no-torch", action="store_true", help="measure metalcandle alone")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile run")
-    ap.add_argument("--json", help="also write the full report here")
-    ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
-    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    add_bench_args(ap, WORKERS)
     args = ap.parse_args()
-
-    if args.worker:
-        print(json.dumps(WORKERS[args.worker](json.loads(args.spec))))
+    if serve_worker(args, WORKERS):
         return
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
         sys.exit("--warmup, --steps and --repeats must be >= 1")
