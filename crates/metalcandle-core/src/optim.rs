@@ -99,16 +99,22 @@ struct Moments {
 }
 
 impl Moments {
-    /// Moments read from a file must have the shape of the parameter they are named for.
-    fn check_fits(&self, name: &str, var: &Var) -> Result<()> {
-        for (which, t) in [("exp_avg", &self.m), ("exp_avg_sq", &self.v)] {
-            if let Some(t) = t.as_ref().filter(|t| t.dims() != var.dims()) {
+    /// Moments read from a file must have the shape of the parameter they are named for; a
+    /// float dtype other than the parameter's (a hand-edited file) is converted, as the
+    /// update's arithmetic needs one dtype.
+    fn fit(&mut self, name: &str, var: &Var) -> Result<()> {
+        for (which, t) in [("exp_avg", &mut self.m), ("exp_avg_sq", &mut self.v)] {
+            let Some(m) = t.as_mut() else { continue };
+            if m.dims() != var.dims() {
                 return Err(Error::Weights(format!(
                     "{}: tensor `{name}.{which}` has shape {:?}, but parameter `{name}` has shape {:?}",
                     self.source.as_deref().unwrap_or("optimizer state"),
-                    t.dims(),
+                    m.dims(),
                     var.dims()
                 )));
+            }
+            if m.dtype() != var.dtype() {
+                *m = m.to_dtype(var.dtype())?;
             }
         }
         Ok(())
@@ -209,7 +215,7 @@ impl Optimizer {
                 step: 0,
                 source: None,
             });
-            st.check_fits(name, var)?;
+            st.fit(name, var)?;
             st.step += 1;
             if c.algorithm == Algorithm::AdamW && crate::ops::adamw::applies(var.as_tensor()) {
                 match g {
@@ -758,10 +764,18 @@ mod tests {
 
     /// An AdamW state saved after one step on `w` ([3]), its moments then rewritten by `edit`.
     fn saved_state(tag: &str, edit: impl Fn(&mut HashMap<String, Tensor>)) -> std::path::PathBuf {
+        saved_state_of(OptimizerConfig::default(), tag, edit)
+    }
+
+    fn saved_state_of(
+        config: OptimizerConfig,
+        tag: &str,
+        edit: impl Fn(&mut HashMap<String, Tensor>),
+    ) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("mc-optim-{tag}-{}", std::process::id()));
         let var = Var::from_tensor(&Tensor::ones(3, DType::F32, &Device::Cpu).unwrap()).unwrap();
         let grads: HashMap<String, Tensor> = [("w".to_string(), var.as_tensor().clone())].into();
-        let mut opt = Optimizer::new(OptimizerConfig::default()).unwrap();
+        let mut opt = Optimizer::new(config).unwrap();
         opt.step(&[("w".into(), var)], &grads).unwrap();
         opt.save(&dir).unwrap();
         let file = dir.join("optimizer.safetensors");
@@ -805,6 +819,36 @@ mod tests {
             "{e}"
         );
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn loaded_moments_of_another_float_dtype_take_the_parameters() {
+        let lion = OptimizerConfig {
+            algorithm: Algorithm::Lion,
+            ..Default::default()
+        };
+        let half = |t: &mut HashMap<String, Tensor>| {
+            let m = t["w.exp_avg"].to_dtype(DType::F16).unwrap();
+            t.insert("w.exp_avg".into(), m);
+        };
+        let step = |dir: &Path| {
+            let mut opt = Optimizer::new(lion.clone()).unwrap();
+            opt.load(dir, &Device::Cpu).unwrap();
+            let var =
+                Var::from_tensor(&Tensor::ones(3, DType::F32, &Device::Cpu).unwrap()).unwrap();
+            let grads: HashMap<String, Tensor> =
+                [("w".to_string(), var.as_tensor().affine(0.5, 0.0).unwrap())].into();
+            opt.step(&[("w".into(), var.clone())], &grads).unwrap();
+            var.as_tensor().to_vec1::<f32>().unwrap()
+        };
+        let (f32_dir, f16_dir) = (
+            saved_state_of(lion.clone(), "lion32", |_| {}),
+            saved_state_of(lion.clone(), "lion16", half),
+        );
+        // Lion's update is a sign: the moment rounded to f16 moves the parameter the same way.
+        assert_eq!(step(&f16_dir), step(&f32_dir));
+        std::fs::remove_dir_all(f32_dir).ok();
+        std::fs::remove_dir_all(f16_dir).ok();
     }
 
     #[test]
