@@ -257,3 +257,22 @@ def test_lora_step_allocates_no_gradient_for_frozen_weights():
         growth[mode] = int(out.strip()) / 1024  # MiB
     assert growth["full"] > 150, growth
     assert growth["lora"] < 0.25 * growth["full"], growth
+
+
+def test_evaluate_is_the_token_weighted_mean_of_per_batch_losses(fixtures):
+    # Reference: each batch's mean loss (one eval_loss call each) weighted by its label tokens,
+    # counted here; a batch whose labels are all -100 adds nothing.
+    trainer = mc.Trainer(mc.load_model(fixtures / "tiny-qwen2"), None)
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 100, (2, 7)), rng.integers(0, 100, (3, 5))
+    lb = b.copy()
+    lb[:, 3:] = -100
+    ignored = np.full_like(a, -100)
+    batches = [(a, a), (b, lb), (a, ignored)]
+    loss, tokens = trainer.evaluate(batches)
+    counts = [int((lab[:, 1:] != -100).sum()) for _, lab in batches[:2]]
+    means = [trainer.eval_loss(ids, labels=lab) for ids, lab in batches[:2]]
+    assert tokens == sum(counts) == 2 * 6 + 3 * 2
+    assert loss == pytest.approx(sum(m * n for m, n in zip(means, counts, strict=True)) / tokens, rel=1e-12)
+    with pytest.raises(ValueError, match="no label tokens"):
+        trainer.evaluate([(a, ignored)])
