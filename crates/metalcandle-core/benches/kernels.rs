@@ -1,12 +1,12 @@
 //! Each custom kernel against the composed candle expression it replaces, forward alone and
 //! forward + backward, at the shapes of a Qwen2.5-0.5B step on 256 tokens, and the quantized
 //! decoding and prefill products against candle's quantized matmul. Run with `cargo bench -p
-//! metalcandle-core` (`-- prefill` for the quantized prefill products alone); times are
+//! metalcandle-core` (`-- quantized` for the quantized products alone); times are
 //! medians, the ratio is candle's / ours.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
-use metalcandle_core::nn::Weight;
+use metalcandle_core::nn::{QuantizedMatrix, Weight};
 use metalcandle_core::ops;
 use metalcandle_core::rng::Rng;
 use std::sync::Arc;
@@ -70,9 +70,10 @@ fn case(
 /// One decoding step's product `x @ W^T`, x [1, in], for a quantized W: ours against
 /// candle's quantized matmul, forward only (a decoding step has no backward).
 fn decode_case(format: GgmlDType, n: usize, k: usize) -> Result<()> {
-    let w = Arc::new(QTensor::quantize(&(uniform(&[n, k], 15)? * 0.02)?, format)?);
+    let wf = (uniform(&[n, k], 15)? * 0.02)?;
+    let w = Arc::new(QuantizedMatrix::new(QTensor::quantize(&wf, format)?)?);
     let x = uniform(&[1, k], 16)?;
-    let candle = QMatMul::from_arc(w.clone())?;
+    let candle = QMatMul::from_qtensor(QTensor::quantize(&wf, format)?)?;
     let ours = median_ms(51, || ops::quantized_linear(&x, &w).map(|_| ()))?;
     let theirs = median_ms(51, || candle.forward(&x).map(|_| ()))?;
     println!(
@@ -87,9 +88,9 @@ fn decode_case(format: GgmlDType, n: usize, k: usize) -> Result<()> {
 /// quantized matmul and against the float32 matmul of the same weight.
 fn prefill_case(format: GgmlDType, m: usize, n: usize, k: usize) -> Result<()> {
     let wf = (uniform(&[n, k], 17)? * 0.02)?;
-    let w = Arc::new(QTensor::quantize(&wf, format)?);
+    let w = Arc::new(QuantizedMatrix::new(QTensor::quantize(&wf, format)?)?);
     let x = uniform(&[m, k], 18)?;
-    let candle = QMatMul::from_arc(w.clone())?;
+    let candle = QMatMul::from_qtensor(QTensor::quantize(&wf, format)?)?;
     let ours = median_ms(7, || ops::quantized_linear(&x, &w).map(|_| ()))?;
     let theirs = median_ms(7, || candle.forward(&x).map(|_| ()))?;
     let float = median_ms(7, || ops::linear(&x, &wf).map(|_| ()))?;
@@ -105,12 +106,17 @@ fn prefill_case(format: GgmlDType, m: usize, n: usize, k: usize) -> Result<()> {
 
 fn main() -> Result<()> {
     let (t, h, ff, heads, hd, vocab) = (256, 896, 4864, 14, 64, 151_936);
-    if std::env::args().any(|a| a == "prefill") {
+    let quantized = || -> Result<()> {
         for format in [GgmlDType::Q4_0, GgmlDType::Q8_0] {
+            decode_case(format, ff, h)?;
+            decode_case(format, h, ff)?;
             prefill_case(format, t, ff, h)?;
             prefill_case(format, t, h, ff)?;
         }
-        return Ok(());
+        Ok(())
+    };
+    if std::env::args().any(|a| a == "quantized") {
+        return quantized();
     }
     println!("kernel (ours vs composed candle), medians of 7, f32 on the CPU");
     let x = uniform(&[1, t, h], 1)?;
@@ -206,11 +212,5 @@ fn main() -> Result<()> {
         &|a| ops::lm_head_cross_entropy(&a[0], &head, &labels),
         &|a| ops::cross_entropy::cross_entropy_composed(&ops::linear(&a[0], &head2)?, &l2),
     )?;
-    for format in [GgmlDType::Q4_0, GgmlDType::Q8_0] {
-        decode_case(format, ff, h)?;
-        decode_case(format, h, ff)?;
-        prefill_case(format, t, ff, h)?;
-        prefill_case(format, t, h, ff)?;
-    }
-    Ok(())
+    quantized()
 }

@@ -6,6 +6,7 @@ pub mod linear;
 pub mod mask;
 pub mod mlp;
 pub mod norm;
+pub mod quantized_matrix;
 pub mod rope;
 pub mod weight;
 
@@ -14,4 +15,5 @@ pub use embedding::Embedding;
 pub use linear::Linear;
 pub use mlp::Mlp;
 pub use norm::Norm;
+pub use quantized_matrix::QuantizedMatrix;
 pub use weight::Weight;

@@ -1,14 +1,15 @@
-//! A weight matrix [out, in] held in float, or in one of candle's block-quantized formats.
+//! A weight matrix [out, in] held in float, or in one of ggml's block-quantized formats.
 
+use super::QuantizedMatrix;
 use crate::ops;
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
 use candle_core::{Result, Tensor};
 use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub enum Weight {
     Float(Tensor),
-    Quantized(Arc<QTensor>),
+    Quantized(Arc<QuantizedMatrix>),
 }
 
 impl Weight {

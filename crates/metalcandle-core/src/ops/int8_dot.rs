@@ -1,9 +1,9 @@
-//! Which 8-bit integer dot product this CPU has, for the quantized kernels (quantized_gemv,
-//! quantized_gemm). Both multiply unsigned weight bytes by signed activation bytes, four
+//! Which 8-bit integer dot product this CPU has, for the quantized kernel (quantized_gemm.rs).
+//! Each path multiplies unsigned weight bytes by signed activation bytes, four
 //! products summed into each 32-bit lane: `vpdpbusd` in one instruction with VNNI,
 //! `maddubs` + `madd` without it.
 
-use super::quantized_gemv::Format;
+use super::interleaved_blocks::Format;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Path {

@@ -5,7 +5,6 @@
 //! dx = g W + s (g B) A, dA = s (g B)^T x, dB = s g^T (x A^T).
 
 use super::frozen_matmul::linear_storage;
-use super::quantized_matmul::quantized_storage;
 use super::slice;
 use crate::nn::Weight;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
@@ -51,7 +50,7 @@ impl CustomOp3 for LoraLinear {
                 };
                 linear_storage(xs, xl, ws, wl)?
             }
-            Weight::Quantized(q) => quantized_storage(q, xs, xl)?,
+            Weight::Quantized(q) => q.cpu_fwd(xs, xl)?,
         };
         let (xa, xa_shape) = linear_storage(xs, xl, a_s, al)?;
         let (d, _) = linear_storage(&xa, &Layout::contiguous(xa_shape), bs, bl)?;
@@ -176,9 +175,8 @@ mod tests {
         use candle_core::DType;
         let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
         let x = Var::from_tensor(&f32(rand_tensor(&[1, 3, 32], 1))).unwrap();
-        let q = std::sync::Arc::new(
-            QTensor::quantize(&f32(rand_tensor(&[4, 32], 2)), GgmlDType::Q8_0).unwrap(),
-        );
+        let q = QTensor::quantize(&f32(rand_tensor(&[4, 32], 2)), GgmlDType::Q8_0).unwrap();
+        let q = std::sync::Arc::new(crate::nn::QuantizedMatrix::new(q).unwrap());
         let a = Var::from_tensor(&f32(rand_tensor(&[2, 32], 4))).unwrap();
         let b = Var::from_tensor(&f32(rand_tensor(&[4, 2], 5))).unwrap();
         let fused = lora_linear(&x, &Weight::Quantized(q.clone()), None, &a, &b, 0.5).unwrap();

@@ -1,39 +1,15 @@
-//! `x @ W^T` for a block-quantized frozen weight. The forward is our q4_0/q8_0 decoding
-//! kernel for a few rows, our tiled integer matmul for more, candle's quantized matmul for the
-//! other formats (which has no backward at all);
+//! `x @ W^T` for a block-quantized frozen weight. The forward is our integer kernel for q4_0
+//! and q8_0 on the CPU (quantized_gemm.rs), candle's quantized matmul for the other formats
+//! (which has no backward at all);
 //! the backward here returns the input gradient `g @ dequant(W)`, so LoRA adapters train on
 //! top of a quantized base (QLoRA). The float copy of W lives only while one layer's backward
 //! runs.
 
-use candle_core::quantized::QTensor;
+use crate::nn::QuantizedMatrix;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use std::sync::Arc;
 
-struct QuantizedLinear(Arc<QTensor>);
-
-/// `x @ W^T` on CPU storage: x [.., in] contiguous, W [out, in] quantized.
-pub(crate) fn quantized_storage(
-    w: &QTensor,
-    s: &CpuStorage,
-    l: &Layout,
-) -> Result<(CpuStorage, Shape)> {
-    if let CpuStorage::F32(_) = s {
-        let x = super::slice::<f32>(s, l)?;
-        let (n, k) = w.shape().dims2()?;
-        let m = x.len() / k;
-        let y = if m <= super::quantized_gemv::MAX_ROWS {
-            super::quantized_gemv::try_forward(w, x, m)?
-        } else {
-            super::quantized_gemm::try_forward(w, x, m)?
-        };
-        if let Some(y) = y {
-            let mut dims = l.dims().to_vec();
-            *dims.last_mut().expect("input has a last dimension") = n;
-            return Ok((CpuStorage::F32(y), Shape::from(dims)));
-        }
-    }
-    w.cpu_fwd(s, l)
-}
+struct QuantizedLinear(Arc<QuantizedMatrix>);
 
 impl CustomOp1 for QuantizedLinear {
     fn name(&self) -> &'static str {
@@ -41,7 +17,7 @@ impl CustomOp1 for QuantizedLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        quantized_storage(&self.0, s, l)
+        self.0.cpu_fwd(s, l)
     }
 
     #[cfg(feature = "cuda")]
@@ -50,7 +26,7 @@ impl CustomOp1 for QuantizedLinear {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.0.cuda_fwd(s, l)
+        self.0.candle()?.cuda_fwd(s, l)
     }
 
     #[cfg(feature = "metal")]
@@ -59,7 +35,7 @@ impl CustomOp1 for QuantizedLinear {
         s: &candle_core::MetalStorage,
         l: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        self.0.metal_fwd(s, l)
+        self.0.candle()?.metal_fwd(s, l)
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -72,7 +48,7 @@ impl CustomOp1 for QuantizedLinear {
 }
 
 /// `x @ W^T` for a quantized W [out, in]: float32 in, float32 out, input gradient only.
-pub fn quantized_linear(x: &Tensor, w: &Arc<QTensor>) -> Result<Tensor> {
+pub fn quantized_linear(x: &Tensor, w: &Arc<QuantizedMatrix>) -> Result<Tensor> {
     let k = w.shape().dims2()?.1;
     if x.dims().last() != Some(&k) {
         candle_core::bail!(
@@ -87,13 +63,14 @@ pub fn quantized_linear(x: &Tensor, w: &Arc<QTensor>) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::testing::rand_tensor;
-    use candle_core::quantized::GgmlDType;
+    use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{DType, Var};
 
-    fn setup(dtype: GgmlDType) -> (Tensor, Arc<QTensor>, Tensor) {
+    fn setup(dtype: GgmlDType) -> (Tensor, Arc<QuantizedMatrix>, Tensor) {
         let x = rand_tensor(&[2, 3, 64], 1).to_dtype(DType::F32).unwrap();
         let w = rand_tensor(&[8, 64], 2).to_dtype(DType::F32).unwrap();
-        let q = Arc::new(QTensor::quantize(&w, dtype).unwrap());
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let q = Arc::new(QuantizedMatrix::new(q).unwrap());
         let wd = q.dequantize(&candle_core::Device::Cpu).unwrap();
         (x, q, wd)
     }

@@ -97,7 +97,7 @@ fn frobenius(t: &Tensor) -> Result<f64> {
 }
 
 fn relative_error(w: &Tensor, x: Option<&Tensor>, dtype: GgmlDType) -> Result<f64> {
-    let q = Arc::new(quantize_matrix(w, dtype)?);
+    let q = Arc::new(crate::nn::QuantizedMatrix::new(quantize_matrix(w, dtype)?)?);
     match x {
         Some(x) => {
             let want = ops::linear(x, w)?;

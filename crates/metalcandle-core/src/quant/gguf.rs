@@ -7,7 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::{Decoder, Param};
-use crate::nn::Weight;
+use crate::nn::{QuantizedMatrix, Weight};
 use crate::spec::{Architecture, ModelSpec, Positions, RopeScaling};
 use crate::weights::names::{gguf_module, param_specs, Part, Place};
 use crate::weights::write_atomic;
@@ -250,22 +250,15 @@ pub fn save_gguf(model: &Decoder, path: &Path, tokenizer: &GgufTokenizer) -> Res
         )));
     }
     let spec = &model.spec;
-    // Quantized matrices on the CPU are written from the model's own storage; the rest is
-    // converted (float to an F32 block tensor, other devices copied to the CPU).
+    // Quantized matrices are written as ggml's blocks (candle's CPU storage as it is, our
+    // interleaved layout unpacked, other devices copied); float ones as F32 block tensors.
     let mut tensors: Vec<(String, Arc<QTensor>)> = vec![];
     let mut counts: HashMap<GgmlDType, usize> = HashMap::new();
     for (place, name, p) in model.params() {
         let q = match p {
             Param::Matrix(Weight::Quantized(q)) => {
                 *counts.entry(q.dtype()).or_default() += 1;
-                if q.device().is_cpu() {
-                    q.clone()
-                } else {
-                    Arc::new(QTensor::new(
-                        QStorage::from_data(q.data()?, &Device::Cpu, q.dtype())?,
-                        q.shape().clone(),
-                    )?)
-                }
+                q.to_qtensor()?
             }
             Param::Matrix(Weight::Float(t)) | Param::Tensor(t) => {
                 let t = t.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
@@ -486,7 +479,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Decoder> {
     }
     let spec = ModelSpec::from_hf_config(&config, &path.display().to_string())?;
     let mut floats: HashMap<String, Tensor> = HashMap::new();
-    let mut quantized: HashMap<String, Arc<QTensor>> = HashMap::new();
+    let mut quantized: HashMap<String, Arc<QuantizedMatrix>> = HashMap::new();
     let mut problems = vec![];
     for p in param_specs(&spec) {
         let name = gguf_name(p.place, &p.name);
@@ -518,7 +511,8 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Decoder> {
                 // quantized matrix replaces it, so no float copy is ever allocated.
                 let zero = Tensor::zeros((), DType::F32, device)?.broadcast_as(p.shape.clone())?;
                 floats.insert(p.name.clone(), zero);
-                quantized.insert(p.name, Arc::new(q));
+                // Regrouped for our kernel as it is read, so one matrix at a time is held twice.
+                quantized.insert(p.name, Arc::new(QuantizedMatrix::new(q)?));
             }
         }
     }

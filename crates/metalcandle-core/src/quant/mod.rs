@@ -10,7 +10,7 @@ pub use crate::weights::names::glob_match;
 
 use crate::error::{Error, Result};
 use crate::model::Decoder;
-use crate::nn::Weight;
+use crate::nn::{QuantizedMatrix, Weight};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
@@ -168,7 +168,7 @@ impl Decoder {
             let Some(dtype) = select(&name, t, choose, &mut report) else {
                 continue;
             };
-            *w = Weight::Quantized(Arc::new(quantize_matrix(t, dtype)?));
+            *w = Weight::Quantized(Arc::new(QuantizedMatrix::new(quantize_matrix(t, dtype)?)?));
         }
         // The formats QAT rounded to are now the stored ones.
         self.qat = None;
