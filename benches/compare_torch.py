@@ -165,6 +165,18 @@ def mc_prefill(spec: dict) -> dict:
     )
 
 
+def mc_prompt(spec: dict) -> dict:
+    """A prompt as generation processes it: SEQ ids into a fresh KV cache and one token from the
+    last position's logits (llama-bench's prompt-processing test does the same work)."""
+    import metalcandle as mc
+
+    model = mc.load_model(spec["path"])
+    ids = input_ids(model.vocab_size, SEQ)
+    rss = current_rss_mib()
+    times, out = timed(lambda: model.generate(ids, max_new_tokens=1, eos_token_id=[]), spec["runs"])
+    return summary(times, SEQ, rss, parameters=model.num_parameters(), new_ids=out[0, SEQ:].tolist())
+
+
 def mc_decode(spec: dict) -> dict:
     import metalcandle as mc
 
@@ -409,6 +421,7 @@ def torch_machine(spec: dict) -> dict:
 WORKERS = {
     f"{MC}:build": mc_build,
     f"{MC}:prefill": mc_prefill,
+    f"{MC}:prompt": mc_prompt,
     f"{MC}:decode": mc_decode,
     f"{MC}:lora": lambda spec: mc_train(spec, lora=True),
     f"{MC}:full": lambda spec: mc_train(spec, lora=False),

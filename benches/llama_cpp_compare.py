@@ -1,8 +1,9 @@
 """metalcandle next to llama.cpp on the same GGUF files: one randomly initialised
 Qwen2.5-0.5B-shaped model written by `save_gguf` in float32, q8_0 and q4_0, then
 
-  prefill   llama.cpp: `llama-bench -p 256`; metalcandle: forward of [1, 256] (all 256 rows of
-            logits; llama.cpp computes the last row only), tokens/s
+  prefill   llama.cpp: `llama-bench -p 256`; metalcandle: the same 256-token prompt as
+            `generate` processes it (into a fresh KV cache, logits of the last position only,
+            as llama.cpp computes them), tokens/s
   decode    llama.cpp: `llama-bench -n 64` (64 tokens from an empty context); metalcandle: 64
             greedy tokens after a 16-token prompt with the KV cache, tokens/s
 
@@ -129,8 +130,8 @@ def main() -> None:
             print(f"{fmt}: {os.path.getsize(path) / 2**20:.0f} MiB", file=sys.stderr)
             spec = {"path": path, "runs": args.runs, "threads": args.threads}
             mc = {}
-            for task in ("prefill", "decode"):
-                r = run_worker(COMPARE_TORCH, f"metalcandle:{task}", spec, args.threads)
+            for task, worker in (("prefill", "prompt"), ("decode", "decode")):
+                r = run_worker(COMPARE_TORCH, f"metalcandle:{worker}", spec, args.threads)
                 mc[task] = r.get("tokens_per_s")
             lc = llama_bench(binary, path, args.threads, args.runs) if binary else {}
             if "error" in lc:

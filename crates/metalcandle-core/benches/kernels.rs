@@ -113,6 +113,21 @@ fn main() -> Result<()> {
             prefill_case(format, t, ff, h)?;
             prefill_case(format, t, h, ff)?;
         }
+        // The other formats run candle's kernels (ours = candle's here); the one shape of the
+        // model every format takes: 4864 inputs is 19 k-quant super-blocks of 256, 896 is not.
+        for format in [
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            decode_case(format, h, ff)?;
+            prefill_case(format, t, h, ff)?;
+        }
         Ok(())
     };
     if std::env::args().any(|a| a == "quantized") {

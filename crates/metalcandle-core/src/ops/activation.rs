@@ -1,7 +1,7 @@
 //! Activations. GELU in its exact (erf) and tanh-approximated forms, with backward.
 
 use super::{
-    by_dtype, cpu_tensor, dispatch_float, par_map, slice, use_cpu_kernel, with_slices, Elem,
+    by_dtype, cpu_tensor, dispatch_float, par_fill, slice, use_cpu_kernel, with_slices, Elem,
 };
 use crate::spec::Activation;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
@@ -54,7 +54,11 @@ impl CustomOp1 for Gelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         dispatch_float!(s, "gelu", |s: T| {
             let x: &[T] = slice(s, l)?;
-            let out = par_map(x.len(), |i| value(x[i], self.tanh));
+            let out = par_fill(x.len(), |at, out| {
+                for (o, &x) in out.iter_mut().zip(&x[at..]) {
+                    *o = value(x, self.tanh);
+                }
+            });
             Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
         })
     }
@@ -63,10 +67,12 @@ impl CustomOp1 for Gelu {
         let g = g.contiguous()?;
         let dx = by_dtype!(x.dtype(), "gelu", |T| with_slices::<T, _>(&[x, &g], |s| {
             let (x_, g_): (&[T], &[T]) = (s[0], s[1]);
-            cpu_tensor(
-                par_map(x_.len(), |i| g_[i] * derivative(x_[i], self.tanh)),
-                x.shape(),
-            )
+            let dx = par_fill(x_.len(), |at, out| {
+                for ((o, &x), &g) in out.iter_mut().zip(&x_[at..]).zip(&g_[at..]) {
+                    *o = g * derivative(x, self.tanh);
+                }
+            });
+            cpu_tensor(dx, x.shape())
         })?);
         Ok(Some(dx))
     }

@@ -26,7 +26,7 @@ fn masked_in_place<T: Elem>(x: &mut [T], mask: &[T], dims: [usize; 4], mask_b: u
         let max = o.iter().fold(T::neg_infinity(), |m, v| Float::max(m, *v));
         let mut sum = T::zero();
         for v in o.iter_mut() {
-            *v = (*v - max).exp();
+            *v = (*v - max).exp_or_zero();
             sum += *v;
         }
         for v in o.iter_mut() {

@@ -53,6 +53,19 @@ pub fn exp_in_place(x: &mut [f32]) {
 mod tests {
     use super::*;
 
+    /// `exp_or_zero` is libm's `exp` to the bit, on both sides of its cut-off and far below.
+    #[test]
+    fn exp_or_zero_is_libms_exp() {
+        use crate::ops::Elem;
+        for i in 0..20_000 {
+            let x = -110.0 + i as f32 * 0.001;
+            assert_eq!(x.exp_or_zero().to_bits(), x.exp().to_bits(), "{x}");
+            let y = -760.0 + i as f64 * 0.001;
+            assert_eq!(y.exp_or_zero().to_bits(), y.exp().to_bits(), "{y}");
+        }
+        assert_eq!((-1e9f32).exp_or_zero(), 0.0);
+    }
+
     /// Within 2 ulp of the correctly rounded value over the normal range, on a dense sweep.
     #[test]
     fn matches_f64_exp_within_two_ulp() {

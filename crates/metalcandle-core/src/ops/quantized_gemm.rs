@@ -89,7 +89,8 @@ impl Activations {
                 .zip(d)
                 .zip(start)
             {
-                let (scale, sum) = quantize_block(xs, q);
+                // SAFETY: a path was detected, so the CPU has AVX2; both blocks hold 32 values.
+                let (scale, sum) = unsafe { simd::quantize_block(xs.as_ptr(), q.as_mut_ptr()) };
                 *d = scale;
                 *start = -offset * sum;
             }
@@ -103,26 +104,56 @@ impl Activations {
     }
 }
 
-/// One block of 32 activations in ggml's q8_0 form, into `q`: returns the scale (at f16
-/// precision, as the stored block would be) and the sum of the quantized values.
-fn quantize_block(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
-    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-    let scale = amax / 127.0;
-    let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-    let mut sum = 0i32;
-    for (q, &v) in q.iter_mut().zip(xs) {
-        *q = (v * inv).round() as i8;
-        sum += *q as i32;
-    }
-    (half::f16::from_f32(scale).to_f32(), sum)
-}
-
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use super::{Activations, Interleaved, Path, LANES, QK};
     use crate::ops::interleaved_blocks::Format;
     use std::arch::x86_64::*;
     use std::ops::Range;
+
+    /// One block of 32 activations in ggml's q8_0 form, into `q`: returns the scale (at f16
+    /// precision, as the stored block would be) and the sum of the quantized values. Rounded
+    /// half away from zero, as ggml's reference rounds (its AVX2 code rounds ties to even;
+    /// the two differ only on exact ties).
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn quantize_block(xs: *const f32, q: *mut i8) -> (f32, i32) {
+        let sign = _mm256_set1_ps(-0.0);
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(xs.add(8 * i)));
+        let abs = |v| _mm256_andnot_ps(sign, v);
+        let amax = _mm256_max_ps(
+            _mm256_max_ps(abs(v[0]), abs(v[1])),
+            _mm256_max_ps(abs(v[2]), abs(v[3])),
+        );
+        let m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let scale = amax / 127.0;
+        let inv = _mm256_set1_ps(if scale != 0.0 { 1.0 / scale } else { 0.0 });
+        let ints: [__m256i; 4] = std::array::from_fn(|i| {
+            let x = _mm256_mul_ps(v[i], inv);
+            let t = _mm256_round_ps(x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            // x - t is exact, so this decides ties as `f32::round` does.
+            let tie_or_more =
+                _mm256_cmp_ps(abs(_mm256_sub_ps(x, t)), _mm256_set1_ps(0.5), _CMP_GE_OQ);
+            let away = _mm256_or_ps(_mm256_and_ps(x, sign), _mm256_set1_ps(1.0));
+            _mm256_cvttps_epi32(_mm256_add_ps(t, _mm256_and_ps(tie_or_more, away)))
+        });
+        // The packs interleave 128-bit halves; the permutation puts the 32 bytes in order.
+        let bytes = _mm256_packs_epi16(
+            _mm256_packs_epi32(ints[0], ints[1]),
+            _mm256_packs_epi32(ints[2], ints[3]),
+        );
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        _mm256_storeu_si256(q as *mut __m256i, _mm256_permutevar8x32_epi32(bytes, order));
+        let s = _mm256_add_epi32(
+            _mm256_add_epi32(ints[0], ints[1]),
+            _mm256_add_epi32(ints[2], ints[3]),
+        );
+        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        (half::f16::from_f32(scale).to_f32(), _mm_cvtsi128_si32(s))
+    }
 
     /// Weight group g against activation rows `rows`, into out [m, n].
     pub(super) unsafe fn group(
@@ -284,6 +315,10 @@ mod simd {
 mod simd {
     use super::{Activations, Interleaved, Path};
 
+    pub(super) unsafe fn quantize_block(_: *const f32, _: *mut i8) -> (f32, i32) {
+        unreachable!("int8_dot::detect() finds no path off x86")
+    }
+
     pub(super) unsafe fn group(
         _: Path,
         _: &Interleaved,
@@ -303,6 +338,47 @@ mod tests {
     use crate::testing::rand_tensor;
     use candle_core::quantized::{QMatMul, QTensor};
     use candle_core::{DType, Device, Module, Tensor};
+
+    /// ggml's reference rounding of one block, element by element.
+    fn quantize_block_reference(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
+        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let scale = amax / 127.0;
+        let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+        for (q, &v) in q.iter_mut().zip(xs) {
+            *q = (v * inv).round() as i8;
+        }
+        let sum = q.iter().map(|&v| v as i32).sum();
+        (half::f16::from_f32(scale).to_f32(), sum)
+    }
+
+    /// Against the element-by-element rounding: random blocks, blocks with exact ties
+    /// (amax 127 makes the scale 1), a zero block.
+    #[test]
+    fn blocks_round_as_ggmls_reference_does() {
+        if crate::ops::int8_dot::detect().is_none() {
+            return;
+        }
+        let mut blocks: Vec<Vec<f32>> = (0..200)
+            .map(|i| {
+                crate::testing::uniform(QK, i)
+                    .iter()
+                    .map(|&v| (v * 7.0) as f32)
+                    .collect()
+            })
+            .collect();
+        blocks.push(
+            (0..QK)
+                .map(|i| if i == 0 { 127.0 } else { i as f32 - 16.5 })
+                .collect(),
+        );
+        blocks.push(vec![0.0; QK]);
+        for xs in blocks {
+            let (mut got, mut want) = ([0i8; QK], [0i8; QK]);
+            let ours = unsafe { simd::quantize_block(xs.as_ptr(), got.as_mut_ptr()) };
+            assert_eq!(ours, quantize_block_reference(&xs, &mut want), "{xs:?}");
+            assert_eq!(got, want, "{xs:?}");
+        }
+    }
 
     fn max_rel(got: &Tensor, want: &Tensor) -> f32 {
         let err = (got - want).unwrap().abs().unwrap().max_all().unwrap();

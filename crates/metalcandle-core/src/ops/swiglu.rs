@@ -1,7 +1,7 @@
 //! SwiGLU's gate, `silu(gate) * up`, fused with its backward.
 
 use super::{
-    by_dtype, cpu_tensor, dispatch_float, par_map, slice, use_cpu_kernel, with_slices, Elem,
+    by_dtype, cpu_tensor, dispatch_float, par_fill, slice, use_cpu_kernel, with_slices, Elem,
 };
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 
@@ -12,16 +12,26 @@ pub(crate) fn sigmoid<T: Elem>(x: T) -> T {
 }
 
 fn forward<T: Elem>(g: &[T], u: &[T]) -> Vec<T> {
-    par_map(g.len(), |i| g[i] * sigmoid(g[i]) * u[i])
+    par_fill(g.len(), |at, out| {
+        for ((o, &g), &u) in out.iter_mut().zip(&g[at..]).zip(&u[at..]) {
+            *o = g * sigmoid(g) * u;
+        }
+    })
 }
 
 /// d gate = dy * up * s * (1 + gate * (1 - s)) with s = sigmoid(gate); d up = dy * silu(gate).
 fn backward<T: Elem>(g: &[T], u: &[T], d: &[T]) -> (Vec<T>, Vec<T>) {
-    let dg = par_map(g.len(), |i| {
-        let sg = sigmoid(g[i]);
-        d[i] * u[i] * sg * (T::one() + g[i] * (T::one() - sg))
+    let dg = par_fill(g.len(), |at, out| {
+        for (((o, &g), &u), &d) in out.iter_mut().zip(&g[at..]).zip(&u[at..]).zip(&d[at..]) {
+            let sg = sigmoid(g);
+            *o = d * u * sg * (T::one() + g * (T::one() - sg));
+        }
     });
-    let du = par_map(g.len(), |i| d[i] * g[i] * sigmoid(g[i]));
+    let du = par_fill(g.len(), |at, out| {
+        for ((o, &g), &d) in out.iter_mut().zip(&g[at..]).zip(&d[at..]) {
+            *o = d * g * sigmoid(g);
+        }
+    });
     (dg, du)
 }
 
