@@ -42,7 +42,7 @@ pub(crate) mod gradcheck;
 pub use activation::activation;
 pub use attention_probs::attention_probs;
 pub use cross_entropy::cross_entropy;
-pub use flash_attention::{flash_attention, flash_backward, flash_forward, FlashShape};
+pub use flash_attention::{flash_attention, flash_backward, flash_forward, FlashShape, Strided};
 pub use frozen_matmul::linear;
 pub use head_loss::lm_head_cross_entropy;
 pub use layer_norm::layer_norm;
