@@ -83,6 +83,19 @@ impl Elem for f32 {
 }
 impl Elem for f64 {}
 
+/// The sum of the squares of every entry of `t` (summed in its dtype), as f64.
+pub(crate) fn sum_sq(t: &Tensor) -> Result<f64> {
+    t.sqr()?
+        .sum_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()
+}
+
+/// The Frobenius (L2) norm of `t` over every entry.
+pub(crate) fn frobenius(t: &Tensor) -> Result<f64> {
+    Ok(sum_sq(t)?.sqrt())
+}
+
 /// `out_t` [n, m] (one row per weight row, as the decoding kernels fill it so that each worker
 /// writes one contiguous range) as [m, n].
 pub(crate) fn rows_of_transposed(out_t: Vec<f32>, n: usize, m: usize) -> Vec<f32> {
