@@ -5,6 +5,7 @@ process can use it without loading metalcandle."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -31,16 +32,24 @@ def mib(n: float) -> float:
     return round(n / 2**20, 1)
 
 
+def _proc_mib(path: str, key: str) -> float | None:
+    """The MiB of a `key:  123456 kB` line of a procfs file, or None without procfs (macOS)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return mib(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mib() -> float:
     # On Linux ru_maxrss keeps the parent's peak across fork + exec, so a worker started by a
     # large parent would report the parent's peak; VmHWM belongs to this process's address space.
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return mib(int(line.split()[1]) * 1024)  # "VmHWM:  123456 kB"
-    except OSError:
-        pass  # no procfs (macOS)
+    peak = _proc_mib("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return mib(peak if sys.platform == "darwin" else peak * 1024)
@@ -74,25 +83,11 @@ def minor_faults() -> int:
 
 def available_mib() -> float | None:
     """MemAvailable: what the machine can still give without swapping."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return mib(int(line.split()[1]) * 1024)
-    except OSError:
-        pass
-    return None
+    return _proc_mib("/proc/meminfo", "MemAvailable")
 
 
 def _rss_of(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return mib(int(line.split()[1]) * 1024)
-    except OSError:
-        pass
-    return None
+    return _proc_mib(f"/proc/{pid}/status", "VmRSS")
 
 
 def worker_env(threads: int) -> dict:
@@ -171,6 +166,46 @@ def run_worker(script: str, name: str, spec: dict, threads: int, rss_cap_mib: fl
     shown = f"{result['tokens_per_s']} tokens/s" if "tokens_per_s" in result else "done"
     print(f" {shown} ({took:.0f} s)", file=sys.stderr, flush=True)
     return result
+
+
+def exit_unless_installed(bench: str, packages, pip_command: str) -> None:
+    """Exits with status 2, saying how to install them, when any of the PyTorch side's `packages`
+    is missing."""
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    if missing:
+        print(
+            f"{bench} needs {', '.join(missing)} for the PyTorch side. Install them with\n\n"
+            f"    {pip_command}\n\nor pass --no-torch to measure metalcandle alone.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
+def torch_train_step(model, ids, lr: float, weight_decay: float, max_grad_norm: float):
+    """The PyTorch side's training step: a closure taking one AdamW step (made here, before the
+    first step) of the transformers causal LM `model` on `ids`, labels = ids, with the gradient
+    norm clipped to `max_grad_norm`; it returns the loss."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def step() -> float:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+def write_report(path, report: dict) -> None:
+    """Writes `report` as indented JSON to `path` (a --json option), when one is given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
 
 
 def ratio(a, b) -> float | None:

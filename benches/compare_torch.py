@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import importlib.util
-import json
 import os
 import platform
 import statistics
@@ -46,12 +44,15 @@ from common import (  # noqa: E402
     QWEN25_05B,
     add_bench_args,
     current_rss_mib,
+    exit_unless_installed,
     format_table,
     peak_rss_mib,
     ratio,
     run_worker,
     serve_worker,
     timed,
+    torch_train_step,
+    write_report,
 )
 
 # Same family at a size where a full AdamW step is routine on a laptop: head_dim 64 as in the
@@ -281,6 +282,8 @@ def torch_decode(spec: dict) -> dict:
     mask = torch.ones_like(prompt)
     rss = current_rss_mib()
 
+    # torch's side is timed through transformers' own generate, the baseline, not through any
+    # code shared with metalcandle.
     def generate():
         with torch.inference_mode():
             return model.generate(
@@ -322,26 +325,16 @@ def torch_train(spec: dict, lora: bool) -> dict:
         )
         model = get_peft_model(model, config)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+    step = torch_train_step(model, ids, LR, WEIGHT_DECAY, MAX_GRAD_NORM)
     rss = current_rss_mib()
     losses = []
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-
-    times, _ = timed(step, spec["runs"])
+    times, _ = timed(lambda: losses.append(step()), spec["runs"])
     return summary(
         times,
         SEQ,
         rss,
         parameters=parameters,
-        trainable=sum(p.numel() for p in params),
+        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
         losses=[round(x, 5) for x in losses],
     )
 
@@ -454,10 +447,6 @@ def import_framework(worker: str) -> float | None:
 
 
 # --- the driver --------------------------------------------------------------------------------------
-
-
-def missing_packages() -> list[str]:
-    return [p for p in ("torch", "transformers", "peft") if importlib.util.find_spec(p) is None]
 
 
 def parse_only(text: str) -> list[str]:
@@ -691,14 +680,8 @@ def main() -> None:
     if args.runs < 1:
         sys.exit("--runs must be >= 1")
     args.sections = parse_only(args.only)
-    missing = missing_packages()
-    if missing and not args.no_torch:
-        print(
-            f"compare_torch needs {', '.join(missing)} for the PyTorch side. Install them with\n\n"
-            f"    {PIP_COMMAND}\n\nor pass --no-torch to measure metalcandle alone.",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+    if not args.no_torch:
+        exit_unless_installed("compare_torch", ("torch", "transformers", "peft"), PIP_COMMAND)
     threads = args.threads or os.cpu_count() or 1
     frameworks = [MC] if args.no_torch else [MC, TORCH]
     cfgs = {"base": base_config(args.layers), "small": dict(SMALL_QWEN2)}
@@ -731,9 +714,7 @@ def main() -> None:
 
     report = build_report(args, threads, frameworks, cfgs, built, runs, machine)
     print(describe(report, frameworks))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(args.json, report)
     failed = [f"{t}/{fw}" for t, pair in runs.items() for fw, r in pair.items() if "error" in r]
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")

@@ -12,7 +12,7 @@ import argparse
 import json
 
 import numpy as np
-from common import timed
+from common import timed, write_report
 
 import metalcandle as mc
 
@@ -65,9 +65,7 @@ def main() -> None:
             result[label]["tokens_per_s"] / result["composed"]["tokens_per_s"], 2
         )
     print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_report(args.json, result)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ gradient_checkpointing=True)`; a build without it reports "not available".
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -40,12 +39,14 @@ from common import (
     add_bench_args,
     available_mib,
     current_rss_mib,
+    exit_unless_installed,
     format_table,
     minor_faults,
     peak_rss_mib,
     ratio,
     run_worker,
     serve_worker,
+    torch_train_step,
 )
 
 # transformers' GPT2Config() defaults.
@@ -141,19 +142,8 @@ def torch_worker(spec: dict, checkpointing: bool) -> dict:
     if checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
     ids = torch.from_numpy(input_ids(spec["batch"], spec["seq"], model.config.vocab_size))
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss)
-
-    result = train_steps(spec, step)
+    result = train_steps(spec, torch_train_step(model, ids, LR, WEIGHT_DECAY, MAX_GRAD_NORM))
     return {**result, "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__}
 
 
@@ -225,14 +215,7 @@ def main() -> None:
     if args.no_torch:
         chosen = [v for v in chosen if not v.startswith("torch")]
     elif any(v.startswith("torch") for v in chosen):
-        missing = [p for p in ("torch", "transformers") if importlib.util.find_spec(p) is None]
-        if missing:
-            print(
-                f"gpt2_memory needs {', '.join(missing)} for the PyTorch side. Install them with\n\n"
-                f"    {PIP_COMMAND}\n\nor pass --no-torch to measure metalcandle alone.",
-                file=sys.stderr,
-            )
-            sys.exit(2)
+        exit_unless_installed("gpt2_memory", ("torch", "transformers"), PIP_COMMAND)
     if args.batch < 1 or args.steps < 1 or not 2 <= args.seq <= GPT2_SMALL["n_positions"]:
         sys.exit(f"--batch and --steps must be >= 1, --seq in [2, {GPT2_SMALL['n_positions']}]")
 

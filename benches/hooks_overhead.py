@@ -14,12 +14,23 @@ sends the step to the composed path; each case prints the path it ran on.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 
 import numpy as np
-from common import QWEN25_05B, timed
+from common import QWEN25_05B, timed, write_report
 
 import metalcandle as mc
+
+
+@contextlib.contextmanager
+def hooked(model, hooks):
+    """`model` with the forward hooks `hooks` ((point, fn, params) each) attached for the block."""
+    handles = [model.add_forward_hook(point, fn, **params) for point, fn, params in hooks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def median_forward_s(model, ids, runs: int) -> float:
@@ -50,11 +61,9 @@ def training_steps(runs: int) -> dict:
     ids = np.random.default_rng(0).integers(0, TINY["vocab_size"], size=(16, 128))
     out = {}
     for name, hooks in STEP_CASES.items():
-        handles = [model.add_forward_hook(point, fn, **params) for point, fn, params in hooks]
-        times, _ = timed(lambda: trainer.step(ids), runs)
-        out[name] = {"seconds": float(np.median(times)), "path": trainer.last_step_path}
-        for h in handles:
-            h.remove()
+        with hooked(model, hooks):
+            times, _ = timed(lambda: trainer.step(ids), runs)
+            out[name] = {"seconds": float(np.median(times)), "path": trainer.last_step_path}
     return out
 
 
@@ -75,10 +84,8 @@ def main() -> None:
     }
     results = {}
     for name, hooks in cases.items():
-        handles = [model.add_forward_hook(point, fn, **params) for point, fn, params in hooks]
-        results[name] = median_forward_s(model, ids, args.runs)
-        for h in handles:
-            h.remove()
+        with hooked(model, hooks):
+            results[name] = median_forward_s(model, ids, args.runs)
     base = results["no hooks"]
     print(f"forward [1, 256], {args.layers} layers, median of {args.runs}")
     for name, s in results.items():
@@ -91,9 +98,7 @@ def main() -> None:
         print(f"  {name:45s} {r['seconds'] * 1e3:8.1f} ms  {r['seconds'] / base_step:5.2f}x  {r['path']}")
     if args.json:
         ratio = {k: v / base for k, v in results.items()}
-        report = {"seconds": results, "ratio": ratio, "training_step": steps}
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_report(args.json, {"seconds": results, "ratio": ratio, "training_step": steps})
 
 
 if __name__ == "__main__":

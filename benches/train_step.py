@@ -11,7 +11,7 @@ import json
 import time
 
 import numpy as np
-from common import QWEN25_05B, peak_rss_mib, timed
+from common import QWEN25_05B, peak_rss_mib, timed, write_report
 
 import metalcandle as mc
 
@@ -44,9 +44,7 @@ def main() -> None:
         "peak_rss_mib": round(peak_rss_mib()),
     }
     print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_report(args.json, result)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ PyTorch and transformers are optional; without them only metalcandle runs (--no-
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -39,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
 from common import add_bench_args, format_table, minor_faults, peak_rss_mib, ratio, run_worker, serve_worker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -334,14 +334,8 @@ def main() -> None:
         return
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
         sys.exit("--warmup, --steps and --repeats must be >= 1")
-    missing = [p for p in ("torch", "transformers") if importlib.util.find_spec(p) is None]
-    if missing and not args.no_torch:
-        print(
-            f"train_tiny needs {', '.join(missing)} for the PyTorch side. Install them with\n\n"
-            f"    {PIP_COMMAND}\n\nor pass --no-torch to measure metalcandle alone.",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+    if not args.no_torch:
+        common.exit_unless_installed("train_tiny", ("torch", "transformers"), PIP_COMMAND)
     names = [MC] if args.no_torch else [MC, EAGER] + ([] if args.no_compile else [COMPILE])
 
     runs: dict[str, list[dict]] = {n: [] for n in names}

@@ -190,6 +190,7 @@ def test_hooks_default_empty_and_are_stored_as_given(tmp_path):
 
 
 def test_hook_defaults_are_filled_in(tmp_path):
+    # Not HOOKS: these hooks leave out their optional keys, so that the defaults show.
     text = (
         MINIMAL
         + """

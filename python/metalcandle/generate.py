@@ -495,6 +495,8 @@ def generate(
       tokenizer's or config's pad, else the first eos id).
     """
     _validate_search(num_beams, num_return_sequences, do_sample, early_stopping, stop_strings)
+    # Each option is named here and passed on by name rather than through **options, so that
+    # this signature documents them all, as transformers' generate does.
     plan = plan_generation(
         model,
         prompt_ids,

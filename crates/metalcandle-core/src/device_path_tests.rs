@@ -6,7 +6,7 @@
 use crate::model::{Decoder, ForwardOptions};
 use crate::ops::device_path;
 use crate::optim::{Optimizer, OptimizerConfig};
-use crate::testing::{lm_batch, tiny_gpt2, tiny_llama};
+use crate::testing::{lm_batch, tiny_gpt2, tiny_llama, trajectory};
 use crate::train::{train_step, Batch};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
@@ -112,22 +112,15 @@ fn qlora_gradients_match_the_kernels() {
 
 #[test]
 fn training_steps_follow_the_kernels() {
-    let run = |m: &mut Decoder| -> (Vec<f64>, Vec<Vec<f32>>) {
-        let mut opt = Optimizer::new(OptimizerConfig {
+    let run = |m: &mut Decoder| {
+        let config = OptimizerConfig {
             lr: 1e-2,
             weight_decay: 0.1,
             ..Default::default()
+        };
+        trajectory(m, config, 3, |m, opt| {
+            train_step(m, opt, &[batch()], Some(1.0)).unwrap().loss
         })
-        .unwrap();
-        let losses = (0..3)
-            .map(|_| train_step(m, &mut opt, &[batch()], Some(1.0)).unwrap().loss)
-            .collect();
-        let weights = m
-            .named_parameters()
-            .iter()
-            .map(|(_, t)| t.flatten_all().unwrap().to_vec1().unwrap())
-            .collect();
-        (losses, weights)
     };
     let (want_loss, want_w) = run(&mut tiny_llama(5));
     let (got_loss, got_w) = device_path::run(|| run(&mut tiny_llama(5)));

@@ -3,6 +3,7 @@
 
 use crate::lora::LoraConfig;
 use crate::model::Decoder;
+use crate::optim::{Optimizer, OptimizerConfig};
 use crate::rng::Rng;
 use crate::spec::ModelSpec;
 use crate::train::Batch;
@@ -115,4 +116,30 @@ pub(crate) fn lm_batch(ids: Vec<u32>, rows: usize) -> Batch {
         attention_mask: None,
         pre_shifted: false,
     }
+}
+
+/// The losses of `steps` steps from a fresh optimizer of `config` (`step` takes one and returns
+/// its loss), and every parameter's values after them, flattened in `named_parameters` order.
+pub(crate) fn trajectory(
+    m: &mut Decoder,
+    config: OptimizerConfig,
+    steps: usize,
+    step: impl Fn(&mut Decoder, &mut Optimizer) -> f64,
+) -> (Vec<f64>, Vec<Vec<f32>>) {
+    let mut opt = Optimizer::new(config).unwrap();
+    let losses = (0..steps).map(|_| step(m, &mut opt)).collect();
+    let weights = m
+        .named_parameters()
+        .iter()
+        .map(|(_, t)| t.flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    (losses, weights)
+}
+
+/// The largest |a_i - b_i|.
+pub(crate) fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
 }

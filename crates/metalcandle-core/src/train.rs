@@ -447,11 +447,7 @@ fn clip_composed(
     // same norm to the last bit and clipping never depends on hashing.
     let mut sq = 0f64;
     for g in vars.iter().filter_map(|(name, _)| grads.get(name)) {
-        sq += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
+        sq += crate::ops::sum_sq(g)?;
     }
     let grad_norm = sq.sqrt();
     if let Some(max) = max_grad_norm {

@@ -165,11 +165,7 @@ fn two_workers_take_the_single_process_step() {
                 exp.grad_norm
             );
         }
-        let diff = w
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let diff = crate::testing::max_diff(w, &want);
         assert!(diff < 1e-6, "weights differ by {diff}");
         eprintln!("max weight difference {diff:e}");
     }

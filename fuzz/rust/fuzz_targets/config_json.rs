@@ -2,10 +2,8 @@
 //! sizes are checked against the tensors the file holds.
 #![no_main]
 
-use candle_core::Device;
 use libfuzzer_sys::fuzz_target;
-use metalcandle_core::weights::load_hf_folder;
-use metalcandle_fuzz::{expect, fixtures, run_one_token, scratch, write};
+use metalcandle_fuzz::{fixtures, load_scratch_folder, scratch};
 use std::sync::Once;
 
 fuzz_target!(|data: &[u8]| {
@@ -14,13 +12,5 @@ fuzz_target!(|data: &[u8]| {
         let weights = fixtures().join("tiny-qwen2/model.safetensors");
         std::fs::copy(weights, scratch().join("model.safetensors")).expect("fixture weights");
     });
-    let dir = scratch();
-    write(&dir.join("config.json"), data);
-    let dir_name = dir.display().to_string();
-    if let Some(m) = expect(
-        load_hf_folder(dir, &Device::Cpu),
-        &["config.json", &dir_name],
-    ) {
-        run_one_token(&m);
-    }
+    load_scratch_folder("config.json", data, "config.json");
 });

@@ -2,10 +2,8 @@
 //! config.json, loaded as a checkpoint folder.
 #![no_main]
 
-use candle_core::Device;
 use libfuzzer_sys::fuzz_target;
-use metalcandle_core::weights::load_hf_folder;
-use metalcandle_fuzz::{expect, fixtures, run_one_token, scratch, write};
+use metalcandle_fuzz::{fixtures, load_scratch_folder, scratch};
 use std::sync::OnceLock;
 
 /// tiny-qwen2's tensor bytes, after its header.
@@ -22,16 +20,8 @@ fn fixture_data() -> &'static [u8] {
 
 fuzz_target!(|data: &[u8]| {
     let tensors = fixture_data();
-    let dir = scratch();
     let mut file = (data.len() as u64).to_le_bytes().to_vec();
     file.extend_from_slice(data);
     file.extend_from_slice(tensors);
-    write(&dir.join("model.safetensors"), &file);
-    let dir_name = dir.display().to_string();
-    if let Some(m) = expect(
-        load_hf_folder(dir, &Device::Cpu),
-        &["model.safetensors", &dir_name],
-    ) {
-        run_one_token(&m);
-    }
+    load_scratch_folder("model.safetensors", &file, "model.safetensors");
 });

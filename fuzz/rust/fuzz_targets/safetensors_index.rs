@@ -4,8 +4,7 @@
 
 use candle_core::Device;
 use libfuzzer_sys::fuzz_target;
-use metalcandle_core::weights::load_hf_folder;
-use metalcandle_fuzz::{expect, fixtures, run_one_token, scratch, write};
+use metalcandle_fuzz::{fixtures, load_scratch_folder, scratch};
 use std::collections::HashMap;
 use std::sync::Once;
 
@@ -36,13 +35,5 @@ fn setup() {
 fuzz_target!(|data: &[u8]| {
     static SETUP: Once = Once::new();
     SETUP.call_once(setup);
-    let dir = scratch();
-    write(&dir.join("model.safetensors.index.json"), data);
-    let dir_name = dir.display().to_string();
-    if let Some(m) = expect(
-        load_hf_folder(dir, &Device::Cpu),
-        &["index.json", &dir_name],
-    ) {
-        run_one_token(&m);
-    }
+    load_scratch_folder("model.safetensors.index.json", data, "index.json");
 });

@@ -6,6 +6,7 @@
 //! a hang (-timeout) or a header-driven allocation (-rss_limit_mb, -malloc_limit_mb) is a crash.
 
 use candle_core::{Device, Tensor};
+use metalcandle_core::weights::load_hf_folder;
 use metalcandle_core::{Decoder, Error};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
@@ -108,4 +109,15 @@ fn verbose() -> bool {
 pub fn run_one_token(model: &Decoder) {
     let ids = Tensor::new(&[[0u32]], &Device::Cpu).expect("ids");
     let _ = model.forward(&ids, &Default::default(), None);
+}
+
+/// `bytes` written as the scratch folder's `file`, the folder loaded as a checkpoint, and one
+/// token run through what loads; an error must name `label` (the file) or the folder.
+pub fn load_scratch_folder(file: &str, bytes: &[u8], label: &str) {
+    let dir = scratch();
+    write(&dir.join(file), bytes);
+    let dir_name = dir.display().to_string();
+    if let Some(m) = expect(load_hf_folder(dir, &Device::Cpu), &[label, &dir_name]) {
+        run_one_token(&m);
+    }
 }

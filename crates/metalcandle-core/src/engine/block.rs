@@ -19,12 +19,11 @@
 
 use super::buffers::{Acts, Grads, LoraSlot};
 use super::kernels::{
-    add_assign, linear_bwd, linear_fwd, lora_bwd, lora_fwd, mlp_act_bwd, mlp_act_fwd, norm_bwd,
-    norm_fwd, rope_in_place, NormParams,
+    add_assign, linear_bwd, linear_fwd, lora_bwd, lora_fwd, mlp_act_bwd, mlp_act_fwd, rope_in_place,
 };
 use super::{Lin, NormPlan, StepCtx};
 use crate::ops::dropout::{Dropout, Site};
-use crate::ops::flash_attention::{flash_backward, flash_forward, FlashShape};
+use crate::ops::flash_attention::{flash_backward, flash_forward, FlashShape, Strided};
 use crate::spec::{Activation, AttentionSpec};
 
 pub struct BlockPlan {
@@ -61,6 +60,22 @@ impl BlockPlan {
         }
     }
 
+    /// The row widths of q and of k (and v): [N, Q] and [N, KV].
+    fn qkv_widths(&self) -> (usize, usize) {
+        let hd = self.attn.head_dim;
+        (self.attn.num_heads * hd, self.attn.num_kv_heads * hd)
+    }
+
+    /// RoPE on q and k (or, `inverse`, its backward on dq and dk) when the layer has it.
+    fn rope(&self, c: &StepCtx, q: &mut [f32], k: &mut [f32], inverse: bool) {
+        let Some(r) = self.rope else { return };
+        let (cos, sin) = &c.rope[r];
+        let (n, hd, (qw, kvw)) = (c.batch * c.seq, self.attn.head_dim, self.qkv_widths());
+        let (nh, nkv) = (self.attn.num_heads, self.attn.num_kv_heads);
+        rope_in_place(q, qw, n, 0, nh, hd, c.seq, cos, sin, inverse);
+        rope_in_place(k, kvw, n, 0, nkv, hd, c.seq, cos, sin, inverse);
+    }
+
     /// The masks of the two residual branches (attention, MLP) when training with dropout.
     fn branch_dropout(&self, c: &StepCtx) -> Option<(Dropout, Dropout)> {
         let (d, row) = (c.dropout?, c.seq * c.hidden);
@@ -72,88 +87,46 @@ impl BlockPlan {
 
     /// `out = block(x)`, keeping in `a` what the backward needs.
     pub fn forward(&self, c: &StepCtx, x: &[f32], a: &mut Acts, out: &mut [f32]) {
-        let n = c.batch * c.seq;
-        let (hs, nh, nkv, hd) = (
-            c.hidden,
-            self.attn.num_heads,
-            self.attn.num_kv_heads,
-            self.attn.head_dim,
+        let (n, hs, nh) = (c.batch * c.seq, c.hidden, self.attn.num_heads);
+        let (qw, kvw) = self.qkv_widths();
+        c.norm_fwd(
+            &self.n1,
+            x,
+            &mut a.ln1[..n * hs],
+            &mut a.mean1,
+            &mut a.rstd1,
         );
-        let (qw, kvw) = (nh * hd, nkv * hd);
-        let n1 = c.norm(&self.n1);
-        norm_fwd(&n1, x, &mut a.ln1[..n * hs], &mut a.mean1, &mut a.rstd1);
         for (lin, buf, slot) in [
             (&self.q, &mut a.q, LoraSlot::Q),
             (&self.k, &mut a.k, LoraSlot::K),
             (&self.v, &mut a.v, LoraSlot::V),
         ] {
-            linear_fwd(&a.ln1, c.w(lin), c.b(lin), n, hs, lin.rows, buf, lin.rows);
-            adapt(c, lin, &a.ln1, n, buf, lin.rows, &mut a.lora[slot as usize]);
+            c.lin_fwd(lin, &a.ln1, buf, &mut a.lora[slot as usize]);
         }
-        if let Some(r) = self.rope {
-            let (cos, sin) = &c.rope[r];
-            rope_in_place(&mut a.q, qw, n, 0, nh, hd, c.seq, cos, sin, false);
-            rope_in_place(&mut a.k, kvw, n, 0, nkv, hd, c.seq, cos, sin, false);
-        }
-        let s = self.shape(c);
-        flash_forward(
-            &s,
-            &a.q,
-            qw,
-            &a.k,
-            kvw,
-            &a.v,
-            kvw,
-            c.key_mask,
-            &mut a.att[..n * qw],
-            &mut a.lse[..n * nh],
-        );
-        linear_fwd(&a.att, c.w(&self.o), c.b(&self.o), n, qw, hs, &mut a.x2, hs);
-        adapt(
-            c,
-            &self.o,
-            &a.att,
-            n,
-            &mut a.x2,
-            hs,
-            &mut a.lora[LoraSlot::O as usize],
-        );
+        self.rope(c, &mut a.q, &mut a.k, false);
+        let qkv = [(&a.q, qw), (&a.k, kvw), (&a.v, kvw)].map(|(x, w)| Strided::new(x, w));
+        let (att, lse) = (&mut a.att[..n * qw], &mut a.lse[..n * nh]);
+        flash_forward(&self.shape(c), qkv, c.key_mask, att, lse);
+        let h = &mut a.lora[LoraSlot::O as usize];
+        c.lin_fwd(&self.o, &a.att, &mut a.x2, h);
         let drop = self.branch_dropout(c);
         if let Some((d, _)) = drop {
             d.apply_par(&mut a.x2[..n * hs]);
         }
         add_assign(&mut a.x2[..n * hs], x);
-        let n2 = c.norm(&self.n2);
-        norm_fwd(
-            &n2,
-            &a.x2[..n * hs],
-            &mut a.ln2[..n * hs],
-            &mut a.mean2,
-            &mut a.rstd2,
-        );
+        let (x2, ln2) = (&a.x2[..n * hs], &mut a.ln2[..n * hs]);
+        c.norm_fwd(&self.n2, x2, ln2, &mut a.mean2, &mut a.rstd2);
         let ff = self.up.rows;
         if let Some(g) = &self.gate {
-            linear_fwd(&a.ln2, c.w(g), c.b(g), n, hs, ff, &mut a.gate, ff);
             let h = &mut a.lora[LoraSlot::Gate as usize];
-            adapt(c, g, &a.ln2, n, &mut a.gate, ff, h);
+            c.lin_fwd(g, &a.ln2, &mut a.gate, h);
         }
-        linear_fwd(
-            &a.ln2,
-            c.w(&self.up),
-            c.b(&self.up),
-            n,
-            hs,
-            ff,
-            &mut a.up,
-            ff,
-        );
         let h = &mut a.lora[LoraSlot::Up as usize];
-        adapt(c, &self.up, &a.ln2, n, &mut a.up, ff, h);
+        c.lin_fwd(&self.up, &a.ln2, &mut a.up, h);
         let gate = self.gate.as_ref().map(|_| &a.gate[..n * ff]);
         mlp_act_fwd(self.act, gate, &a.up[..n * ff], &mut a.h);
-        linear_fwd(&a.h, c.w(&self.down), c.b(&self.down), n, ff, hs, out, hs);
         let h = &mut a.lora[LoraSlot::Down as usize];
-        adapt(c, &self.down, &a.h, n, out, hs, h);
+        c.lin_fwd(&self.down, &a.h, out, h);
         if let Some((_, d)) = drop {
             d.apply_par(&mut out[..n * hs]);
         }
@@ -162,33 +135,14 @@ impl BlockPlan {
 
     /// Turns `g.dres` from dL/d out into dL/d x, accumulating the parameter gradients.
     pub fn backward(&self, c: &StepCtx, x: &[f32], a: &Acts, g: &mut Grads) {
-        let n = c.batch * c.seq;
-        let (hs, nh, nkv, hd) = (
-            c.hidden,
-            self.attn.num_heads,
-            self.attn.num_kv_heads,
-            self.attn.head_dim,
-        );
-        let (qw, kvw, ff) = (nh * hd, nkv * hd, self.up.rows);
+        let (n, hs, nh) = (c.batch * c.seq, c.hidden, self.attn.num_heads);
+        let ((qw, kvw), ff) = (self.qkv_widths(), self.up.rows);
         let nhs = n * hs;
         let drop = self.branch_dropout(c);
         // MLP
-        let d = &self.down;
         let dy = branch_grad(drop.map(|d| d.1), &g.dres[..nhs], &mut g.dbranch);
-        linear_bwd(
-            &a.h,
-            c.w(d),
-            dy,
-            hs,
-            n,
-            ff,
-            hs,
-            c.gw(d),
-            c.gb(d),
-            Some((&mut g.dh, false)),
-        );
         let h = &a.lora[LoraSlot::Down as usize];
-        adapt_bwd(c, d, &a.h, h, dy, hs, n, &mut g.dlora, &mut g.dh);
+        c.lin_bwd(&self.down, &a.h, h, dy, (&mut g.dh, false), &mut g.dlora);
         let gate = self.gate.as_ref().map(|_| &a.gate[..n * ff]);
         mlp_act_bwd(
             self.act,
@@ -198,77 +152,22 @@ impl BlockPlan {
             &mut g.dgate,
             &mut g.dup,
         );
-        let mut acc = false;
         if let Some(gl) = &self.gate {
-            linear_bwd(
-                &a.ln2,
-                c.w(gl),
-                &g.dgate,
-                ff,
-                n,
-                hs,
-                ff,
-                c.gw(gl),
-                c.gb(gl),
-                Some((&mut g.dln, acc)),
-            );
             let h = &a.lora[LoraSlot::Gate as usize];
-            adapt_bwd(c, gl, &a.ln2, h, &g.dgate, ff, n, &mut g.dlora, &mut g.dln);
-            acc = true;
+            c.lin_bwd(gl, &a.ln2, h, &g.dgate, (&mut g.dln, false), &mut g.dlora);
         }
-        let u = &self.up;
-        linear_bwd(
-            &a.ln2,
-            c.w(u),
-            &g.dup,
-            ff,
-            n,
-            hs,
-            ff,
-            c.gw(u),
-            c.gb(u),
-            Some((&mut g.dln, acc)),
-        );
-        let h = &a.lora[LoraSlot::Up as usize];
-        adapt_bwd(c, u, &a.ln2, h, &g.dup, ff, n, &mut g.dlora, &mut g.dln);
-        let n2 = c.norm(&self.n2);
-        let (dw2, db2) = c.norm_grads(&self.n2);
-        norm_bwd(
-            &n2,
-            &a.x2[..nhs],
-            &a.mean2,
-            &a.rstd2,
-            &g.dln[..nhs],
-            &mut g.dres[..nhs],
-            dw2,
-            db2,
-        );
+        let (h, acc) = (&a.lora[LoraSlot::Up as usize], self.gate.is_some());
+        c.lin_bwd(&self.up, &a.ln2, h, &g.dup, (&mut g.dln, acc), &mut g.dlora);
+        let (dy, dx) = (&g.dln[..nhs], &mut g.dres[..nhs]);
+        c.norm_bwd(&self.n2, &a.x2[..nhs], (&a.mean2, &a.rstd2), dy, dx);
         // attention
-        let o = &self.o;
         let dy = branch_grad(drop.map(|d| d.0), &g.dres[..nhs], &mut g.dbranch);
-        linear_bwd(
-            &a.att,
-            c.w(o),
-            dy,
-            hs,
-            n,
-            qw,
-            hs,
-            c.gw(o),
-            c.gb(o),
-            Some((&mut g.datt, false)),
-        );
         let h = &a.lora[LoraSlot::O as usize];
-        adapt_bwd(c, o, &a.att, h, dy, hs, n, &mut g.dlora, &mut g.datt);
-        let s = self.shape(c);
+        c.lin_bwd(&self.o, &a.att, h, dy, (&mut g.datt, false), &mut g.dlora);
+        let qkv = [(&a.q, qw), (&a.k, kvw), (&a.v, kvw)].map(|(x, w)| Strided::new(x, w));
         flash_backward(
-            &s,
-            &a.q,
-            qw,
-            &a.k,
-            kvw,
-            &a.v,
-            kvw,
+            &self.shape(c),
+            qkv,
             c.key_mask,
             &a.att[..n * qw],
             &a.lse[..n * nh],
@@ -277,43 +176,17 @@ impl BlockPlan {
             &mut g.dk[..n * kvw],
             &mut g.dv[..n * kvw],
         );
-        if let Some(r) = self.rope {
-            let (cos, sin) = &c.rope[r];
-            rope_in_place(&mut g.dq, qw, n, 0, nh, hd, c.seq, cos, sin, true);
-            rope_in_place(&mut g.dk, kvw, n, 0, nkv, hd, c.seq, cos, sin, true);
-        }
+        self.rope(c, &mut g.dq, &mut g.dk, true);
         let slots = [LoraSlot::Q, LoraSlot::K, LoraSlot::V];
         for (i, (lin, dy)) in [(&self.q, &g.dq), (&self.k, &g.dk), (&self.v, &g.dv)]
             .into_iter()
             .enumerate()
         {
-            linear_bwd(
-                &a.ln1,
-                c.w(lin),
-                dy,
-                lin.rows,
-                n,
-                hs,
-                lin.rows,
-                c.gw(lin),
-                c.gb(lin),
-                Some((&mut g.dln, i > 0)),
-            );
             let h = &a.lora[slots[i] as usize];
-            adapt_bwd(c, lin, &a.ln1, h, dy, lin.rows, n, &mut g.dlora, &mut g.dln);
+            c.lin_bwd(lin, &a.ln1, h, dy, (&mut g.dln, i > 0), &mut g.dlora);
         }
-        let n1 = c.norm(&self.n1);
-        let (dw1, db1) = c.norm_grads(&self.n1);
-        norm_bwd(
-            &n1,
-            &x[..nhs],
-            &a.mean1,
-            &a.rstd1,
-            &g.dln[..nhs],
-            &mut g.dres[..nhs],
-            dw1,
-            db1,
-        );
+        let (dy, dx) = (&g.dln[..nhs], &mut g.dres[..nhs]);
+        c.norm_bwd(&self.n1, &x[..nhs], (&a.mean1, &a.rstd1), dy, dx);
     }
 }
 
@@ -331,43 +204,39 @@ fn branch_grad<'g>(d: Option<Dropout>, dres: &'g [f32], scratch: &'g mut [f32]) 
     }
 }
 
-/// `y += s (x A^T) B^T` when `lin` carries a LoRA branch, keeping x A^T in `h`.
-fn adapt(c: &StepCtx, lin: &Lin, x: &[f32], n: usize, y: &mut [f32], ldy: usize, h: &mut [f32]) {
-    if let Some((p, la, lb)) = c.lora(lin) {
-        let h = &mut h[..n * p.rank];
-        lora_fwd(x, la, lb, p.scaling, n, lin.inp, lin.rows, h, y, ldy);
-    }
-}
-
-/// The backward of `adapt`: the LoRA gradients, and its share of dx added to `dx`.
-#[allow(clippy::too_many_arguments)]
-fn adapt_bwd(
-    c: &StepCtx,
-    lin: &Lin,
-    x: &[f32],
-    h: &[f32],
-    dy: &[f32],
-    ldy: usize,
-    n: usize,
-    dh: &mut [f32],
-    dx: &mut [f32],
-) {
-    if let Some((p, la, lb)) = c.lora(lin) {
-        let (h, dh) = (&h[..n * p.rank], &mut dh[..n * p.rank]);
-        let grads = c.lora_grads(lin);
-        lora_bwd(
-            x, la, lb, p.scaling, h, dy, ldy, n, lin.inp, lin.rows, grads, dh, dx,
-        );
-    }
-}
-
 impl StepCtx<'_> {
-    fn norm(&self, p: &NormPlan) -> NormParams<'_> {
-        NormParams {
-            w: self.params[p.w],
-            b: p.b.map(|b| self.params[b]),
-            eps: p.eps,
-            layer_norm: p.layer_norm,
+    /// `y = x W^T + b` over the step's rows ([N, lin.rows]), plus `s (x A^T) B^T` when `lin`
+    /// carries a LoRA branch, keeping x A^T in `h`.
+    fn lin_fwd(&self, lin: &Lin, x: &[f32], y: &mut [f32], h: &mut [f32]) {
+        let (n, ld) = (self.batch * self.seq, lin.rows);
+        linear_fwd(x, self.w(lin), self.b(lin), n, lin.inp, ld, y, ld);
+        if let Some((p, la, lb)) = self.lora(lin) {
+            let h = &mut h[..n * p.rank];
+            lora_fwd(x, la, lb, p.scaling, n, lin.inp, ld, h, y, ld);
+        }
+    }
+
+    /// The backward of `lin_fwd` for dy [N, lin.rows]: the parameter (and LoRA) gradients
+    /// accumulate, and dx is written, or added to when `dx.1` is true; `dh` is LoRA scratch.
+    fn lin_bwd(
+        &self,
+        lin: &Lin,
+        x: &[f32],
+        h: &[f32],
+        dy: &[f32],
+        (dx, acc): (&mut [f32], bool),
+        dh: &mut [f32],
+    ) {
+        let (n, ld) = (self.batch * self.seq, lin.rows);
+        let (gw, gb) = (self.gw(lin), self.gb(lin));
+        let w = self.w(lin);
+        linear_bwd(x, w, dy, ld, n, lin.inp, ld, gw, gb, Some((&mut *dx, acc)));
+        if let Some((p, la, lb)) = self.lora(lin) {
+            let (h, dh) = (&h[..n * p.rank], &mut dh[..n * p.rank]);
+            let grads = self.lora_grads(lin);
+            lora_bwd(
+                x, la, lb, p.scaling, h, dy, ld, n, lin.inp, ld, grads, dh, dx,
+            );
         }
     }
 }

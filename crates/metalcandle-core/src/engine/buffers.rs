@@ -80,7 +80,8 @@ impl Acts {
     }
 }
 
-/// Gradient scratch of one block's backward, shared by all layers.
+/// Gradient scratch of one block's backward, shared by all layers: a struct apart from `Acts`,
+/// which it resembles, because it is one set for every layer where `Acts` is kept per layer.
 pub struct Grads {
     /// the gradient of the residual stream [N, C], updated in place layer by layer
     pub dres: Vec<f32>,

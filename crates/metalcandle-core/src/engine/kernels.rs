@@ -27,18 +27,8 @@ pub fn linear_fwd(
     if let Some(b) = bias {
         for_rows(y, ldy, rows, |_, r| r[..out].copy_from_slice(b));
     }
-    matmul(
-        rows,
-        out,
-        inp,
-        y,
-        ldy,
-        Mat::rows(x, inp),
-        Mat::t(w, inp),
-        1.0,
-        bias.is_some(),
-        true,
-    );
+    let (xm, wt) = (Mat::rows(x, inp), Mat::t(w, inp));
+    matmul(rows, out, inp, y, ldy, xm, wt, 1.0, bias.is_some(), true);
 }
 
 /// The backward of `linear_fwd` for an upstream gradient dy [N, out] (leading dimension ldy):
@@ -57,35 +47,15 @@ pub fn linear_bwd(
     dx: Option<(&mut [f32], bool)>,
 ) {
     if let Some(dw) = dw {
-        matmul(
-            out,
-            inp,
-            rows,
-            dw,
-            inp,
-            Mat::t(dy, ldy),
-            Mat::rows(x, inp),
-            1.0,
-            true,
-            true,
-        );
+        let (dyt, xm) = (Mat::t(dy, ldy), Mat::rows(x, inp));
+        matmul(out, inp, rows, dw, inp, dyt, xm, 1.0, true, true);
     }
     if let Some(db) = db {
         col_sum_acc(dy, ldy, rows, out, db);
     }
     if let Some((dx, acc)) = dx {
-        matmul(
-            rows,
-            inp,
-            out,
-            dx,
-            inp,
-            Mat::rows(dy, ldy),
-            Mat::rows(w, inp),
-            1.0,
-            acc,
-            true,
-        );
+        let (dym, wm) = (Mat::rows(dy, ldy), Mat::rows(w, inp));
+        matmul(rows, inp, out, dx, inp, dym, wm, 1.0, acc, true);
     }
 }
 

@@ -192,25 +192,26 @@ fn clip_flat(g: &mut [f32], norm: f64, max: f64) {
     }
 }
 
+/// The index of parameter `{module}.{name}` among the named parameters.
+fn param(ix: &HashMap<String, usize>, module: &str, name: &str) -> Result<usize> {
+    let full = format!("{module}.{name}");
+    ix.get(&full)
+        .copied()
+        .ok_or_else(|| Error::Msg(format!("fused path: no parameter `{full}`")))
+}
+
 fn lin(ix: &HashMap<String, usize>, l: &Linear, row0: usize, rows: usize) -> Result<Lin> {
-    let get = |n: String| {
-        ix.get(&n)
-            .copied()
-            .ok_or_else(|| Error::Msg(format!("fused path: no parameter `{n}`")))
-    };
+    let get = |name: &str| param(ix, &l.name, name);
     Ok(Lin {
-        w: get(format!("{}.weight", l.name))?,
-        b: match &l.bias {
-            Some(_) => Some(get(format!("{}.bias", l.name))?),
-            None => None,
-        },
+        w: get("weight")?,
+        b: l.bias.as_ref().map(|_| get("bias")).transpose()?,
         inp: l.in_features(),
         row0,
         rows,
         lora: match &l.lora {
             Some(a) => Some(LoraPlan {
-                a: get(format!("{}.lora_A.weight", l.name))?,
-                b: get(format!("{}.lora_B.weight", l.name))?,
+                a: get("lora_A.weight")?,
+                b: get("lora_B.weight")?,
                 rank: a.a.dims()[0],
                 scaling: a.scaling as f32,
             }),
@@ -220,17 +221,12 @@ fn lin(ix: &HashMap<String, usize>, l: &Linear, row0: usize, rows: usize) -> Res
 }
 
 fn norm(ix: &HashMap<String, usize>, n: &Norm) -> Result<NormPlan> {
-    let get = |s: String| {
-        ix.get(&s)
-            .copied()
-            .ok_or_else(|| Error::Msg(format!("fused path: no parameter `{s}`")))
-    };
     Ok(NormPlan {
-        w: get(format!("{}.weight", n.name))?,
-        b: match &n.bias {
-            Some(_) => Some(get(format!("{}.bias", n.name))?),
-            None => None,
-        },
+        w: param(ix, &n.name, "weight")?,
+        b: n.bias
+            .as_ref()
+            .map(|_| param(ix, &n.name, "bias"))
+            .transpose()?,
         eps: n.spec.eps as f32,
         layer_norm: n.spec.kind == NormKind::LayerNorm,
     })
@@ -297,23 +293,21 @@ impl Plan {
                 rope: matches!(model.spec.positions, Positions::Rope { .. }).then_some(i),
             });
         }
-        let get = |s: String| {
-            ix.get(&s)
-                .copied()
-                .ok_or_else(|| Error::Msg(format!("fused path: no parameter `{s}`")))
-        };
+        let weight = |module: &str| param(ix, module, "weight");
         Ok(Plan {
-            embed: get(format!("{}.weight", model.embed.name))?,
-            pos: match &model.pos_embed {
-                Some(p) => Some(get(format!("{}.weight", p.name))?),
-                None => None,
-            },
+            embed: weight(&model.embed.name)?,
+            pos: model
+                .pos_embed
+                .as_ref()
+                .map(|p| weight(&p.name))
+                .transpose()?,
             blocks,
             final_norm: norm(ix, &model.final_norm)?,
-            head: match &model.lm_head {
-                Some(l) => Some(get(format!("{}.weight", l.name))?),
-                None => None,
-            },
+            head: model
+                .lm_head
+                .as_ref()
+                .map(|l| weight(&l.name))
+                .transpose()?,
             dims,
         })
     }
@@ -393,6 +387,34 @@ impl StepCtx<'_> {
     fn norm_grads(&self, n: &NormPlan) -> (Option<&mut [f32]>, Option<&mut [f32]>) {
         let d = self.params[n.w].len();
         (self.grad(n.w, 0..d), n.b.and_then(|b| self.grad(b, 0..d)))
+    }
+
+    fn norm(&self, p: &NormPlan) -> kernels::NormParams<'_> {
+        kernels::NormParams {
+            w: self.params[p.w],
+            b: p.b.map(|b| self.params[b]),
+            eps: p.eps,
+            layer_norm: p.layer_norm,
+        }
+    }
+
+    /// `y = norm(x)`, keeping each row's mean and 1/std for the backward.
+    fn norm_fwd(&self, p: &NormPlan, x: &[f32], y: &mut [f32], mean: &mut [f32], rstd: &mut [f32]) {
+        kernels::norm_fwd(&self.norm(p), x, y, mean, rstd);
+    }
+
+    /// The backward of `norm_fwd` for dy: dx added to `dx`, the norm's own gradients
+    /// accumulated.
+    fn norm_bwd(
+        &self,
+        p: &NormPlan,
+        x: &[f32],
+        stats: (&[f32], &[f32]),
+        dy: &[f32],
+        dx: &mut [f32],
+    ) {
+        let (dw, db) = self.norm_grads(p);
+        kernels::norm_bwd(&self.norm(p), x, stats.0, stats.1, dy, dx, dw, db);
     }
 }
 
@@ -617,19 +639,8 @@ fn step_micro_batch(
         )?);
     }
     let fnorm = &plan.final_norm;
-    let fp = kernels::NormParams {
-        w: c.params[fnorm.w],
-        b: fnorm.b.map(|b| c.params[b]),
-        eps: fnorm.eps,
-        layer_norm: fnorm.layer_norm,
-    };
-    kernels::norm_fwd(
-        &fp,
-        &bufs.res[layers],
-        &mut bufs.lnf,
-        &mut bufs.meanf,
-        &mut bufs.rstdf,
-    );
+    let (x, y) = (&bufs.res[layers], &mut bufs.lnf);
+    c.norm_fwd(fnorm, x, y, &mut bufs.meanf, &mut bufs.rstdf);
     let final_island = island("final_norm".into(), &mut bufs.lnf[..n * hs])?;
     // The head: tied heads accumulate into the embedding's gradient.
     let head = plan.head.unwrap_or(plan.embed);
@@ -648,17 +659,9 @@ fn step_micro_batch(
     let main = rows.into_iter().sum::<f32>() / n_valid as f32;
     Island::backward(final_island, &mut g.dln[..n * hs])?;
     g.dres[..n * hs].fill(0.0);
-    let (dw, db) = c.norm_grads(&plan.final_norm);
-    kernels::norm_bwd(
-        &fp,
-        &bufs.res[layers],
-        &bufs.meanf,
-        &bufs.rstdf,
-        &g.dln[..n * hs],
-        &mut g.dres[..n * hs],
-        dw,
-        db,
-    );
+    let stats = (&bufs.meanf[..], &bufs.rstdf[..]);
+    let (dy, dx) = (&g.dln[..n * hs], &mut g.dres[..n * hs]);
+    c.norm_bwd(fnorm, &bufs.res[layers], stats, dy, dx);
     for (l, blk) in plan.blocks.iter().enumerate().rev() {
         Island::backward(islands.pop().flatten(), &mut bufs.grads.dres[..n * hs])?;
         let slot = if ckpt { 0 } else { l };

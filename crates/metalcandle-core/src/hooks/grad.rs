@@ -75,12 +75,7 @@ impl CustomOp1 for GradHook {
             BackwardAction::Scale(s) => g.affine(*s, 0.0)?,
             BackwardAction::ClipValue(c) => g.clamp(-*c, *c)?,
             BackwardAction::ClipNorm(c) => {
-                let n = g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_scalar::<f64>()?
-                    .sqrt();
+                let n = crate::ops::frobenius(g)?;
                 if n > *c {
                     g.affine(*c / n, 0.0)?
                 } else {

@@ -94,6 +94,18 @@ struct Entry<A> {
     action: A,
 }
 
+impl<A> Entry<A> {
+    /// Appends the hook `id` to `list`; returns its id.
+    fn push(list: &mut Vec<Entry<A>>, id: u64, pattern: &str, action: A) -> u64 {
+        list.push(Entry {
+            id,
+            pattern: pattern.into(),
+            action,
+        });
+        id
+    }
+}
+
 /// The hooks attached to a model. Cloning shares the captured values and the step counter,
 /// so the detached views the forward runs on report into the same place.
 #[derive(Clone, Default)]
@@ -192,22 +204,12 @@ impl Hooks {
 
     pub fn add_forward(&mut self, pattern: &str, action: ForwardAction) -> u64 {
         let id = self.id();
-        self.forward.push(Entry {
-            id,
-            pattern: pattern.into(),
-            action,
-        });
-        id
+        Entry::push(&mut self.forward, id, pattern, action)
     }
 
     pub fn add_backward(&mut self, pattern: &str, action: BackwardAction) -> u64 {
         let id = self.id();
-        self.backward.push(Entry {
-            id,
-            pattern: pattern.into(),
-            action,
-        });
-        id
+        Entry::push(&mut self.backward, id, pattern, action)
     }
 
     pub fn add_aux(&mut self, loss: AuxLoss) -> u64 {

@@ -4,7 +4,7 @@ use super::*;
 use crate::model::{Decoder, ForwardOptions};
 use crate::ops::gradcheck::max_abs_diff;
 use crate::optim::{Optimizer, OptimizerConfig};
-use crate::testing::{lm_batch, tiny_llama};
+use crate::testing::{self, lm_batch, tiny_llama};
 use crate::train::{train_step, train_step_with, Batch, StepOptions};
 use candle_core::Device;
 
@@ -23,31 +23,36 @@ fn logits(m: &Decoder) -> Tensor {
         .0
 }
 
+/// A full capture hook at `point`: its id.
+fn capture_at(m: &mut Decoder, point: &str) -> u64 {
+    m.hooks
+        .add_forward(point, ForwardAction::Capture { full: true })
+}
+
+/// What the full capture hook `id` at `point` took (the hooks forget every capture).
+fn captured(m: &Decoder, id: u64, point: &str) -> Tensor {
+    let Captured::Full(x) = m.hooks.take_captured().remove(&(id, point.into())).unwrap() else {
+        panic!("full capture expected")
+    };
+    x
+}
+
 /// Losses of `steps` AdamW steps, and the final weights.
 fn trajectory(m: &mut Decoder, steps: usize) -> (Vec<f64>, Vec<Vec<f32>>) {
-    let mut opt = Optimizer::new(OptimizerConfig {
+    let config = OptimizerConfig {
         lr: 1e-2,
         ..Default::default()
+    };
+    testing::trajectory(m, config, steps, |m, opt| {
+        // Hooked models always take the composed path; the unhooked reference must too
+        // for a bit-for-bit comparison.
+        let opts = StepOptions {
+            max_grad_norm: Some(1.0),
+            fused: false,
+            ..Default::default()
+        };
+        train_step_with(m, opt, &[batch()], opts).unwrap().loss
     })
-    .unwrap();
-    let losses = (0..steps)
-        .map(|_| {
-            // Hooked models always take the composed path; the unhooked reference must too
-            // for a bit-for-bit comparison.
-            let opts = StepOptions {
-                max_grad_norm: Some(1.0),
-                fused: false,
-                ..Default::default()
-            };
-            train_step_with(m, &mut opt, &[batch()], opts).unwrap().loss
-        })
-        .collect();
-    let weights = m
-        .named_parameters()
-        .iter()
-        .map(|(_, t)| t.flatten_all().unwrap().to_vec1().unwrap())
-        .collect();
-    (losses, weights)
 }
 
 #[test]
@@ -157,18 +162,14 @@ fn ablating_every_head_equals_zeroing_the_attention_output() {
 #[test]
 fn capture_matches_hidden_states_and_removal_detaches() {
     let mut m = tiny_llama(11);
-    let id = m
-        .hooks
-        .add_forward("layers.0.residual", ForwardAction::Capture { full: true });
+    let id = capture_at(&mut m, "layers.0.residual");
     let opts = ForwardOptions {
         output_hidden_states: true,
         ..Default::default()
     };
     let (_, hidden) = m.forward(&ids(), &opts, None).unwrap();
-    let Captured::Full(c) = &m.hooks.take_captured()[&(id, "layers.0.residual".into())] else {
-        panic!("full capture expected")
-    };
-    assert_eq!(max_abs_diff(c, &hidden[1]), 0.0);
+    let c = captured(&m, id, "layers.0.residual");
+    assert_eq!(max_abs_diff(&c, &hidden[1]), 0.0);
     assert!(m.hooks.remove(id));
     assert!(!m.hooks.active());
     m.forward(&ids(), &opts, None).unwrap();
@@ -180,18 +181,9 @@ fn patching_an_activation_reproduces_the_run_it_came_from() {
     // Patch run A's residual after block 0 into run B (other ids): B's last block then sees
     // A's stream, so B's logits become A's.
     let mut src = tiny_llama(11);
-    let id = src
-        .hooks
-        .add_forward("layers.0.residual", ForwardAction::Capture { full: true });
+    let id = capture_at(&mut src, "layers.0.residual");
     let a_logits = logits(&src);
-    let Captured::Full(stored) = src
-        .hooks
-        .take_captured()
-        .remove(&(id, "layers.0.residual".into()))
-        .unwrap()
-    else {
-        panic!()
-    };
+    let stored = captured(&src, id, "layers.0.residual");
     let mut m = tiny_llama(11);
     m.hooks
         .add_forward("layers.0.residual", ForwardAction::Patch(stored));
@@ -203,9 +195,7 @@ fn patching_an_activation_reproduces_the_run_it_came_from() {
 #[test]
 fn aux_losses_have_their_closed_forms_and_are_reported_apart() {
     let mut m = tiny_llama(11);
-    let id = m
-        .hooks
-        .add_forward("layers.0.mlp_out", ForwardAction::Capture { full: true });
+    let id = capture_at(&mut m, "layers.0.mlp_out");
     m.hooks.add_aux(AuxLoss::ActivationL2 {
         point: "layers.0.mlp_out".into(),
         weight: 0.5,
@@ -215,9 +205,7 @@ fn aux_losses_have_their_closed_forms_and_are_reported_apart() {
         weight: 0.0,
     });
     let parts = m.detached().loss_parts(&batch()).unwrap();
-    let Captured::Full(x) = &m.hooks.take_captured()[&(id, "layers.0.mlp_out".into())] else {
-        panic!()
-    };
+    let x = captured(&m, id, "layers.0.mlp_out");
     let want: f32 = x.sqr().unwrap().mean_all().unwrap().to_scalar().unwrap();
     let got: f32 = parts.aux[0].2.to_scalar().unwrap();
     assert!((got - want).abs() < 1e-6 * want.max(1.0));

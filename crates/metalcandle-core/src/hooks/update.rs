@@ -3,8 +3,9 @@
 
 use super::Hooks;
 use crate::error::Result;
+use crate::ops::frobenius;
 use crate::weights::names::glob_match;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -48,14 +49,6 @@ impl std::fmt::Debug for GradTransform {
     }
 }
 
-fn norm(g: &Tensor) -> Result<f64> {
-    Ok(g.sqr()?
-        .sum_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?
-        .sqrt())
-}
-
 impl Hooks {
     /// Applies the update transforms, in the order they were added, to `grads` (by name).
     pub fn transform_grads(
@@ -75,7 +68,7 @@ impl Hooks {
                     GradTransform::Freeze => continue,
                     GradTransform::ClipValue(c) => g.clamp(-*c, *c)?,
                     GradTransform::ClipNorm(c) => {
-                        let n = norm(&g)?;
+                        let n = frobenius(&g)?;
                         if n > *c {
                             g.affine(*c / n, 0.0)?
                         } else {
@@ -88,7 +81,7 @@ impl Hooks {
                     }
                     GradTransform::Sign => g.sign()?,
                     GradTransform::Normalize => {
-                        let n = norm(&g)?;
+                        let n = frobenius(&g)?;
                         if n > 0.0 {
                             g.affine(1.0 / n, 0.0)?
                         } else {

@@ -36,29 +36,19 @@ mod tests {
     fn rms_and_layer_norm_match_closed_forms() {
         let x = Tensor::new(&[[3f64, 4.]], &Device::Cpu).unwrap();
         let w = Tensor::new(&[1f64, 2.], &Device::Cpu).unwrap();
-        let rms = Norm {
+        let norm = |kind, bias| Norm {
             name: "n".into(),
-            spec: NormSpec {
-                kind: NormKind::RmsNorm,
-                eps: 0.0,
-            },
+            spec: NormSpec { kind, eps: 0.0 },
             weight: w.clone(),
-            bias: None,
+            bias,
         };
+        let rms = norm(NormKind::RmsNorm, None);
         // rms([3, 4]) = sqrt(12.5)
         let r = 12.5f64.sqrt();
         let y = rms.forward(&x).unwrap().to_vec2::<f64>().unwrap();
         assert!((y[0][0] - 3. / r).abs() < 1e-12 && (y[0][1] - 8. / r).abs() < 1e-12);
         let b = Tensor::new(&[0.5f64, 0.], &Device::Cpu).unwrap();
-        let ln = Norm {
-            name: "n".into(),
-            spec: NormSpec {
-                kind: NormKind::LayerNorm,
-                eps: 0.0,
-            },
-            weight: w,
-            bias: Some(b),
-        };
+        let ln = norm(NormKind::LayerNorm, Some(b));
         // mean 3.5, std 0.5: normalized [-1, 1]
         let y = ln.forward(&x).unwrap().to_vec2::<f64>().unwrap();
         assert!((y[0][0] + 0.5).abs() < 1e-12 && (y[0][1] - 2.).abs() < 1e-12);

@@ -53,6 +53,8 @@ impl AttentionProbs {
     }
 }
 
+// Like flash attention's op in form only: this one keeps the probabilities it returns, that
+// one never stores them, so neither can be written in terms of the other.
 impl CustomOp2 for AttentionProbs {
     fn name(&self) -> &'static str {
         "attention-probs"

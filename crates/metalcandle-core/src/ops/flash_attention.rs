@@ -140,25 +140,39 @@ fn probabilities<T: Elem>(
     shift + sum.ln()
 }
 
-/// Operands of one head: rows `i0..` of q (or any [rows, heads * d] buffer) at column `col`.
-fn at<T>(x: &[T], stride: usize, row: usize, col: usize) -> Mat<T> {
-    Mat::rows(&x[row * stride + col..], stride)
+/// One of q, k, v (or a buffer laid out like one): row r (token b*seq + t) starts at
+/// `data[r * stride]`, so each can be a column range of one fused qkv buffer.
+#[derive(Clone, Copy)]
+pub struct Strided<'a, T> {
+    pub data: &'a [T],
+    pub stride: usize,
 }
 
-fn at_t<T>(x: &[T], stride: usize, row: usize, col: usize) -> Mat<T> {
-    Mat::t(&x[row * stride + col..], stride)
+impl<'a, T> Strided<'a, T> {
+    pub fn new(data: &'a [T], stride: usize) -> Self {
+        Strided { data, stride }
+    }
+
+    /// The operand of one head: rows `row..` at column `col`.
+    fn at(self, row: usize, col: usize) -> Mat<T> {
+        Mat::rows(&self.data[row * self.stride + col..], self.stride)
+    }
+
+    /// The same rows, transposed.
+    fn at_t(self, row: usize, col: usize) -> Mat<T> {
+        Mat::t(&self.data[row * self.stride + col..], self.stride)
+    }
+
+    /// Its length and row stride, for the bounds checks.
+    fn extent(self) -> (usize, usize) {
+        (self.data.len(), self.stride)
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward<T: Elem + 'static>(
     s: &FlashShape,
     scale: T,
-    q: &[T],
-    q_stride: usize,
-    k: &[T],
-    k_stride: usize,
-    v: &[T],
-    v_stride: usize,
+    [q, k, v]: [Strided<T>; 3],
     key_mask: Option<&[i64]>,
     out: &mut [T],
     lse: &mut [T],
@@ -179,8 +193,8 @@ pub(crate) fn forward<T: Elem + 'static>(
             let (klo, khi) = key_range(rs, t);
             let nk = khi - klo;
             let mut p = vec![T::zero(); n * nk];
-            let qm = at(q, q_stride, row0 + i0, hh * d);
-            let kt = at_t(k, k_stride, row0 + klo, kc);
+            let qm = q.at(row0 + i0, hh * d);
+            let kt = k.at_t(row0 + klo, kc);
             matmul(n, nk, d, &mut p, nk, qm, kt, scale, false, false);
             let l: Vec<T> = p
                 .chunks_mut(nk)
@@ -193,7 +207,7 @@ pub(crate) fn forward<T: Elem + 'static>(
                 }
             }
             let mut o = vec![T::zero(); n * d];
-            let vm = at(v, v_stride, row0 + klo, kc);
+            let vm = v.at(row0 + klo, kc);
             matmul(
                 n,
                 d,
@@ -223,12 +237,7 @@ pub(crate) fn forward<T: Elem + 'static>(
 pub(crate) fn backward<T: Elem + 'static>(
     s: &FlashShape,
     scale: T,
-    q: &[T],
-    q_stride: usize,
-    k: &[T],
-    k_stride: usize,
-    v: &[T],
-    v_stride: usize,
+    [q, k, v]: [Strided<T>; 3],
     key_mask: Option<&[i64]>,
     out: &[T],
     lse: &[T],
@@ -270,8 +279,8 @@ pub(crate) fn backward<T: Elem + 'static>(
                     let (klo, khi) = key_range(rs, t);
                     let nk = khi - klo;
                     let (p, ds) = (&mut p[..n * nk], &mut ds[..n * nk]);
-                    let qm = at(q, q_stride, row0 + i0, hh * d);
-                    let dom = at(dout, od, row0 + i0, hh * d);
+                    let qm = q.at(row0 + i0, hh * d);
+                    let dom = Strided::new(dout, od).at(row0 + i0, hh * d);
                     let li = (b * h + hh) * t + i0;
                     matmul(
                         n,
@@ -280,7 +289,7 @@ pub(crate) fn backward<T: Elem + 'static>(
                         p,
                         nk,
                         qm,
-                        at_t(k, k_stride, row0 + klo, kc),
+                        k.at_t(row0 + klo, kc),
                         scale,
                         false,
                         false,
@@ -288,7 +297,7 @@ pub(crate) fn backward<T: Elem + 'static>(
                     for (ii, (row, r)) in p.chunks_mut(nk).zip(rs).enumerate() {
                         probabilities(row, *r, km, klo, Some(lse[li + ii]));
                     }
-                    let vt = at_t(v, v_stride, row0 + klo, kc);
+                    let vt = v.at_t(row0 + klo, kc);
                     matmul(n, nk, d, ds, nk, dom, vt, T::one(), false, false);
                     for (ii, (dsr, pr)) in ds.chunks_mut(nk).zip(p.chunks_mut(nk)).enumerate() {
                         let di = delta[li + ii];
@@ -316,7 +325,7 @@ pub(crate) fn backward<T: Elem + 'static>(
                             }
                         }
                     }
-                    let km_ = at(k, k_stride, row0 + klo, kc);
+                    let km_ = k.at(row0 + klo, kc);
                     let gqb = &mut gq[(gi * t + i0) * d..];
                     matmul(
                         n,
@@ -343,24 +352,26 @@ pub(crate) fn backward<T: Elem + 'static>(
         for gi in 0..g {
             let hh = kh * g + gi;
             for i in 0..t {
-                dq[(b * t + i) * q_stride + hh * d..][..d]
+                dq[(b * t + i) * q.stride + hh * d..][..d]
                     .copy_from_slice(&gq[(gi * t + i) * d..][..d]);
             }
         }
         for j in 0..t {
-            dk[(b * t + j) * k_stride + kh * d..][..d].copy_from_slice(&gk[j * d..][..d]);
-            dv[(b * t + j) * v_stride + kh * d..][..d].copy_from_slice(&gv[j * d..][..d]);
+            dk[(b * t + j) * k.stride + kh * d..][..d].copy_from_slice(&gk[j * d..][..d]);
+            dv[(b * t + j) * v.stride + kh * d..][..d].copy_from_slice(&gv[j * d..][..d]);
         }
     }
 }
 
-fn check(s: &FlashShape, lens: [(usize, usize, usize); 3], key_mask: Option<&[i64]>) {
+/// Panics unless buffers of these (length, row stride) hold q, k, v (or their gradients).
+fn check(s: &FlashShape, qkv: [(usize, usize); 3], key_mask: Option<&[i64]>) {
     let rows = s.batch * s.seq;
     assert!(
         s.kv_heads > 0 && s.heads.is_multiple_of(s.kv_heads),
         "heads must be a multiple of kv_heads"
     );
-    for (len, stride, width) in lens {
+    let (hd, kd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+    for ((len, stride), width) in qkv.into_iter().zip([hd, kd, kd]) {
         assert!(
             stride >= width,
             "row stride {stride} shorter than its {width} columns"
@@ -375,46 +386,34 @@ fn check(s: &FlashShape, lens: [(usize, usize, usize); 3], key_mask: Option<&[i6
     }
 }
 
-/// q: element (b, t, h, d) at `q[(b*seq + t)*q_stride + h*head_dim + d]`; k, v likewise with
-/// kv_heads and their strides (so q/k/v can be column ranges of one fused qkv buffer).
+/// Panics unless the output and log-sum-exp buffers have these lengths' shapes.
+fn check_out(s: &FlashShape, out: usize, lse: usize) {
+    assert_eq!(
+        out,
+        s.batch * s.seq * s.heads * s.head_dim,
+        "out must be [batch*seq, heads*head_dim]"
+    );
+    assert_eq!(
+        lse,
+        s.batch * s.heads * s.seq,
+        "lse must be [batch*heads*seq]"
+    );
+}
+
+/// q: element (b, t, h, d) at `q.data[(b*seq + t)*q.stride + h*head_dim + d]`; k, v likewise
+/// with kv_heads (so q/k/v can be column ranges of one fused qkv buffer).
 /// key_mask: optional [batch*seq], 1 = token, 0 = padding. out: [batch*seq, heads*head_dim]
 /// contiguous; lse: [batch*heads*seq], each row's log-sum-exp, kept for the backward.
-#[allow(clippy::too_many_arguments)]
 pub fn flash_forward(
     s: &FlashShape,
-    q: &[f32],
-    q_stride: usize,
-    k: &[f32],
-    k_stride: usize,
-    v: &[f32],
-    v_stride: usize,
+    qkv: [Strided<f32>; 3],
     key_mask: Option<&[i64]>,
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    let (hd, kd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
-    check(
-        s,
-        [
-            (q.len(), q_stride, hd),
-            (k.len(), k_stride, kd),
-            (v.len(), v_stride, kd),
-        ],
-        key_mask,
-    );
-    assert_eq!(
-        out.len(),
-        s.batch * s.seq * hd,
-        "out must be [batch*seq, heads*head_dim]"
-    );
-    assert_eq!(
-        lse.len(),
-        s.batch * s.heads * s.seq,
-        "lse must be [batch*heads*seq]"
-    );
-    forward(
-        s, s.scale, q, q_stride, k, k_stride, v, v_stride, key_mask, out, lse,
-    )
+    check(s, qkv.map(Strided::extent), key_mask);
+    check_out(s, out.len(), lse.len());
+    forward(s, s.scale, qkv, key_mask, out, lse)
 }
 
 /// Recomputes the probabilities block by block from q, k and lse; writes (overwrites) dq, dk, dv
@@ -422,12 +421,7 @@ pub fn flash_forward(
 #[allow(clippy::too_many_arguments)]
 pub fn flash_backward(
     s: &FlashShape,
-    q: &[f32],
-    q_stride: usize,
-    k: &[f32],
-    k_stride: usize,
-    v: &[f32],
-    v_stride: usize,
+    qkv: [Strided<f32>; 3],
     key_mask: Option<&[i64]>,
     out: &[f32],
     lse: &[f32],
@@ -436,36 +430,12 @@ pub fn flash_backward(
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
-    let (hd, kd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
-    let lens = [
-        (q.len(), q_stride, hd),
-        (k.len(), k_stride, kd),
-        (v.len(), v_stride, kd),
-    ];
-    check(s, lens, key_mask);
-    check(
-        s,
-        [
-            (dq.len(), q_stride, hd),
-            (dk.len(), k_stride, kd),
-            (dv.len(), v_stride, kd),
-        ],
-        None,
-    );
-    assert_eq!(
-        out.len(),
-        s.batch * s.seq * hd,
-        "out must be [batch*seq, heads*head_dim]"
-    );
+    check(s, qkv.map(Strided::extent), key_mask);
+    let [qs, ks, vs] = qkv.map(|x| x.stride);
+    check(s, [(dq.len(), qs), (dk.len(), ks), (dv.len(), vs)], None);
+    check_out(s, out.len(), lse.len());
     assert_eq!(dout.len(), out.len(), "dout must be shaped like out");
-    assert_eq!(
-        lse.len(),
-        s.batch * s.heads * s.seq,
-        "lse must be [batch*heads*seq]"
-    );
-    backward(
-        s, s.scale, q, q_stride, k, k_stride, v, v_stride, key_mask, out, lse, dout, dq, dk, dv,
-    )
+    backward(s, s.scale, qkv, key_mask, out, lse, dout, dq, dk, dv)
 }
 
 /// The candle op: q [B, T, H, D], k and v [B, T, KV, D], each with rows of any stride.
@@ -529,19 +499,12 @@ impl CustomOp3 for FlashAttention {
             ($t:ty, $q:expr, $k:expr, $v:expr, $wrap:path) => {{
                 let (mut out, mut lse) =
                     (vec![<$t>::default(); n_out], vec![<$t>::default(); n_lse]);
-                forward::<$t>(
-                    &fs,
-                    self.scale as $t,
-                    &$q[qo..],
-                    qr,
-                    &$k[ko..],
-                    kr,
-                    &$v[vo..],
-                    vr,
-                    km,
-                    &mut out,
-                    &mut lse,
-                );
+                let qkv = [
+                    Strided::new(&$q[qo..], qr),
+                    Strided::new(&$k[ko..], kr),
+                    Strided::new(&$v[vo..], vr),
+                ];
+                forward::<$t>(&fs, self.scale as $t, qkv, km, &mut out, &mut lse);
                 *self.lse.lock().unwrap() = Some($wrap(lse));
                 $wrap(out)
             }};
@@ -587,15 +550,15 @@ impl CustomOp3 for FlashAttention {
                     vec![<T as Zero>::zero(); s[1].len()],
                     vec![<T as Zero>::zero(); s[2].len()],
                 );
+                let qkv = [
+                    Strided::new(s[0], qr),
+                    Strided::new(s[1], kr),
+                    Strided::new(s[2], kr),
+                ];
                 backward::<T>(
                     &fs,
                     num_traits::cast(self.scale).unwrap(),
-                    s[0],
-                    qr,
-                    s[1],
-                    kr,
-                    s[2],
-                    kr,
+                    qkv,
                     km,
                     s[3],
                     lse,
@@ -666,6 +629,7 @@ pub fn flash_attention(
 }
 
 /// The same attention through the dense additive mask: the reference the kernel reproduces.
+/// It takes `flash_attention`'s arguments one for one so that either can stand in for the other.
 pub fn composed(
     q: &Tensor,
     k: &Tensor,
@@ -862,35 +826,16 @@ mod tests {
             scale: 0.35,
             dropout: None,
         };
-        let buf: Vec<f32> = qkv
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let go: Vec<f32> = dout
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let f32s = |x: &Tensor| -> Vec<f32> {
+            let x = x.to_dtype(DType::F32).unwrap();
+            x.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let (buf, go) = (f32s(&qkv), f32s(&dout));
         let (qo, ko, vo) = (0, h * d, (h + kv) * d);
         let mut out = vec![0f32; b * t * h * d];
         let mut lse = vec![0f32; b * h * t];
-        flash_forward(
-            &s,
-            &buf[qo..],
-            width,
-            &buf[ko..],
-            width,
-            &buf[vo..],
-            width,
-            Some(&km),
-            &mut out,
-            &mut lse,
-        );
+        let parts = [qo, ko, vo].map(|o| Strided::new(&buf[o..], width));
+        flash_forward(&s, parts, Some(&km), &mut out, &mut lse);
         let (mut dq, mut dk, mut dv) = (
             vec![0f32; buf.len() - qo],
             vec![0f32; buf.len() - ko],
@@ -898,12 +843,7 @@ mod tests {
         );
         flash_backward(
             &s,
-            &buf[qo..],
-            width,
-            &buf[ko..],
-            width,
-            &buf[vo..],
-            width,
+            parts,
             Some(&km),
             &out,
             &lse,

@@ -83,6 +83,8 @@ impl CustomOp1 for FrozenLinear {
         }
     }
 
+    // One method per backend, as candle's custom ops ask: each takes its own storage type and
+    // is compiled only with its feature, so the three cannot share one body.
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,

@@ -132,52 +132,25 @@ pub(crate) fn head_loss_core<T: Elem + 'static>(
         }
         logits.resize(len * v, T::zero());
         let one = T::one();
-        matmul(
-            len,
-            v,
-            k,
-            &mut logits,
-            v,
-            Mat::rows(hc, k),
-            Mat::t(w, k),
-            one,
-            false,
-            true,
-        );
+        let (hm, wt) = (Mat::rows(hc, k), Mat::t(w, k));
+        matmul(len, v, k, &mut logits, v, hm, wt, one, false, true);
         row_losses.extend(rows_loss_and_grad(&mut logits, labels, v, scale, want_grad));
+        // From here `logits` holds dL/d logits.
         if let Some(dh) = dh.as_deref_mut() {
             let dh = &mut dh[start * k..(start + len) * k];
-            matmul(
-                len,
-                k,
-                v,
-                dh,
-                k,
-                Mat::rows(&logits, v),
-                Mat::rows(w, k),
-                one,
-                false,
-                true,
-            );
+            let (gm, wm) = (Mat::rows(&logits, v), Mat::rows(w, k));
+            matmul(len, k, v, dh, k, gm, wm, one, false, true);
         }
         if let Some(dw) = dw.as_deref_mut() {
-            matmul(
-                v,
-                k,
-                len,
-                dw,
-                k,
-                Mat::t(&logits, v),
-                Mat::rows(hc, k),
-                one,
-                true,
-                true,
-            );
+            let (gt, hm) = (Mat::t(&logits, v), Mat::rows(hc, k));
+            matmul(v, k, len, dw, k, gt, hm, one, true, true);
         }
     }
     row_losses
 }
 
+/// The CPU kernel. `compute_composed` keeps the same signature on purpose: it is the same
+/// contract for every other device and dtype, and the caller picks one of the two per call.
 fn compute<T: Elem + 'static>(
     h: &Tensor,
     w: &Tensor,

@@ -42,7 +42,7 @@ pub(crate) mod gradcheck;
 pub use activation::activation;
 pub use attention_probs::attention_probs;
 pub use cross_entropy::cross_entropy;
-pub use flash_attention::{flash_attention, flash_backward, flash_forward, FlashShape};
+pub use flash_attention::{flash_attention, flash_backward, flash_forward, FlashShape, Strided};
 pub use frozen_matmul::linear;
 pub use head_loss::lm_head_cross_entropy;
 pub use layer_norm::layer_norm;
@@ -102,6 +102,19 @@ impl Elem for f32 {
 impl Elem for f64 {
     // e^-746 = 1.0e-324, under 2^-1075 = 2.5e-324.
     const EXP_IS_ZERO_BELOW: f64 = -746.0;
+}
+
+/// The sum of the squares of every entry of `t` (summed in its dtype), as f64.
+pub(crate) fn sum_sq(t: &Tensor) -> Result<f64> {
+    t.sqr()?
+        .sum_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()
+}
+
+/// The Frobenius (L2) norm of `t` over every entry.
+pub(crate) fn frobenius(t: &Tensor) -> Result<f64> {
+    Ok(sum_sq(t)?.sqrt())
 }
 
 /// `out_t` [n, m] (one row per weight row, as the decoding kernels fill it so that each worker

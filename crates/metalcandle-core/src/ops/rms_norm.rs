@@ -49,6 +49,8 @@ fn backward<T: Elem>(x: &[T], w: &[T], g: &[T], eps: f64) -> (Vec<T>, Vec<T>) {
     (dx, dw)
 }
 
+// Kept apart from LayerNorm's op, which it resembles: RMSNorm has no mean and no bias, so it
+// is a two-operand op with its own, shorter backward.
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "rms-norm"

@@ -88,25 +88,17 @@ pub struct LayerCalibration {
     pub format: String,
 }
 
-fn frobenius(t: &Tensor) -> Result<f64> {
-    Ok(t.sqr()?
-        .sum_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?
-        .sqrt())
-}
-
 fn relative_error(w: &Tensor, x: Option<&Tensor>, dtype: GgmlDType) -> Result<f64> {
     let q = Arc::new(crate::nn::QuantizedMatrix::new(quantize_matrix(w, dtype)?)?);
     match x {
         Some(x) => {
             let want = ops::linear(x, w)?;
             let got = ops::quantized_linear(x, &q)?;
-            Ok(frobenius(&(got - &want)?)? / frobenius(&want)?.max(f64::MIN_POSITIVE))
+            Ok(ops::frobenius(&(got - &want)?)? / ops::frobenius(&want)?.max(f64::MIN_POSITIVE))
         }
         None => {
             let got = q.dequantize(w.device())?;
-            Ok(frobenius(&(got - w)?)? / frobenius(w)?.max(f64::MIN_POSITIVE))
+            Ok(ops::frobenius(&(got - w)?)? / ops::frobenius(w)?.max(f64::MIN_POSITIVE))
         }
     }
 }

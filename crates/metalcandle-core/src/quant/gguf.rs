@@ -593,12 +593,7 @@ mod tests {
         let foreign = path.with_file_name("foreign.gguf");
         gguf_file::write(&mut std::fs::File::create(&foreign).unwrap(), &md, &t).unwrap();
         let back = load_gguf(&foreign, &Device::Cpu).unwrap();
-        let (a, b) = (logits(&back), logits(&m));
-        let d = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let d = crate::testing::max_diff(&logits(&back), &logits(&m));
         // rms_norm_eps travels as f32 in GGUF: 1e-6 comes back as 9.9999997e-7.
         assert!(d < 1e-5, "{d}");
     }
