@@ -204,6 +204,11 @@ mod simd {
         }
     }
 
+    /// How far ahead of the block being multiplied the weight bytes are requested: the
+    /// hardware prefetcher alone left a q4_0 decoding step at 117 tokens/s, 16 blocks of q4_0
+    /// ahead (2 KB) gave 125, 4 KB 129 (Qwen2.5-0.5B shape, 2 threads).
+    const PREFETCH_BYTES: usize = 4096;
+
     /// One group's block of q4_0 values: register i, lane j = row j's elements 4i..4i+4 as
     /// unsigned bytes (chunk i's low nibbles for i < 4, chunk i - 4's high nibbles after).
     #[target_feature(enable = "avx2")]
@@ -250,6 +255,12 @@ mod simd {
                 let ds = w.d.as_ptr().add(g * blocks * LANES);
                 let mut acc = [_mm256_setzero_ps(); C];
                 for b in 0..blocks {
+                    // The stream runs on into the next group; a prefetch past the end is
+                    // harmless (it cannot fault), hence the wrapping address.
+                    let ahead = qs.wrapping_add(b * chunk + PREFETCH_BYTES);
+                    for line in (0..chunk).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
+                    }
                     let values: [__m256i; 8] = $values(qs.add(b * chunk));
                     let dw = _mm256_cvtph_ps(_mm_loadu_si128(ds.add(b * LANES) as *const __m128i));
                     for (c, acc) in acc.iter_mut().enumerate() {
