@@ -143,3 +143,16 @@ pub(crate) fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max)
 }
+
+/// max |got - want| / max |want| over two tensors of one shape.
+pub(crate) fn max_rel_diff(got: &Tensor, want: &Tensor) -> f32 {
+    let max_abs = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    max_abs(&(got - want).unwrap()) / max_abs(want)
+}

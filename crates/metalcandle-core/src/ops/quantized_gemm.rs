@@ -346,7 +346,7 @@ mod simd {
 mod tests {
     use super::*;
     use crate::ops::interleaved_blocks::Format;
-    use crate::testing::rand_tensor;
+    use crate::testing::{max_rel_diff, rand_tensor};
     use candle_core::quantized::{QMatMul, QTensor};
     use candle_core::{DType, Device, Module, Tensor};
 
@@ -391,12 +391,6 @@ mod tests {
         }
     }
 
-    fn max_rel(got: &Tensor, want: &Tensor) -> f32 {
-        let err = (got - want).unwrap().abs().unwrap().max_all().unwrap();
-        let scale = want.abs().unwrap().max_all().unwrap();
-        err.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap()
-    }
-
     /// Against candle's own quantized matmul, which also rounds x to q8_0 blocks and so forms
     /// the same integer products: only the order of the float sums differs (1e-5 of the
     /// output's range). Every path this CPU has, both formats, 37 weight rows (a padded group,
@@ -421,7 +415,7 @@ mod tests {
                         let got = forward(path, &il, &xs, m);
                         let got = Tensor::from_vec(got, (m, 37), &Device::Cpu).unwrap();
                         let want = QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap();
-                        let rel = max_rel(&got, &want);
+                        let rel = max_rel_diff(&got, &want);
                         assert!(
                             rel < 1e-5,
                             "{path:?} {format:?} k={k} m={m}: rel diff {rel}"
@@ -449,7 +443,7 @@ mod tests {
             let got = Tensor::from_vec(forward(path, &il, &xs, 40), (40, 64), &Device::Cpu);
             let wd = q.dequantize(&Device::Cpu).unwrap();
             let want = x.matmul(&wd.t().unwrap()).unwrap();
-            let rel = max_rel(&got.unwrap(), &want);
+            let rel = max_rel_diff(&got.unwrap(), &want);
             assert!(rel < 1e-2, "{format:?}: relative error {rel}");
         }
     }
