@@ -144,15 +144,17 @@ pub(crate) fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0f32, f32::max)
 }
 
-/// max |got - want| / max |want| over two tensors of one shape.
+/// The largest |t_i| of an f32 tensor.
+pub(crate) fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// max |got - want| / max |want| over two f32 tensors of one shape.
 pub(crate) fn max_rel_diff(got: &Tensor, want: &Tensor) -> f32 {
-    let max_abs = |t: &Tensor| {
-        t.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
     max_abs(&(got - want).unwrap()) / max_abs(want)
 }

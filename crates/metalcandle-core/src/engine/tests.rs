@@ -4,7 +4,8 @@
 use crate::model::Decoder;
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::testing::{
-    gpt2_config, llama_config, lm_batch, qwen2_config, rand_tensor, random_model, token_ids, with,
+    gpt2_config, llama_config, lm_batch, max_abs, qwen2_config, rand_tensor, random_model,
+    token_ids, with,
 };
 use crate::train::{train_step_with, Batch, Masks, StepOptions, StepPath};
 use candle_core::Tensor;
@@ -122,15 +123,6 @@ fn total_tokens(batches: &[Batch]) -> usize {
                 .count()
         })
         .sum()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Loss and every gradient within 1e-5 of the composed path's own scale, and every
