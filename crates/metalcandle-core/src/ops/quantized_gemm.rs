@@ -136,7 +136,14 @@ mod simd {
             let tie_or_more =
                 _mm256_cmp_ps(abs(_mm256_sub_ps(x, t)), _mm256_set1_ps(0.5), _CMP_GE_OQ);
             let away = _mm256_or_ps(_mm256_and_ps(x, sign), _mm256_set1_ps(1.0));
-            _mm256_cvttps_epi32(_mm256_add_ps(t, _mm256_and_ps(tie_or_more, away)))
+            let r = _mm256_add_ps(t, _mm256_and_ps(tie_or_more, away));
+            // Only a non-finite input leaves [-127, 127]; clamped (NaN to -127), its bytes and
+            // the block's sum still agree, and the sum cannot overflow.
+            let r = _mm256_min_ps(
+                _mm256_max_ps(r, _mm256_set1_ps(-127.0)),
+                _mm256_set1_ps(127.0),
+            );
+            _mm256_cvttps_epi32(r)
         });
         // The packs interleave 128-bit halves; the permutation puts the 32 bytes in order.
         let bytes = _mm256_packs_epi16(
@@ -396,6 +403,21 @@ mod tests {
     /// output's range). Every path this CPU has, both formats, 37 weight rows (a padded group,
     /// split unevenly across threads), odd and even block counts, and row counts that take
     /// every tile size and more than one pass.
+    /// Non-finite activations give garbage, but bytes and sum that agree and no overflow.
+    #[test]
+    fn non_finite_blocks_keep_bytes_and_sum_consistent() {
+        if crate::ops::int8_dot::detect().is_none() {
+            return;
+        }
+        let mut xs = [0.25f32; QK];
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            xs[3] = bad;
+            let mut q = [0i8; QK];
+            let (_, sum) = unsafe { simd::quantize_block(xs.as_ptr(), q.as_mut_ptr()) };
+            assert_eq!(sum, q.iter().map(|&v| v as i32).sum::<i32>(), "{bad}");
+        }
+    }
+
     #[test]
     fn matches_candles_quantized_matmul() {
         let paths = crate::ops::int8_dot::all_available();
