@@ -12,7 +12,7 @@ import pytest
 FIXTURES = Path(
     os.environ.get("METALCANDLE_FIXTURES", Path(__file__).resolve().parent / "fixtures")
 ).resolve()
-MODELS = ["tiny-qwen2", "tiny-llama", "tiny-gpt2", "tiny-mistral-sw"]
+MODELS = ["tiny-qwen2", "tiny-llama", "tiny-gpt2", "tiny-mistral-sw", "tiny-phi3"]
 # Qwen2 checkpoints whose layers differ in their attention window (tests/test_layer_types.py).
 LAYERED_MODELS = ["tiny-qwen2-layer-types", "tiny-qwen2-max-window"]
 

@@ -25,7 +25,7 @@ TINY = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff
 
 
 def test_lookup_by_architecture_type_and_model_type():
-    assert set(ADAPTERS) >= {"custom-transformer", "qwen", "llama", "mistral", "gpt2"}
+    assert set(ADAPTERS) >= {"custom-transformer", "qwen", "llama", "mistral", "gpt2", "phi3"}
     assert get_adapter_class("qwen") is QwenAdapter
     assert get_adapter_class("qwen2") is QwenAdapter  # config.json's model_type
     with pytest.raises(KeyError, match="no adapter for architecture 'mamba'"):

@@ -59,6 +59,7 @@ def test_kv_cache_step_logits(case):
         ("tiny-llama", "llama", 151_872),
         ("tiny-gpt2", "gpt2", 133_888),
         ("tiny-mistral-sw", "mistral", 137_536),
+        ("tiny-phi3", "phi3", 125_248),
     ],
 )
 def test_architecture_and_parameter_count(fixtures, name, architecture, parameters):

@@ -37,7 +37,7 @@ def _rank(r) -> int:
 
 
 class Model:
-    """A decoder-only transformer (qwen2, llama, mistral, gpt2 or custom-transformer)."""
+    """A decoder-only transformer (qwen2, llama, mistral, gpt2, phi3 or custom-transformer)."""
 
     def __init__(self, core: _core.Model):
         self._core = core

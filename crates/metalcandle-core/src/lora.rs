@@ -566,6 +566,13 @@ mod tests {
         assert!(!cfg.targets("model.layers.0.self_attn.q_proj"));
         assert!(!cfg.targets("model.layers.1.self_attn.k_proj"));
         assert_eq!(layer_index("transformer.h.3.attn.c_attn"), Some(3));
+        let fused = LoraConfig {
+            target_modules: vec!["qkv_proj".into(), "gate_up_proj".into()],
+            ..cfg.clone()
+        };
+        assert!(fused.targets("model.layers.1.self_attn.qkv_proj"));
+        assert!(fused.targets("model.layers.1.mlp.gate_up_proj"));
+        assert!(!fused.targets("model.layers.0.mlp.gate_up_proj"));
         assert_eq!(cfg.scaling(), 2.0);
         let rs = LoraConfig {
             use_rslora: true,

@@ -1,5 +1,5 @@
 //! `ModelSpec`: a hardware-agnostic description of a decoder-only transformer, built from a
-//! Hugging Face `config.json` (qwen2, llama, mistral, gpt2) or written by hand for a model
+//! Hugging Face `config.json` (qwen2, llama, mistral, gpt2, phi3) or written by hand for a model
 //! trained from scratch (`custom-transformer`). Architecture differences live here and in
 //! the weight names, not in separate model implementations.
 
@@ -14,6 +14,7 @@ pub enum Architecture {
     Llama,
     Mistral,
     Gpt2,
+    Phi3,
     CustomTransformer,
 }
 
@@ -24,6 +25,7 @@ impl Architecture {
             Architecture::Llama => "llama",
             Architecture::Mistral => "mistral",
             Architecture::Gpt2 => "gpt2",
+            Architecture::Phi3 => "phi3",
             Architecture::CustomTransformer => "custom-transformer",
         }
     }
@@ -85,6 +87,9 @@ pub struct MlpSpec {
     pub intermediate_size: usize,
     pub activation: Activation,
     pub bias: bool,
+    /// Phi-3 packs gate | up into one projection (`gate_up_proj`, gate rows first).
+    #[serde(default)]
+    pub fused_gate_up: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,7 +124,7 @@ pub struct AttentionSpec {
     pub o_bias: bool,
     /// Query i sees keys j with i - window < j <= i (the window counts the query itself).
     pub sliding_window: Option<usize>,
-    /// GPT-2 packs q|k|v into one projection (`c_attn`).
+    /// GPT-2 (`c_attn`) and Phi-3 (`qkv_proj`) pack q|k|v into one projection.
     pub fused_qkv: bool,
 }
 
@@ -164,6 +169,7 @@ impl ModelSpec {
             "llama" => llama_family(&c, Architecture::Llama),
             "mistral" => llama_family(&c, Architecture::Mistral),
             "gpt2" => gpt2(&c),
+            "phi3" => llama_family(&c, Architecture::Phi3),
             "custom-transformer" => {
                 let custom: CustomSpec = serde_json::from_value(cfg.clone()).map_err(|e| {
                     Error::config(context, "custom-transformer", format!("invalid spec: {e}"))
@@ -173,7 +179,7 @@ impl ModelSpec {
             other => Err(Error::config(
                 context,
                 "model_type",
-                format!("unsupported architecture `{other}` (supported: qwen2, llama, mistral, gpt2, custom-transformer)"),
+                format!("unsupported architecture `{other}` (supported: qwen2, llama, mistral, gpt2, phi3, custom-transformer)"),
             )),
         }
     }
@@ -244,15 +250,15 @@ impl ModelSpec {
                     ),
                 ));
             }
-            if a.fused_qkv && a.num_heads != a.num_kv_heads {
-                return Err(Error::config(
-                    context,
-                    "num_key_value_heads",
-                    "a fused q|k|v projection needs as many kv heads as heads",
-                ));
-            }
             if a.sliding_window == Some(0) {
                 return Err(Error::config(context, "sliding_window", "must be > 0"));
+            }
+            if l.mlp.fused_gate_up && l.mlp.kind != MlpKind::Gated {
+                return Err(Error::config(
+                    context,
+                    "mlp",
+                    format!("layer {i}: a fused gate|up projection needs a gated MLP"),
+                ));
             }
         }
         let params = crate::weights::names::param_specs(self)
@@ -401,6 +407,24 @@ fn rope_from_hf(c: &Cfg) -> Result<Positions> {
 }
 
 fn llama_family(c: &Cfg, arch: Architecture) -> Result<ModelSpec> {
+    let phi3 = arch == Architecture::Phi3;
+    if phi3 {
+        // Phi-3 rotates only the first `partial_rotary_factor` of each head; the rotary tables
+        // here span the whole head.
+        let params = c.get("rope_parameters").or_else(|| c.get("rope_scaling"));
+        let (key, factor) = match params.and_then(|p| p.get("partial_rotary_factor")) {
+            Some(f) => ("rope_parameters.partial_rotary_factor", Some(f)),
+            None => ("partial_rotary_factor", c.get("partial_rotary_factor")),
+        };
+        if let Some(f) = factor {
+            if f.as_f64() != Some(1.0) {
+                return Err(c.err(
+                    key,
+                    format!("is {f}; only 1.0 (rotary positions over the whole head) is supported"),
+                ));
+            }
+        }
+    }
     let hidden = c.req_usize("hidden_size")?;
     let n_layers = crate::limits::check_layers(
         c.context,
@@ -432,16 +456,19 @@ fn llama_family(c: &Cfg, arch: Architecture) -> Result<ModelSpec> {
         c.context,
         "hidden_act",
     )?;
+    // Phi-3's projections have no biases whatever the config says (it has no such keys).
     let qkv_bias = match arch {
         Architecture::Qwen2 => true,
+        Architecture::Phi3 => false,
         _ => c.opt_bool("attention_bias")?.unwrap_or(false),
     };
     let o_bias = arch != Architecture::Qwen2 && qkv_bias;
-    let mlp_bias = c.opt_bool("mlp_bias")?.unwrap_or(false);
+    let mlp_bias = !phi3 && c.opt_bool("mlp_bias")?.unwrap_or(false);
 
     let window = c.opt_usize("sliding_window")?;
     let windowed: Vec<bool> = match arch {
-        Architecture::Mistral => vec![window.is_some(); n_layers],
+        // Phi-3's attention applies `sliding_window` whenever the config sets it, as Mistral's.
+        Architecture::Mistral | Architecture::Phi3 => vec![window.is_some(); n_layers],
         Architecture::Qwen2 => {
             let use_sw = c.opt_bool("use_sliding_window")?.unwrap_or(false);
             match c.get("layer_types").and_then(|v| v.as_array()) {
@@ -488,13 +515,14 @@ fn llama_family(c: &Cfg, arch: Architecture) -> Result<ModelSpec> {
                 qkv_bias,
                 o_bias,
                 sliding_window: if w { window } else { None },
-                fused_qkv: false,
+                fused_qkv: phi3,
             },
             mlp: MlpSpec {
                 kind: MlpKind::Gated,
                 intermediate_size,
                 activation: act,
                 bias: mlp_bias,
+                fused_gate_up: phi3,
             },
             norm: NormSpec {
                 kind: NormKind::RmsNorm,
@@ -563,6 +591,7 @@ fn gpt2(c: &Cfg) -> Result<ModelSpec> {
             },
             activation: act,
             bias: true,
+            fused_gate_up: false,
         },
         norm: NormSpec {
             kind: NormKind::LayerNorm,
@@ -808,6 +837,7 @@ impl CustomSpec {
                 intermediate_size: self.d_ff,
                 activation,
                 bias: self.bias,
+                fused_gate_up: false,
             },
             norm: NormSpec {
                 kind: norm,
@@ -911,6 +941,57 @@ mod tests {
         // Layers from max_window_layers on use the window.
         assert_eq!(s.layers[0].attention.sliding_window, None);
         assert_eq!(s.layers[1].attention.sliding_window, Some(4096));
+    }
+
+    #[test]
+    fn phi3_fuses_qkv_and_gate_up_and_refuses_partial_rotary() {
+        let cfg = json!({"model_type": "phi3", "hidden_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96,
+               "vocab_size": 400, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+               "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                   "partial_rotary_factor": 1.0},
+               "sliding_window": null, "tie_word_embeddings": false,
+               "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": null});
+        let s = ModelSpec::from_hf_config(&cfg, "config.json").unwrap();
+        assert_eq!(s.architecture, Architecture::Phi3);
+        assert_eq!(s.architecture.as_str(), "phi3");
+        for l in &s.layers {
+            let a = l.attention;
+            assert!(a.fused_qkv && !a.qkv_bias && !a.o_bias && a.sliding_window.is_none());
+            assert_eq!((a.num_heads, a.num_kv_heads, a.head_dim), (4, 2, 16));
+            assert!(l.mlp.fused_gate_up && l.mlp.kind == MlpKind::Gated && !l.mlp.bias);
+            assert_eq!(l.mlp.intermediate_size, 96);
+            assert_eq!(l.norm.kind, NormKind::RmsNorm);
+        }
+        assert!(!s.tie_word_embeddings);
+        let mut c = cfg.clone();
+        c["sliding_window"] = json!(8);
+        let s = ModelSpec::from_hf_config(&c, "config.json").unwrap();
+        assert!(s
+            .layers
+            .iter()
+            .all(|l| l.attention.sliding_window == Some(8)));
+        let refused = |rope: Value, key: &str, what: &str| {
+            let mut c = cfg.clone();
+            c["rope_parameters"] = rope;
+            let e = ModelSpec::from_hf_config(&c, "x/config.json")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("x/config.json") && e.contains(key) && e.contains(what),
+                "{e}"
+            );
+        };
+        refused(
+            json!({"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+            "rope_parameters.partial_rotary_factor",
+            "0.5",
+        );
+        refused(
+            json!({"rope_type": "longrope", "rope_theta": 1e4}),
+            "rope_parameters.rope_type",
+            "longrope",
+        );
     }
 
     #[test]

@@ -28,6 +28,14 @@ pub(crate) fn qwen2_config(vocab: usize, hidden: usize, ff: usize) -> Value {
     )
 }
 
+/// Phi-3: the Llama layout with q|k|v and gate|up each in one projection, no biases.
+pub(crate) fn phi3_config(vocab: usize, hidden: usize, ff: usize) -> Value {
+    with(
+        llama_config(vocab, hidden, ff, false),
+        json!({"model_type": "phi3"}),
+    )
+}
+
 /// Two GPT-2 layers: LayerNorm, GELU, learned positions, biases, fused QKV, tied head, 4 heads.
 pub(crate) fn gpt2_config(vocab: usize, hidden: usize) -> Value {
     json!({

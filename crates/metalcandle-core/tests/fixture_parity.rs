@@ -16,11 +16,12 @@ use std::path::PathBuf;
 const ATOL_FORWARD: f32 = 5e-5;
 
 /// The models of the fixtures, each with a `golden.npz`.
-const MODELS: [&str; 6] = [
+const MODELS: [&str; 7] = [
     "tiny-qwen2",
     "tiny-llama",
     "tiny-gpt2",
     "tiny-mistral-sw",
+    "tiny-phi3",
     "tiny-qwen2-layer-types",
     "tiny-qwen2-max-window",
 ];
@@ -117,6 +118,11 @@ fn gpt2_conv1d_learned_positions() {
 #[test]
 fn mistral_sliding_window() {
     check("tiny-mistral-sw");
+}
+
+#[test]
+fn phi3_fused_qkv_and_gate_up() {
+    check("tiny-phi3");
 }
 
 #[test]

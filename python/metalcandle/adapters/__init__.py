@@ -8,6 +8,7 @@ from metalcandle.adapters.architectures import (
     GPT2Adapter,
     LlamaAdapter,
     MistralAdapter,
+    Phi3Adapter,
     QwenAdapter,
 )
 from metalcandle.adapters.base import ADAPTERS, BaseAdapter, get_adapter_class, register_adapter
@@ -42,6 +43,7 @@ __all__ = [
     "GPT2Adapter",
     "LlamaAdapter",
     "MistralAdapter",
+    "Phi3Adapter",
     "QwenAdapter",
     "adapter_for",
     "architecture_type_of",

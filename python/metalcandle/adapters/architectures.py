@@ -47,6 +47,11 @@ class MistralAdapter(_DecoderAdapter):
     """Mistral, including sliding-window attention."""
 
 
+@register_adapter("phi3")
+class Phi3Adapter(_DecoderAdapter):
+    """Phi-3 (config.json model_type "phi3"; fused qkv_proj and gate_up_proj)."""
+
+
 @register_adapter("gpt2")
 class GPT2Adapter(_DecoderAdapter):
     """GPT-2 (Conv1D weights are transposed by the core on load and back on save)."""

@@ -100,6 +100,9 @@ pub fn ineligible(model: &Decoder) -> Option<String> {
     if !model.hooks.update_transforms().is_empty() {
         return Some("a gradient transform is attached".into());
     }
+    if model.blocks.iter().any(|b| b.mlp.spec.fused_gate_up) {
+        return Some("the MLP's gate and up projections are fused (gate_up_proj)".into());
+    }
     if model.lm_head.as_ref().is_some_and(|l| l.bias.is_some()) {
         return Some("the LM head has a bias".into());
     }

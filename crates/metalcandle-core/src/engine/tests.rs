@@ -414,3 +414,11 @@ fn hooks_between_blocks_run_on_the_fused_path_with_the_composed_gradients() {
     let why = super::ineligible(&m).unwrap();
     assert!(why.contains("layers.1.attn_probs"), "{why}");
 }
+
+#[test]
+fn phi3s_fused_gate_up_takes_the_composed_path_named() {
+    // The plan reads gate and up as separate linears; a fused one would be misread.
+    let m = model(crate::testing::phi3_config(40, 16, 24), 1);
+    let why = super::ineligible(&m).unwrap();
+    assert!(why.contains("gate_up_proj"), "{why}");
+}

@@ -138,7 +138,11 @@ impl Decoder {
                 mlp: Mlp {
                     spec: ls.mlp,
                     gate: parts.maybe_linear(at(Part::Gate))?,
-                    up: parts.linear(at(Part::Up))?,
+                    up: parts.linear(at(if ls.mlp.fused_gate_up {
+                        Part::GateUp
+                    } else {
+                        Part::Up
+                    }))?,
                     down: parts.linear(at(Part::Down))?,
                 },
             });

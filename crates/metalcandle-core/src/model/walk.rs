@@ -118,7 +118,8 @@ macro_rules! walks {
                     if let Some(g) = & $($mut)? b.mlp.gate {
                         out.push((at(Part::Gate), Module::Linear(g)));
                     }
-                    out.push((at(Part::Up), Module::Linear(& $($mut)? b.mlp.up)));
+                    let up = if b.mlp.spec.fused_gate_up { Part::GateUp } else { Part::Up };
+                    out.push((at(up), Module::Linear(& $($mut)? b.mlp.up)));
                     out.push((at(Part::Down), Module::Linear(& $($mut)? b.mlp.down)));
                 }
                 out.push((Place::FinalNorm, Module::Norm(& $($mut)? self.final_norm)));
@@ -273,6 +274,15 @@ mod tests {
             ("mlp.up_proj.weight", vec![48, 32]),
             ("mlp.down_proj.weight", vec![32, 48]),
         ];
+        // Phi3ForCausalLM: q|k|v (4 heads of 8 over 2 kv heads) and gate|up in one linear each.
+        let phi3_block: Vec<(&str, Vec<usize>)> = vec![
+            ("input_layernorm.weight", vec![32]),
+            ("self_attn.qkv_proj.weight", vec![64, 32]),
+            ("self_attn.o_proj.weight", vec![32, 32]),
+            ("post_attention_layernorm.weight", vec![32]),
+            ("mlp.gate_up_proj.weight", vec![96, 32]),
+            ("mlp.down_proj.weight", vec![32, 48]),
+        ];
         let expect = |top: &[(&str, Vec<usize>)],
                       prefix: &str,
                       block: &[(&str, Vec<usize>)],
@@ -302,6 +312,7 @@ mod tests {
         let head = ("lm_head.weight", vec![50, 32]);
         let untied_end = [ln_f[0].clone(), ln_f[1].clone(), head.clone()];
         let llama_end = [("model.norm.weight", vec![32]), head];
+        let llama_top = [("model.embed_tokens.weight", vec![50, 32])];
         let cases = [
             (
                 gpt2(true),
@@ -313,12 +324,11 @@ mod tests {
             ),
             (
                 crate::testing::llama(50, 32, 48, false, 0),
-                expect(
-                    &[("model.embed_tokens.weight", vec![50, 32])],
-                    "model.layers",
-                    &llama_block,
-                    &llama_end,
-                ),
+                expect(&llama_top, "model.layers", &llama_block, &llama_end),
+            ),
+            (
+                crate::testing::random_model(crate::testing::phi3_config(50, 32, 48), 0),
+                expect(&llama_top, "model.layers", &phi3_block, &llama_end),
             ),
         ];
         for (m, want) in cases {

@@ -3,28 +3,34 @@
 use super::Linear;
 use crate::ops;
 use crate::spec::{Activation, MlpKind, MlpSpec};
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Tensor, D};
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
     pub spec: MlpSpec,
-    /// Gated MLPs only.
+    /// Gated MLPs with separate projections only.
     pub gate: Option<Linear>,
+    /// With `spec.fused_gate_up`, gate | up in one [2 * intermediate, hidden] projection: one
+    /// linear keeps the checkpoint's tensor whole for loading, saving, LoRA and quantization.
     pub up: Linear,
     pub down: Linear,
 }
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = match (self.spec.kind, &self.gate) {
-            (MlpKind::Gated, Some(gate)) => {
-                let (g, u) = (gate.forward(x)?, self.up.forward(x)?);
-                if self.spec.activation == Activation::Silu {
-                    ops::swiglu(&g, &u)?
-                } else {
-                    (ops::activation(&g, self.spec.activation)? * u)?
-                }
+        let gated = |g: Tensor, u: Tensor| -> Result<Tensor> {
+            if self.spec.activation == Activation::Silu {
+                ops::swiglu(&g, &u)
+            } else {
+                ops::activation(&g, self.spec.activation)? * u
             }
+        };
+        let h = match (self.spec.kind, &self.gate) {
+            (MlpKind::Gated, _) if self.spec.fused_gate_up => {
+                let (y, ff) = (self.up.forward(x)?, self.spec.intermediate_size);
+                gated(y.narrow(D::Minus1, 0, ff)?, y.narrow(D::Minus1, ff, ff)?)?
+            }
+            (MlpKind::Gated, Some(gate)) => gated(gate.forward(x)?, self.up.forward(x)?)?,
             _ => ops::activation(&self.up.forward(x)?, self.spec.activation)?,
         };
         self.down.forward(&h)
@@ -48,6 +54,7 @@ mod tests {
             intermediate_size: 1,
             activation: Activation::Silu,
             bias: false,
+            fused_gate_up: false,
         };
         let mlp = Mlp {
             spec,

@@ -28,6 +28,7 @@ fn gguf_arch(a: Architecture) -> &'static str {
         Architecture::Qwen2 => "qwen2",
         Architecture::Llama | Architecture::Mistral => "llama",
         Architecture::Gpt2 => "gpt2",
+        Architecture::Phi3 => "phi3",
         Architecture::CustomTransformer => "custom-transformer",
     }
 }
@@ -572,6 +573,29 @@ mod tests {
     }
 
     #[test]
+    fn phi3_with_fused_projections_round_trips_exactly() {
+        let mut m = crate::testing::random_model(crate::testing::phi3_config(64, 64, 96), 3);
+        let path = tmp("phi3");
+        save_gguf(&m, &path, &GgufTokenizer::default()).unwrap();
+        let back = load_gguf(&path, &Device::Cpu).unwrap();
+        assert_eq!(back.spec, m.spec);
+        assert_eq!(logits(&back), logits(&m));
+        m.quantize(&|_| Some(GgmlDType::Q8_0)).unwrap();
+        save_gguf(&m, &path, &GgufTokenizer::default()).unwrap();
+        let back = load_gguf(&path, &Device::Cpu).unwrap();
+        assert_eq!(logits(&back), logits(&m));
+        let info = back.quantization_info();
+        assert_eq!(
+            info.layers["model.layers.1.mlp.gate_up_proj"].format,
+            "q8_0"
+        );
+        assert_eq!(
+            info.layers["model.layers.1.self_attn.qkv_proj"].format,
+            "q8_0"
+        );
+    }
+
+    #[test]
     fn files_without_our_config_are_rebuilt_from_llama_cpp_keys() {
         // As another tool would write it: the same tensors and llama.cpp keys, no HF config.
         let m = quantizable_llama(false, 3);
@@ -680,11 +704,14 @@ mod tests {
             "output.weight",
         ];
         assert_eq!(names, want);
-        let names: Vec<String> = param_specs(&quantizable_llama(false, 0).spec)
-            .iter()
-            .filter(|p| p.place.layer() == Some(1))
-            .map(|p| gguf_name(p.place, &p.name))
-            .collect();
+        let block_1 = |spec: &ModelSpec| -> Vec<String> {
+            param_specs(spec)
+                .iter()
+                .filter(|p| p.place.layer() == Some(1))
+                .map(|p| gguf_name(p.place, &p.name))
+                .collect()
+        };
+        let names = block_1(&quantizable_llama(false, 0).spec);
         let want = [
             "attn_norm",
             "attn_q",
@@ -698,5 +725,16 @@ mod tests {
         ]
         .map(|n| format!("blk.1.{n}.weight"));
         assert_eq!(names, want);
+        // Phi-3: llama.cpp keeps q|k|v and gate|up fused, the latter as `ffn_up`.
+        let phi3 = crate::testing::random_model(crate::testing::phi3_config(50, 32, 48), 0);
+        let want: Vec<String> = "attn_norm attn_qkv attn_output ffn_norm ffn_up ffn_down"
+            .split(' ')
+            .map(|n| format!("blk.1.{n}.weight"))
+            .collect();
+        assert_eq!(block_1(&phi3.spec), want);
+        assert_eq!(gguf_arch(phi3.spec.architecture), "phi3");
+        assert!(param_specs(&phi3.spec)
+            .iter()
+            .all(|p| permuted_heads(&phi3.spec, p.place).is_none()));
     }
 }

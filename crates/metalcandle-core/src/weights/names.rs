@@ -22,12 +22,14 @@ pub enum Part {
     Q,
     K,
     V,
-    /// GPT-2's q | k | v in one projection.
+    /// q | k | v in one projection (GPT-2, Phi-3).
     Qkv,
     O,
     MlpNorm,
     Gate,
     Up,
+    /// gate | up in one projection (Phi-3).
+    GateUp,
     Down,
 }
 
@@ -145,7 +147,7 @@ impl ModuleSpec {
 /// The names of the module at a place: in Hugging Face's Llama-family checkpoints, in GPT-2's
 /// (inside a block, relative to the block's prefix), and llama.cpp's in GGUF files. None where a
 /// convention has no such module: the spec parser gives GPT-2 a fused q|k|v and a plain MLP, and
-/// no other architecture a fused q|k|v, so those are never asked for.
+/// no GPT-2 a fused gate|up, so those are never asked for.
 fn names(place: Place) -> (Option<&'static str>, Option<&'static str>, &'static str) {
     use Part::*;
     match place {
@@ -166,11 +168,13 @@ fn names(place: Place) -> (Option<&'static str>, Option<&'static str>, &'static 
             Q => (Some("self_attn.q_proj"), None, "attn_q"),
             K => (Some("self_attn.k_proj"), None, "attn_k"),
             V => (Some("self_attn.v_proj"), None, "attn_v"),
-            Qkv => (None, Some("attn.c_attn"), "attn_qkv"),
+            Qkv => (Some("self_attn.qkv_proj"), Some("attn.c_attn"), "attn_qkv"),
             O => (Some("self_attn.o_proj"), Some("attn.c_proj"), "attn_output"),
             MlpNorm => (Some("post_attention_layernorm"), Some("ln_2"), "ffn_norm"),
             Gate => (Some("mlp.gate_proj"), None, "ffn_gate"),
             Up => (Some("mlp.up_proj"), Some("mlp.c_fc"), "ffn_up"),
+            // llama.cpp keeps Phi-3's gate | up fused under the up projection's name.
+            GateUp => (Some("mlp.gate_up_proj"), None, "ffn_up"),
             Down => (Some("mlp.down_proj"), Some("mlp.c_proj"), "ffn_down"),
         },
     }
@@ -262,10 +266,14 @@ pub fn modules(spec: &ModelSpec) -> Vec<ModuleSpec> {
         }
         add(at(Part::O), linear(h, q, a.o_bias));
         add(at(Part::MlpNorm), norm);
-        if m.kind == MlpKind::Gated {
-            add(at(Part::Gate), linear(m.intermediate_size, h, m.bias));
+        if m.fused_gate_up {
+            add(at(Part::GateUp), linear(2 * m.intermediate_size, h, m.bias));
+        } else {
+            if m.kind == MlpKind::Gated {
+                add(at(Part::Gate), linear(m.intermediate_size, h, m.bias));
+            }
+            add(at(Part::Up), linear(m.intermediate_size, h, m.bias));
         }
-        add(at(Part::Up), linear(m.intermediate_size, h, m.bias));
         add(at(Part::Down), linear(h, m.intermediate_size, m.bias));
     }
     add(
