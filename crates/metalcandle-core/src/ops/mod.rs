@@ -201,20 +201,32 @@ pub(crate) fn cpu_tensor<T: WithDType>(data: Vec<T>, shape: impl Into<Shape>) ->
 /// Elements (not rows) below which threading costs more than it saves.
 pub(crate) const PAR_MIN_ELEMS: usize = 1 << 14;
 
-/// Applies `f(row_index, out_row)` to each `width`-long row of `out`, in parallel when large.
+/// Applies `f(row_index, out_row)` to each `width`-long row of `out` (the last may be shorter),
+/// in parallel when large. The rows go to candle's barrier pool, the same threads as the
+/// matmuls: on rayon's pool, the barrier pool's worker kept spinning for its next product
+/// beside two rayon threads on two cores (9% of a quantized prefill). `f` must not itself use
+/// the barrier pool (a nested call from the calling thread would wait on the pool's lock).
 pub(crate) fn for_each_row<T: Send>(
     out: &mut [T],
     width: usize,
     f: impl Fn(usize, &mut [T]) + Sync + Send,
 ) {
-    use rayon::prelude::*;
-    if out.len() >= PAR_MIN_ELEMS {
-        out.par_chunks_mut(width)
-            .enumerate()
-            .for_each(|(i, r)| f(i, r));
-    } else {
+    if out.len() < PAR_MIN_ELEMS {
         out.chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
+        return;
     }
+    let (len, addr) = (out.len(), out.as_mut_ptr() as usize);
+    candle_core::utils::barrier_pool().execute_chunked(len.div_ceil(width), |rows| {
+        for i in rows {
+            let start = i * width;
+            // SAFETY: row i covers [start, start + width) clipped to the buffer, and each row
+            // index is handed to exactly one worker, so the slices never overlap.
+            let row = unsafe {
+                std::slice::from_raw_parts_mut((addr as *mut T).add(start), width.min(len - start))
+            };
+            f(i, row);
+        }
+    });
 }
 
 /// Whether the op runs on our CPU kernels: CPU tensors in f32/f64.
