@@ -164,6 +164,28 @@ fn file_type(dtype: Option<GgmlDType>) -> u32 {
 
 /// `tokenizer.ggml.*` for a byte-level BPE `tokenizer.json` (the "gpt2" tokenizer model of
 /// llama.cpp); other tokenizer kinds are carried in `tokenizer.huggingface.json` only.
+/// llama.cpp applies its Phi-3 vocabulary fixes to every file whose `general.name` says phi3,
+/// and aborts loading when the vocabulary lacks a token they touch (a byte-level BPE
+/// vocabulary has no `<s>`, `</s>` or `<unk>`); such a file goes without a name instead.
+fn drop_name_llama_cpp_misreads(md: &mut Vec<(String, Value)>) {
+    let text = |v: &Value| v.to_string().ok().cloned().unwrap_or_default();
+    let named_phi3 = md.iter().any(|(k, v)| {
+        let name = text(v).to_lowercase();
+        k == "general.name" && (name.contains("phi3") || name.contains("phi-3"))
+    });
+    let has = |token: &str| {
+        md.iter().any(|(k, v)| match v {
+            Value::Array(tokens) if k == "tokenizer.ggml.tokens" => {
+                tokens.iter().any(|t| text(t) == token)
+            }
+            _ => false,
+        })
+    };
+    if named_phi3 && !["<s>", "</s>", "<unk>"].iter().all(|t| has(t)) {
+        md.retain(|(k, _)| k != "general.name");
+    }
+}
+
 fn tokenizer_metadata(spec: &ModelSpec, text: &str) -> Result<Vec<(String, Value)>> {
     let mut md = vec![(TOKENIZER_KEY.to_string(), Value::String(text.into()))];
     let tok: serde_json::Value = serde_json::from_str(text)
@@ -288,6 +310,7 @@ pub fn save_gguf(model: &Decoder, path: &Path, tokenizer: &GgufTokenizer) -> Res
     if let Some(id) = tokenizer.pad_token_id {
         md.push(("tokenizer.ggml.padding_token_id".into(), Value::U32(id)));
     }
+    drop_name_llama_cpp_misreads(&mut md);
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors
         .iter()
@@ -550,6 +573,26 @@ mod tests {
         d.join("m.gguf")
     }
 
+    #[test]
+    fn a_phi3_file_without_the_tokens_llama_cpp_fixes_goes_unnamed() {
+        let md = |name: &str, tokens: &[&str]| {
+            let list = tokens
+                .iter()
+                .map(|t| Value::String(t.to_string()))
+                .collect();
+            vec![
+                ("general.name".to_string(), Value::String(name.into())),
+                ("tokenizer.ggml.tokens".to_string(), Value::Array(list)),
+            ]
+        };
+        let named = |mut md: Vec<(String, Value)>| {
+            drop_name_llama_cpp_misreads(&mut md);
+            md.iter().any(|(k, _)| k == "general.name")
+        };
+        assert!(!named(md("phi3", &["a", "<s>"])));
+        assert!(named(md("phi3", &["<s>", "</s>", "<unk>"])));
+        assert!(named(md("llama", &["a"])));
+    }
     #[test]
     fn float_and_quantized_models_round_trip_exactly() {
         let mut m = quantizable_llama(false, 3);
