@@ -25,6 +25,10 @@ use super::interleaved_blocks::{Interleaved, LANES, QK};
 /// of the core's share passes over them (64 rows of the MLP's 4864 inputs: 311 KB).
 const ROWS_PER_PASS: usize = 64;
 
+/// Up to this many rows (a decoding step, a small batch) the activations are rounded on the
+/// calling thread: a few blocks cost less than handing them to the pool.
+const SERIAL_ROWS: usize = 8;
+
 /// `x @ W^T` as [m, n] (x is [m, k]).
 pub(crate) fn forward(path: Path, w: &Interleaved, x: &[f32], m: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * w.k, "quantized matmul: input is not [m, k]");
@@ -95,7 +99,7 @@ impl Activations {
                 *start = -offset * sum;
             }
         };
-        if m <= LANES {
+        if m <= SERIAL_ROWS {
             rows(0..m);
         } else {
             candle_core::utils::barrier_pool().execute_chunked(m, rows);
